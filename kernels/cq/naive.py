@@ -1,0 +1,180 @@
+"""Coupled quantization in plain torch: the ground truth every CQ kernel is tested against.
+
+Shapes (N tokens, H kv heads, D head_dim, c channels per group, G = H * D / c groups, K = 2**b):
+    x          [N, H, D]      keys (pre-RoPE) or values
+    codebook   [G, K, c]      one layer's K or V codebook, head-major (groups of head h are
+                              h*D/c .. (h+1)*D/c - 1)
+    codes      [N, G]         int64 centroid indices
+    kv_cache   [num_blocks, block_size, H, slot_bytes] uint8, slot = key bytes | value bytes
+               (see `vllm_cq.formats`)
+
+Nothing here is fast; everything is float32 and written to be obviously right.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_cq.formats import CQSpec, KVFormat
+from vllm_cq.kernels.rope import apply_rope
+
+# Distances computed at once in `encode` (elements). 2**24 floats = 64 MiB, so encoding a
+# 32K x 8 x 128 tensor against 256 centroids per group streams instead of needing 4 GiB.
+ENCODE_CHUNK_ELEMS = 1 << 24
+
+
+def encode(x: torch.Tensor, codebook: torch.Tensor, chunk_elems: int = ENCODE_CHUNK_ELEMS) -> torch.Tensor:
+    """Nearest-centroid codes [N, G] for x [N, ..., G*c] (any trailing layout that flattens to G*c)."""
+    G, K, c = codebook.shape
+    n = x.shape[0]
+    xg = x.reshape(n, G, c)
+    cb = codebook.float()
+    cb_sq = (cb * cb).sum(-1)  # [G, K]
+    rows = max(1, chunk_elems // (G * K))
+    out = torch.empty(n, G, dtype=torch.long, device=x.device)
+    for s in range(0, n, rows):
+        xs = xg[s : s + rows].float()
+        # argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k)
+        d = cb_sq[None] - 2 * torch.einsum("ngc,gkc->ngk", xs, cb)
+        out[s : s + rows] = d.argmin(-1)
+    return out
+
+
+def decode(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Centroids for codes [N, G] -> [N, G*c] float32."""
+    G = codebook.shape[0]
+    g = torch.arange(G, device=codes.device)
+    return codebook.float()[g[None, :], codes.long()].flatten(1)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack b-bit codes [..., G] little-endian into uint8 [..., ceil(G*b/8)]."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    G = codes.shape[-1]
+    shifts = torch.arange(bits, device=codes.device)
+    bit = (codes.long()[..., None] >> shifts) & 1  # [..., G, b]
+    bit = bit.flatten(-2)
+    nbytes = math.ceil(G * bits / 8)
+    bit = torch.nn.functional.pad(bit, (0, nbytes * 8 - G * bits))
+    weights = 1 << torch.arange(8, device=codes.device)
+    return (bit.unflatten(-1, (nbytes, 8)) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 [..., nbytes] -> int64 codes [..., groups]."""
+    if bits == 8:
+        return packed[..., :groups].long()
+    shifts = torch.arange(8, device=packed.device)
+    bit = ((packed.long()[..., None] >> shifts) & 1).flatten(-2)[..., : groups * bits]
+    weights = 1 << torch.arange(bits, device=packed.device)
+    return (bit.unflatten(-1, (groups, bits)) * weights).sum(-1)
+
+
+def quantize(x: torch.Tensor, codebook: torch.Tensor, spec: CQSpec) -> torch.Tensor:
+    """x [N, H, D] -> packed codes uint8 [N, H, spec.bytes_per_token_head(D)]."""
+    n, h, d = x.shape
+    codes = encode(x, codebook).view(n, h, spec.groups(d))
+    return pack_codes(codes, spec.bits)
+
+
+def dequantize(packed: torch.Tensor, codebook: torch.Tensor, spec: CQSpec, head_dim: int) -> torch.Tensor:
+    """packed codes uint8 [N, H, nbytes] -> float32 [N, H, head_dim]."""
+    n, h, _ = packed.shape
+    codes = unpack_codes(packed, spec.bits, spec.groups(head_dim)).reshape(n, -1)
+    return decode(codes, codebook).view(n, h, head_dim)
+
+
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    fmt: KVFormat,
+    positions: torch.Tensor | None = None,
+    cos_sin_cache: torch.Tensor | None = None,
+    is_neox: bool = True,
+) -> None:
+    """Encode key/value [N, H, D] and store each token's slot at slot_mapping[n] (-1 = skip).
+
+    When `cos_sin_cache` is given, `key` is post-RoPE (as vLLM hands it over) and is first
+    un-rotated by `positions`, so the cache holds pre-RoPE key codes.
+    """
+    d = key.shape[-1]
+    if cos_sin_cache is not None:
+        assert positions is not None, "un-rotating post-RoPE keys needs their positions"
+        key = apply_rope(key, positions, cos_sin_cache, is_neox, inverse=True)
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k = quantize(key[valid], k_codebook, fmt.key)
+    v = quantize(value[valid], v_codebook, fmt.value)
+    flat = kv_cache.view(-1, *kv_cache.shape[2:])
+    kb = fmt.key_bytes(d)
+    flat[slots, :, :kb] = k
+    flat[slots, :, kb:] = v
+
+
+def gather_kv(
+    kv_cache: torch.Tensor,
+    slots: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    fmt: KVFormat,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized keys (pre-RoPE) and values [len(slots), H, head_dim] for flat slot ids."""
+    flat = kv_cache.view(-1, *kv_cache.shape[2:])[slots.long()]
+    kb = fmt.key_bytes(head_dim)
+    keys = dequantize(flat[..., :kb], k_codebook, fmt.key, head_dim)
+    values = dequantize(flat[..., kb:], v_codebook, fmt.value, head_dim)
+    return keys, values
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    fmt: KVFormat,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    cos_sin_cache: torch.Tensor | None = None,
+    is_neox: bool = True,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention of query [T, Hq, D] over the CQ-coded paged cache, vLLM-style varlen batch.
+
+    Sequence s owns queries query_start_loc[s]:query_start_loc[s+1], which are its *last* tokens
+    (positions seq_lens[s] - q_len ...); its keys are positions 0..seq_lens[s]-1, found through
+    block_table[s]. Query head h reads kv head h // (Hq / Hkv) (GQA). With `cos_sin_cache`, keys
+    are stored pre-RoPE and each is rotated by its position after lookup. Returns float32 [T, Hq, D].
+    """
+    T, Hq, D = query.shape
+    _, block_size, Hkv, _ = kv_cache.shape
+    assert Hq % Hkv == 0, "query heads must be a multiple of kv heads"
+    out = torch.zeros(T, Hq, D, dtype=torch.float32, device=query.device)
+    for s in range(seq_lens.shape[0]):
+        L = int(seq_lens[s])
+        q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        if q1 == q0:
+            continue
+        pos = torch.arange(L, device=query.device)
+        slots = block_table[s, pos // block_size].long() * block_size + pos % block_size
+        k, v = gather_kv(kv_cache, slots, k_codebook, v_codebook, fmt, D)
+        if cos_sin_cache is not None:
+            k = apply_rope(k, pos, cos_sin_cache, is_neox)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D]
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+        q = query[q0:q1].float()
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if causal:
+            q_pos = L - (q1 - q0) + torch.arange(q1 - q0, device=query.device)
+            scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+    return out

@@ -1,0 +1,130 @@
+"""Calibration on a tiny random Llama: pre-RoPE collection, true Fisher gradients, CLI output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vllm_cq.calibration.calibrate import CalibrationConfig
+from vllm_cq.calibration.collect import collect, token_batches
+from vllm_cq.cli import main
+from vllm_cq.codebooks import ModelIdentity, load_codebooks
+from vllm_cq.errors import CQConfigError
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float64)
+
+
+def test_collected_keys_are_pre_rope_k_proj_outputs(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    stats = collect(model, [ids], progress=False)
+    assert len(stats) == model.config.num_hidden_layers
+    out = model(input_ids=ids, output_hidden_states=True)
+    for i, layer in enumerate(model.model.layers):
+        h = layer.input_layernorm(out.hidden_states[i])
+        k = layer.self_attn.k_proj(h).reshape(48, 2, 64)
+        v = layer.self_attn.v_proj(h).reshape(48, 2, 64)
+        assert torch.allclose(stats[i].keys, k.float(), atol=1e-5)
+        assert torch.allclose(stats[i].values, v.float(), atol=1e-5)
+
+
+def test_fisher_is_the_squared_loss_gradient(model):
+    """Check d loss / d k_proj-output by central finite differences along a random direction."""
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    st = collect(model, [ids], progress=False)[1]
+    grad_sq = st.key_fisher
+    assert torch.all(grad_sq[-1] == 0)  # the last key only feeds the last position, which has no label
+    assert torch.all(grad_sq[:-1].sum(-1) > 0)
+
+    # recover the signed gradient with one more backward, then compare to finite differences
+    k_proj = model.model.layers[1].self_attn.k_proj
+    saved = {}
+
+    def keep(_m, _i, o):
+        o = o.detach().requires_grad_(True)
+        saved["o"] = o
+        return o
+
+    h = k_proj.register_forward_hook(keep)
+    model(input_ids=ids, labels=ids).loss.backward()
+    h.remove()
+    g = saved["o"].grad.reshape(16, 2, 64)
+    assert torch.allclose(g.float() ** 2, grad_sq, rtol=1e-4, atol=1e-20)
+    direction = torch.randn_like(saved["o"])
+    eps = 1e-4
+
+    def loss_with(delta):
+        hh = k_proj.register_forward_hook(lambda _m, _i, o: o + delta)
+        try:
+            logits = model(input_ids=ids).logits[0, :-1]  # HF's own loss upcasts only to float32
+            return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+        finally:
+            hh.remove()
+
+    fd = (loss_with(eps * direction) - loss_with(-eps * direction)) / (2 * eps)
+    # HF computes the loss (and so the gradient) in float32: agreement to 1e-3 is all it can give
+    assert fd == pytest.approx(float((saved["o"].grad * direction).sum()), rel=1e-3)
+
+
+def test_token_batches():
+    ids = torch.arange(100)
+    assert [b.shape for b in token_batches(ids, 3, 30, batch_size=2)] == [(2, 30), (1, 30)]
+    assert len(token_batches(ids, 16, 30)) == 3  # only 3 full sequences fit
+    with pytest.raises(CQConfigError, match="fewer than one sequence"):
+        token_batches(ids, 1, 101)
+
+
+def test_config_errors():
+    with pytest.raises(CQConfigError, match="unknown vllm-cq KV cache dtype"):
+        CalibrationConfig(format="int3")
+    with pytest.raises(CQConfigError, match="weighting"):
+        CalibrationConfig(weighting="magic")
+
+
+def test_cli_calibrate_writes_a_loadable_file(tiny_llama, calib_text, tmp_path, capsys):
+    out = tmp_path / "cq4.safetensors"
+    rc = main(
+        [
+            "calibrate",
+            tiny_llama,
+            "--format",
+            "cq4",
+            "--text",
+            calib_text,
+            "--num-seqs",
+            "4",
+            "--seq-len",
+            "128",
+            "--iters",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "K err(Fisher)" in printed and " mean " in printed and str(out) in printed
+    from transformers import AutoConfig
+
+    cbs = load_codebooks(out, fmt="cq4", model=ModelIdentity.from_hf_config(AutoConfig.from_pretrained(tiny_llama)))
+    assert cbs.num_layers == 2 and cbs.keys[0].shape == (64, 256, 2)
+    assert cbs.calibration["tokens"] == 512 and cbs.calibration["weighting"] == "fisher"
+    assert 0 < cbs.calibration["mean_key_error"] < 0.5
+
+
+def test_cli_errors_are_one_line(tiny_llama, calib_text, capsys):
+    assert main(["calibrate", tiny_llama, "--format", "cq3", "--text", calib_text]) == 2
+    assert "vllm-cq: error: unknown vllm-cq KV cache dtype 'cq3'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "vllm_cq.cli", "formats"], capture_output=True, text=True, check=True)
+    assert "| cq1 | 8c8b | 8c8b | 1 | 32 | 16.0x |" in out.stdout

@@ -1,0 +1,61 @@
+import pytest
+
+from vllm_cq.errors import CQConfigError
+from vllm_cq.formats import CQSpec, KVFormat, format_names, get_format, is_plugin_dtype, register_format
+
+
+@pytest.mark.parametrize(
+    "name, key_bytes, value_bytes, ratio",
+    [
+        ("cq4", 64, 64, 4.0),
+        ("cq2", 32, 32, 8.0),
+        ("cq1", 16, 16, 16.0),
+        ("cq_k4v2", 64, 32, 128 * 4 / 96),
+        ("cq_k4v1", 64, 16, 6.4),
+    ],
+)
+def test_bytes_and_compression_at_head_dim_128(name, key_bytes, value_bytes, ratio):
+    f = get_format(name)
+    assert (f.key_bytes(128), f.value_bytes(128)) == (key_bytes, value_bytes)
+    assert f.slot_bytes(128) == key_bytes + value_bytes
+    assert f.compression_vs_bf16(128) == pytest.approx(ratio)
+    assert f.needs_codebook and f.family == "cq"
+
+
+def test_symmetric_names_match_paper_configs():
+    assert (get_format("cq1").key.channels, get_format("cq1").key.bits) == (8, 8)
+    assert get_format("cq2").key == CQSpec(4, 8)
+    assert get_format("cq4").value == CQSpec(2, 8)
+    assert get_format("cq1").bits_per_channel == 1.0
+    assert get_format("cq_k4v1").bits_per_channel == 2.5
+
+
+def test_unknown_format_lists_known_names():
+    with pytest.raises(CQConfigError, match="unknown vllm-cq KV cache dtype 'cq3'.*cq1"):
+        get_format("cq3")
+    assert not is_plugin_dtype("fp8") and is_plugin_dtype("cq1")
+
+
+def test_head_dim_not_divisible_is_refused():
+    with pytest.raises(CQConfigError, match="head_dim 68 is not divisible by the CQ group size 8"):
+        get_format("cq1").check_head_dim(68)
+    get_format("cq4").check_head_dim(68)  # 2 divides 68
+
+
+def test_new_bit_width_needs_no_caller_changes():
+    """An 8c10b format (1.25 bit) packs 16 groups x 10 bits into 20 bytes at head_dim 128."""
+    f = register_format(KVFormat("test_8c10b", CQSpec(8, 10), CQSpec(8, 10)))
+    try:
+        assert f.key_bytes(128) == 20 and f.key.num_centroids == 1024
+        assert f.key.codebook_shape(2, 128) == (32, 1024, 8)
+        assert "test_8c10b" in format_names()
+    finally:
+        from vllm_cq import formats
+
+        formats._FORMATS.pop("test_8c10b")
+
+
+@pytest.mark.parametrize("channels, bits", [(0, 8), (8, 0), (8, 17)])
+def test_bad_spec(channels, bits):
+    with pytest.raises(CQConfigError):
+        CQSpec(channels, bits)

@@ -1,0 +1,122 @@
+"""`vllm-cq` command line: calibrate codebooks, list formats, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from vllm_cq.errors import CQConfigError
+
+
+def default_codebook_path(model: str, fmt: str) -> str:
+    """Where `calibrate` writes by default (and where the plugin looks next to a model)."""
+    return os.path.join(model, f"vllm-cq-{fmt}.safetensors")
+
+
+def cmd_formats(_args: argparse.Namespace) -> int:
+    from vllm_cq.formats import format_names, get_format
+
+    print("| dtype | key | value | bits/channel | bytes/token/head (D=128) | vs bf16 |")
+    print("|---|---|---|---|---|---|")
+    for name in format_names():
+        f = get_format(name)
+        print(
+            f"| {name} | {f.key.name} | {f.value.name} | {f.bits_per_channel:g} | "
+            f"{f.slot_bytes(128)} | {f.compression_vs_bf16(128):.1f}x |"
+        )
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from vllm_cq.calibration.calibrate import CalibrationConfig, calibrate_model, format_report
+    from vllm_cq.codebooks import load_codebooks, save_codebooks
+
+    cfg = CalibrationConfig(
+        format=args.format,
+        num_seqs=args.num_seqs,
+        seq_len=args.seq_len,
+        iters=args.iters,
+        weighting=args.weighting,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    out = args.out or default_codebook_path(args.model, args.format)
+    cbs, report = calibrate_model(args.model, args.text, cfg, progress=not args.quiet)
+    save_codebooks(out, cbs)
+    load_codebooks(out, fmt=args.format, model=cbs.model)  # what we wrote must load
+    c = cbs.calibration
+    print(format_report(report))
+    print(
+        f"{args.format}: {c['tokens']} tokens, {cbs.num_layers} layers, collect {c['collect_seconds']} s, "
+        f"k-means {c['kmeans_seconds']} s on {cfg.device}, weighting {cfg.weighting} -> {out}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on an embedded default: a tiny random Llama, calibrated for cq1 on shipped text."""
+    from vllm_cq.calibration.calibrate import CalibrationConfig, calibrate_model, format_report
+    from vllm_cq.codebooks import load_codebooks, save_codebooks
+    from vllm_cq.tiny import make_tiny_llama, sample_text
+
+    work = args.workdir or tempfile.mkdtemp(prefix="vllm-cq-demo-")
+    t0 = time.perf_counter()
+    model = make_tiny_llama(os.path.join(work, "tiny-llama"))
+    text = os.path.join(work, "calib.txt")
+    with open(text, "w", encoding="utf-8") as f:
+        f.write(sample_text() * 4)
+    cfg = CalibrationConfig(format=args.format, num_seqs=8, seq_len=256, iters=args.iters)
+    cbs, report = calibrate_model(model, text, cfg, progress=False)
+    path = default_codebook_path(model, args.format)
+    save_codebooks(path, cbs)
+    load_codebooks(path, fmt=args.format, model=cbs.model)
+    print(format_report(report))
+    print(f"demo: tiny random Llama calibrated for {args.format} in {time.perf_counter() - t0:.1f} s -> {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-cq", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("calibrate", help="fit CQ codebooks for a local HF model on a local text file")
+    c.add_argument("model", help="local Hugging Face model directory")
+    c.add_argument("--format", default="cq1", help="cq4, cq2, cq1, cq_k4v2, cq_k4v1 (default cq1)")
+    c.add_argument("--text", required=True, help="calibration text file (UTF-8)")
+    c.add_argument("--num-seqs", type=int, default=16)
+    c.add_argument("--seq-len", type=int, default=2048)
+    c.add_argument("--iters", type=int, default=100, help="Lloyd iterations after k-means++")
+    c.add_argument("--weighting", choices=("fisher", "uniform"), default="fisher")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    c.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on cuda, float32 on cpu)")
+    c.add_argument("--out", default=None, help="output .safetensors (default MODEL/vllm-cq-FORMAT.safetensors)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_calibrate)
+
+    f = sub.add_parser("formats", help="list the KV cache dtypes vllm-cq offers")
+    f.set_defaults(func=cmd_formats)
+
+    d = sub.add_parser("demo", help="tiny random Llama: calibrate and report (no download needed)")
+    d.add_argument("--format", default="cq1")
+    d.add_argument("--iters", type=int, default=25)
+    d.add_argument("--workdir", default=None)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CQConfigError as e:
+        print(f"vllm-cq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
