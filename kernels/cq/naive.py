@@ -5,8 +5,9 @@ Shapes (N tokens, H kv heads, D head_dim, c channels per group, G = H * D / c gr
     codebook   [G, K, c]      one layer's K or V codebook, head-major (groups of head h are
                               h*D/c .. (h+1)*D/c - 1)
     codes      [N, G]         int64 centroid indices
-    kv_cache   [num_blocks, block_size, H, slot_bytes] uint8, slot = key bytes | value bytes
-               (see `vllm_cq.formats`)
+    kv_cache   [num_blocks, H, block_size, slot_bytes] uint8 (vLLM's block-major, head-major "HND"
+               page: one head's tokens of one block are contiguous); slot = key bytes | value bytes
+               (see `vllm_cq.formats`). Flat slot id = block * block_size + offset.
 
 Nothing here is fast; everything is float32 and written to be obviously right.
 """
@@ -112,10 +113,11 @@ def write_kv_cache(
     slots = slot_mapping[valid].long()
     k = quantize(key[valid], k_codebook, fmt.key)
     v = quantize(value[valid], v_codebook, fmt.value)
-    flat = kv_cache.view(-1, *kv_cache.shape[2:])
+    block_size = kv_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
     kb = fmt.key_bytes(d)
-    flat[slots, :, :kb] = k
-    flat[slots, :, kb:] = v
+    kv_cache[blocks, :, offsets, :kb] = k
+    kv_cache[blocks, :, offsets, kb:] = v
 
 
 def gather_kv(
@@ -127,7 +129,9 @@ def gather_kv(
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized keys (pre-RoPE) and values [len(slots), H, head_dim] for flat slot ids."""
-    flat = kv_cache.view(-1, *kv_cache.shape[2:])[slots.long()]
+    block_size = kv_cache.shape[2]
+    slots = slots.long()
+    flat = kv_cache[slots // block_size, :, slots % block_size]  # [n, H, slot_bytes]
     kb = fmt.key_bytes(head_dim)
     keys = dequantize(flat[..., :kb], k_codebook, fmt.key, head_dim)
     values = dequantize(flat[..., kb:], v_codebook, fmt.value, head_dim)
@@ -156,7 +160,7 @@ def paged_attention(
     are stored pre-RoPE and each is rotated by its position after lookup. Returns float32 [T, Hq, D].
     """
     T, Hq, D = query.shape
-    _, block_size, Hkv, _ = kv_cache.shape
+    _, Hkv, block_size, _ = kv_cache.shape
     assert Hq % Hkv == 0, "query heads must be a multiple of kv heads"
     out = torch.zeros(T, Hq, D, dtype=torch.float32, device=query.device)
     for s in range(seq_lens.shape[0]):

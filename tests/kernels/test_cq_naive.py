@@ -140,7 +140,7 @@ def test_paged_attention_equals_dense_attention_over_dequantized(case, fmt_name,
     kcb, vcb = random_codebooks(fmt, hkv, d)
     slot = fmt.slot_bytes(d)
     # Poison: unused slots hold random bytes, so reading a wrong slot changes the answer.
-    cache = torch.randint(0, 256, (nblk, bs, hkv, slot), dtype=torch.uint8)
+    cache = torch.randint(0, 256, (nblk, hkv, bs, slot), dtype=torch.uint8)
     rope = build_cos_sin_cache(d, 256) if pre_rope else None
     q_all = torch.randn(int(qsl[-1]), hkv * ratio, d)
     scale = d**-0.5
@@ -161,12 +161,13 @@ def test_paged_attention_equals_dense_attention_over_dequantized(case, fmt_name,
 def test_write_skips_padding_and_touches_only_mapped_slots():
     fmt, d, bs, h = get_format("cq2"), 32, 8, 2
     kcb, vcb = random_codebooks(fmt, h, d)
-    cache = torch.randint(0, 256, (4, bs, h, fmt.slot_bytes(d)), dtype=torch.uint8)
+    cache = torch.randint(0, 256, (4, h, bs, fmt.slot_bytes(d)), dtype=torch.uint8)
     before = cache.clone()
     slots = torch.tensor([3, -1, 17, 30, -1])
     k, v = torch.randn(5, h, d), torch.randn(5, h, d)
     naive.write_kv_cache(k, v, cache, slots, kcb, vcb, fmt)
-    flat, fb = cache.view(-1, h, fmt.slot_bytes(d)), before.view(-1, h, fmt.slot_bytes(d))
+    flat = cache.transpose(1, 2).reshape(-1, h, fmt.slot_bytes(d))  # [slot, H, bytes]
+    fb = before.transpose(1, 2).reshape(-1, h, fmt.slot_bytes(d))
     untouched = torch.ones(flat.shape[0], dtype=torch.bool)
     untouched[[3, 17, 30]] = False
     assert torch.equal(flat[untouched], fb[untouched])
@@ -184,7 +185,7 @@ def test_write_unrotates_post_rope_keys():
     pos = torch.randint(0, 4096, (n,))
     k_pre = torch.randn(n, h, d)
     k_post = apply_rope(k_pre, pos, rope)
-    cache = torch.zeros(n, 1, h, fmt.slot_bytes(d), dtype=torch.uint8)
+    cache = torch.zeros(n, h, 1, fmt.slot_bytes(d), dtype=torch.uint8)
     naive.write_kv_cache(k_post, torch.randn(n, h, d), cache, torch.arange(n), kcb, vcb, fmt, pos, rope)
     stored = cache.view(n, h, -1)[..., : fmt.key_bytes(d)]
     direct = naive.quantize(k_pre, kcb, fmt.key)
