@@ -15,9 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vllm_cq.errors import CQConfigError
-
-# Architectures whose k_proj output is exactly the key that RoPE then rotates (no q/k norm between).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from vllm_cq.support import check_architecture
 
 
 @dataclass
@@ -33,11 +31,7 @@ class LayerStats:
 def attention_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
     """(k_proj, v_proj) per decoder layer, in layer order; refuses architectures it cannot vouch for."""
     archs = list(getattr(model.config, "architectures", None) or [type(model).__name__])
-    if not set(archs) & set(SUPPORTED_ARCHITECTURES):
-        raise CQConfigError(
-            f"calibration supports {', '.join(SUPPORTED_ARCHITECTURES)}; {archs[0]} is not verified "
-            "(its keys may be normalised or rotated differently before attention)"
-        )
+    check_architecture(archs[0])
     layers = model.model.layers
     return [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers]
 

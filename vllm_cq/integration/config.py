@@ -1,0 +1,119 @@
+"""Everything decided from vLLM's config before memory is allocated: what we refuse, which codebook file
+serves the model, and which slice of it a tensor-parallel rank uses.
+
+Runs in the first process, from the platform's config check, so bad input fails with one clear error
+before the engine starts; workers repeat the (cached) codebook load for their own layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from vllm_cq.codebooks import CodebookSet, ModelIdentity, default_codebook_path, load_codebooks
+from vllm_cq.errors import CodebookError, CQConfigError
+from vllm_cq.formats import get_format
+from vllm_cq.support import check_architecture
+
+ENV_CODEBOOKS = "VLLM_CQ_CODEBOOKS"
+ADDITIONAL_CONFIG_KEY = "cq_codebooks"
+
+
+def resolve_codebook_path(fmt_name: str, additional_config: Any, model: str) -> str:
+    """First of: --additional-config '{"cq_codebooks": PATH}', $VLLM_CQ_CODEBOOKS, MODEL/vllm-cq/FMT.safetensors.
+
+    A directory given by the first two means FMT.safetensors inside it.
+    """
+    extra = additional_config if isinstance(additional_config, dict) else {}
+    for source, value in (
+        (f'additional_config["{ADDITIONAL_CONFIG_KEY}"]', extra.get(ADDITIONAL_CONFIG_KEY)),
+        (f"${ENV_CODEBOOKS}", os.environ.get(ENV_CODEBOOKS)),
+    ):
+        if value:
+            path = os.path.expanduser(str(value))
+            if os.path.isdir(path):
+                path = os.path.join(path, f"{fmt_name}.safetensors")
+            if not os.path.isfile(path):
+                raise CodebookError(f"codebook file from {source} not found: {path}")
+            return path
+    beside = default_codebook_path(model, fmt_name)
+    if os.path.isfile(beside):
+        return beside
+    raise CodebookError(
+        f"no {fmt_name} codebooks for {model}: pass --additional-config "
+        f'\'{{"{ADDITIONAL_CONFIG_KEY}": "PATH"}}\', set ${ENV_CODEBOOKS}, or create {beside} '
+        f"with `vllm-cq calibrate {model} --format {fmt_name} --text FILE`"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def load_checked(path: str, fmt_name: str, model: ModelIdentity) -> CodebookSet:
+    """Load once per process; the file must match the format and the model."""
+    return load_codebooks(path, fmt=fmt_name, model=model)
+
+
+def unsupported_features(vllm_config: Any) -> list[str]:
+    """Paths not verified with a cq cache. Each would risk silent corruption, so each is refused."""
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    hf = mc.hf_text_config
+    checks = [
+        ("speculative decoding", vllm_config.speculative_config is not None),
+        ("MLA attention", bool(getattr(mc, "use_mla", False))),
+        ("hybrid (Mamba / linear attention) models", bool(getattr(mc, "is_hybrid", False))),
+        ("attention-free models", bool(getattr(mc, "is_attention_free", False))),
+        ("encoder-decoder models", bool(getattr(mc, "is_encoder_decoder", False))),
+        ("M-RoPE (multimodal rotary) models", bool(getattr(mc, "uses_mrope", False))),
+        (
+            "sliding-window attention",
+            mc.get_sliding_window() is not None
+            or getattr(cc, "sliding_window", None) is not None
+            or "sliding_attention" in (getattr(hf, "layer_types", None) or []),
+        ),
+        ("chunked local attention", getattr(mc, "attention_chunk_size", None) is not None),
+        (
+            "KV transfer / offload connectors",
+            getattr(vllm_config, "kv_transfer_config", None) is not None
+            or getattr(cc, "kv_offloading_size", None) is not None,
+        ),
+        ("pipeline parallelism", pc.pipeline_parallel_size > 1),
+        ("decode context parallelism", getattr(pc, "decode_context_parallel_size", 1) > 1),
+        ("prefill context parallelism", getattr(pc, "prefill_context_parallel_size", 1) > 1),
+    ]
+    return [name for name, bad in checks if bad]
+
+
+def model_identity(vllm_config: Any) -> ModelIdentity:
+    mc = vllm_config.model_config
+    return ModelIdentity.from_hf_config(mc.hf_text_config, name=str(mc.model))
+
+
+def validate_vllm_config(vllm_config: Any) -> CodebookSet:
+    """Refuse what is not verified and load the codebooks; raises CQConfigError/CodebookError."""
+    dtype = vllm_config.cache_config.cache_dtype
+    fmt = get_format(dtype)
+    bad = unsupported_features(vllm_config)
+    if bad:
+        raise CQConfigError(
+            f"--kv-cache-dtype {dtype} is not verified with: {', '.join(bad)}; "
+            "use --kv-cache-dtype auto (or fp8) for this configuration"
+        )
+    ident = model_identity(vllm_config)
+    check_architecture(ident.architecture)
+    fmt.check_head_dim(ident.head_dim)
+    path = resolve_codebook_path(dtype, vllm_config.additional_config, str(vllm_config.model_config.model))
+    return load_checked(path, dtype, ident)
+
+
+def kv_head_range(rank: int, world: int, total_kv_heads: int) -> tuple[int, int]:
+    """The global kv heads [start, end) that tensor-parallel rank `rank` holds (as vLLM splits them:
+    contiguous shares, or one replicated head per group of world/total ranks)."""
+    if world >= total_kv_heads:
+        if world % total_kv_heads:
+            raise CQConfigError(f"tensor parallel size {world} is not a multiple of {total_kv_heads} kv heads")
+        head = rank // (world // total_kv_heads)
+        return head, head + 1
+    if total_kv_heads % world:
+        raise CQConfigError(f"{total_kv_heads} kv heads do not split over tensor parallel size {world}")
+    n = total_kv_heads // world
+    return rank * n, (rank + 1) * n
