@@ -43,14 +43,6 @@ class CQAttentionMetadata:
     max_seq_len: int
 
 
-def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Position of each new token: its request's context length plus its index in the request's query."""
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    req = torch.repeat_interleave(torch.arange(q_lens.numel(), device=q_lens.device), q_lens, output_size=num_tokens)
-    start = (seq_lens - q_lens)[req]
-    return start + torch.arange(num_tokens, device=q_lens.device) - query_start_loc[:-1][req]
-
-
 class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
@@ -68,7 +60,7 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
             seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping[:n],
-            positions=token_positions(cam.query_start_loc, cam.seq_lens, n),
+            positions=ops.token_seq_and_positions(cam.query_start_loc, cam.seq_lens, n)[1],
             max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len,
         )
