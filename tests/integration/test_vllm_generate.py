@@ -4,6 +4,8 @@ give the same tokens as misses."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -25,6 +27,7 @@ def llm(cq_model):
     engine = LLM(cq_model, kv_cache_dtype="cq4", **ENGINE)
     yield engine
     del engine
+    gc.collect()
 
 
 def reference_logprobs(model_dir: str, fmt: str, prompt_ids: list[list[int]], quantize: bool) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 
 def free_port() -> int:
@@ -40,6 +41,8 @@ def server(cq_model, tmp_path_factory):
         "--served-model-name",
         "tiny",
     ]
+    if torch.cuda.is_available():
+        cmd += ["--gpu-memory-utilization", "0.2"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
