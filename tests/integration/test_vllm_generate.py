@@ -80,7 +80,8 @@ def test_prompt_logprobs_match_reference_over_the_same_codes(llm, cq_model):
 def test_prefix_cache_hit_gives_the_same_tokens(llm):
     from vllm import SamplingParams
 
-    long_prompt = " ".join(PROMPTS * 12)  # several 128-token blocks, so the second run hits the cache
+    # several blocks (128 tokens on CPU, 16 on GPU), with a start no other test's prompt shares
+    long_prompt = "Prefix caching check, a start of its own. " + " ".join(PROMPTS * 12)
     sp = SamplingParams(max_tokens=24, temperature=0)
     miss = llm.generate([long_prompt], sp)[0]
     hit = llm.generate([long_prompt], sp)[0]
