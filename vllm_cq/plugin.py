@@ -2,11 +2,16 @@
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), before it
 parses arguments or validates configs. It is idempotent and imports vLLM only when called, so
-importing this module is cheap and never fails (vLLM swallows import errors of plugins, which would
-make the cq dtypes silently disappear).
+importing this module is cheap and never fails (vLLM swallows import errors of plugins). If the
+hooks cannot be installed (an untested vLLM release changed an internal), vLLM keeps working for
+everyone else: the error is logged and the cq dtypes stay unknown ("invalid choice: 'cq1'").
 """
 
 from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.vllm_cq")
 
 _registered = False
 
@@ -16,10 +21,13 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from vllm_cq.integration import compat
-
-    compat.install()
     _registered = True
+    try:
+        from vllm_cq.integration import compat
+
+        compat.install()
+    except Exception:
+        logger.exception("vllm-cq could not hook into this vLLM; cq KV-cache dtypes are unavailable")
 
 
 def is_registered() -> bool:

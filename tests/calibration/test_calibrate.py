@@ -90,25 +90,8 @@ def test_config_errors():
 
 def test_cli_calibrate_writes_a_loadable_file(tiny_llama, calib_text, tmp_path, capsys):
     out = tmp_path / "cq4.safetensors"
-    rc = main(
-        [
-            "calibrate",
-            tiny_llama,
-            "--format",
-            "cq4",
-            "--text",
-            calib_text,
-            "--num-seqs",
-            "4",
-            "--seq-len",
-            "128",
-            "--iters",
-            "5",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
-    )
+    args = f"calibrate {tiny_llama} --format cq4 --text {calib_text} --num-seqs 4 --seq-len 128 --iters 5"
+    rc = main(args.split() + ["--out", str(out), "--quiet"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "K err(Fisher)" in printed and " mean " in printed and str(out) in printed

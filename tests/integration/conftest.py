@@ -18,9 +18,14 @@ if torch.cuda.is_available():  # several engines in one session: each takes a sm
 FORMATS = ("cq4", "cq2", "cq1", "cq_k4v1")
 
 
+def calibrate(model: str, fmt: str, text: str, num_seqs: int = 8, iters: int = 15) -> None:
+    """Quick codebooks for a tiny model, through the real CLI, to MODEL/vllm-cq/FMT.safetensors."""
+    args = f"calibrate {model} --format {fmt} --text {text} --num-seqs {num_seqs} --seq-len 128 --iters {iters}"
+    assert cq_main(args.split() + ["--quiet"]) == 0
+
+
 @pytest.fixture(scope="session")
 def cq_model(tiny_llama: str, calib_text: str) -> str:
     for fmt in FORMATS:
-        args = ["calibrate", tiny_llama, "--format", fmt, "--text", calib_text]
-        assert cq_main(args + ["--num-seqs", "8", "--seq-len", "128", "--iters", "15", "--quiet"]) == 0
+        calibrate(tiny_llama, fmt, calib_text)
     return tiny_llama

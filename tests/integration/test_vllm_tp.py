@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.integration.conftest import ENGINE
-from vllm_cq.cli import main as cq_main
+from tests.integration.conftest import ENGINE, calibrate
 from vllm_cq.tiny import make_tiny_llama
 
 PROMPTS = ["The river ran past the old mill", "Numbers have their own rhythm. Two, three"]
@@ -60,26 +59,7 @@ def distinguish_heads(model: str) -> None:
 def test_tp2_equals_tp1(kv_heads, tmp_path, calib_text):
     model = make_tiny_llama(tmp_path / f"tp-kv{kv_heads}", num_kv_heads=kv_heads, seed=kv_heads)
     distinguish_heads(model)
-    assert (
-        cq_main(
-            [
-                "calibrate",
-                model,
-                "--format",
-                "cq4",
-                "--text",
-                calib_text,
-                "--num-seqs",
-                "4",
-                "--seq-len",
-                "128",
-                "--iters",
-                "10",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    calibrate(model, "cq4", calib_text, num_seqs=4, iters=10)
     one, two = run(model, 1), run(model, 2)
     for (tok1, lp1), (tok2, lp2) in zip(one, two, strict=True):
         assert tok1 == tok2
