@@ -14,7 +14,7 @@ import platform
 
 import torch
 
-from vllm_cq.capacity import measure
+from vllm_cq.capacity import iter_measure
 
 
 def device_name() -> str:
@@ -30,7 +30,6 @@ def main() -> None:
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
     engine = json.loads(args.engine)
-    rows = measure(args.model, args.formats.split(","), engine)
     import vllm
 
     result = {
@@ -40,16 +39,23 @@ def main() -> None:
         "device": device_name(),
         "date": datetime.date.today().isoformat(),
         "vllm": vllm.__version__,
-        "rows": rows,
+        "rows": [],
     }
     os.makedirs(args.out_dir, exist_ok=True)
     stem = args.name or f"capacity-{os.path.basename(os.path.normpath(args.model))}"
     path = os.path.join(args.out_dir, f"{stem}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    for r in rows:
-        dt, tok, fac, nb = r["kv_cache_dtype"], r["kv_cache_tokens"], r["factor"], r["num_blocks"]
-        print(f"{dt:>8}: {tok:>12,} KV tokens  {fac:6.2f}x  ({nb} blocks)")
+    for r in iter_measure(args.model, args.formats.split(","), engine):
+        result["rows"].append(r)
+        with open(path, "w") as f:  # rewritten after every format: a cut-short run keeps its rows
+            json.dump(result, f, indent=2)
+        dt, tok, fac, nb, sec = (
+            r["kv_cache_dtype"],
+            r["kv_cache_tokens"],
+            r["factor"],
+            r["num_blocks"],
+            r["engine_seconds"],
+        )
+        print(f"{dt:>8}: {tok:>12,} KV tokens  {fac:6.2f}x  ({nb} blocks, engine {sec} s)", flush=True)
     print(f"-> {path}")
 
 

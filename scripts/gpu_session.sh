@@ -2,7 +2,9 @@
 # Runs on the lent GPU machine after ../shared/gpu's three staging calls (vLLM 0.26.0 in /tmp/site).
 #   bash scripts/gpu_session.sh tests      # kernels compiled on the GPU + tiny-model vLLM tests (Triton path)
 #   bash scripts/gpu_session.sh capacity   # Llama-3.1-8B shape, dummy weights: KV capacity per dtype
-# Logs and results go to $OUT (the device tool brings them back).
+# Logs and results go to $OUT (the device tool brings them back). The capacity run caps
+# max_num_batched_tokens for every dtype alike: vLLM's profiling prefill otherwise runs 8192 tokens
+# through the first-version cq attention kernel, which has no tensor-core prefill path yet (issue 5).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -17,7 +19,7 @@ case "${1:-tests}" in
     python3 benchmarks/dummy_codebooks.py benchmarks/configs/llama-3.1-8b --formats cq4,cq2,cq1
     python3 benchmarks/kv_capacity.py benchmarks/configs/llama-3.1-8b --formats auto,fp8,cq4,cq2,cq1 \
       --name capacity-llama-3.1-8b-h100 --out-dir "$OUT" \
-      --engine '{"load_format": "dummy", "skip_tokenizer_init": true, "gpu_memory_utilization": 0.9, "enforce_eager": true, "max_model_len": 8192}' \
+      --engine '{"load_format": "dummy", "skip_tokenizer_init": true, "gpu_memory_utilization": 0.9, "enforce_eager": true, "max_model_len": 8192, "max_num_batched_tokens": 512}' \
       2>&1 | tee "$OUT/capacity.log" | grep -v " INFO \| WARNING " | tail -15
     ;;
 esac

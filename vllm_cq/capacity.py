@@ -13,6 +13,8 @@ import argparse
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -30,19 +32,26 @@ def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict
     }
 
 
-def measure(model: str, formats: list[str], engine: dict[str, Any], timeout: float = 900) -> list[dict]:
-    """Capacity per format, each in a subprocess; adds `factor` relative to the first format."""
-    rows = []
+def iter_measure(model: str, formats: list[str], engine: dict[str, Any], timeout: float = 900) -> Iterator[dict]:
+    """Capacity per format, each in a fresh subprocess, yielded as soon as it is known (with `factor`
+    relative to the first format), so a run cut short keeps what it measured."""
+    first = None
     for fmt in formats:
         cmd = [sys.executable, "-m", "vllm_cq.capacity", model, "--one", fmt, "--engine", json.dumps(engine)]
+        t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if out.returncode != 0 or not lines:
             raise RuntimeError(f"capacity run for {fmt} failed (rc {out.returncode}):\n{out.stderr[-4000:]}")
-        rows.append(json.loads(lines[-1]))
-    for r in rows:
-        r["factor"] = r["kv_cache_tokens"] / rows[0]["kv_cache_tokens"]
-    return rows
+        row = json.loads(lines[-1])
+        first = first or row["kv_cache_tokens"]
+        row["factor"] = row["kv_cache_tokens"] / first
+        row["engine_seconds"] = round(time.perf_counter() - t0, 1)
+        yield row
+
+
+def measure(model: str, formats: list[str], engine: dict[str, Any], timeout: float = 900) -> list[dict]:
+    return list(iter_measure(model, formats, engine, timeout))
 
 
 def main(argv: list[str] | None = None) -> int:
