@@ -10,6 +10,7 @@ because vLLM sizes pages from the backend class alone.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,6 +65,18 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
             max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len,
         )
+
+
+@functools.lru_cache(maxsize=8)
+def rank_codebooks(path: str, fmt_name: str, identity: Any, start: int, end: int) -> Any:
+    """This rank's kv-head slice of the model's codebooks, cut once per process for all layers."""
+    return load_checked(path, fmt_name, identity).select_heads(start, end)
+
+
+@functools.lru_cache(maxsize=4)
+def rope_table(head_size: int, rotary_dim: int | None, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """One RoPE table per device shared by all layers (Llama-3.1's is 64 MiB in float32)."""
+    return compat.rotary_embedding(head_size, rotary_dim, device)
 
 
 @dataclass
@@ -123,16 +136,15 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
         capture: vLLM's profiling run calls forward first) and kept on the layer."""
         st = getattr(layer, "_vllm_cq_state", None)
         if st is None:
-            cbs = load_checked(self.codebook_path, self.fmt.name, self.identity)
+            sub = rank_codebooks(self.codebook_path, self.fmt.name, self.identity, *self.kv_heads)
             idx = compat.layer_index(layer.layer_name)
-            if not 0 <= idx < cbs.num_layers:
+            if not 0 <= idx < sub.num_layers:
                 raise CQConfigError(f"{layer.layer_name}: no codebook for layer {idx} in {self.codebook_path}")
-            sub = cbs.select_heads(*self.kv_heads)
-            cos_sin, is_neox = compat.rotary_embedding(self.head_size, self.identity.rotary_dim, device)
+            cos_sin, is_neox = rope_table(self.head_size, self.identity.rotary_dim, device)
             st = LayerState(
                 sub.keys[idx].to(device=device, dtype=torch.float32),
                 sub.values[idx].to(device=device, dtype=torch.float32),
-                cos_sin if cbs.pre_rope else None,
+                cos_sin if sub.pre_rope else None,
                 is_neox,
             )
             layer._vllm_cq_state = st
