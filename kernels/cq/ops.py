@@ -71,8 +71,12 @@ def paged_attention(
     scale: float,
     cos_sin_cache: torch.Tensor | None = None,
     is_neox: bool = True,
+    token_seq: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `naive.paged_attention` (causal)."""
+    """Same contract as `naive.paged_attention` (causal). `token_seq` / `positions` are
+    `token_seq_and_positions(...)` when the caller already has them (the backend computes them once
+    per step instead of once per layer)."""
     d = query.shape[-1]
     triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0
     if not triton_ok or (cos_sin_cache is not None and cos_sin_cache.shape[1] != d):
@@ -91,7 +95,18 @@ def paged_attention(
         )
     from vllm_cq.kernels.cq.attention import paged_attention as triton_paged_attention
 
-    seq, pos = token_seq_and_positions(query_start_loc, seq_lens, query.shape[0])
+    if token_seq is None or positions is None:
+        token_seq, positions = token_seq_and_positions(query_start_loc, seq_lens, query.shape[0])
     return triton_paged_attention(
-        query, kv_cache, k_codebook, v_codebook, fmt.key_bytes(d), block_table, seq, pos, scale, cos_sin_cache, is_neox
+        query,
+        kv_cache,
+        k_codebook,
+        v_codebook,
+        fmt.key_bytes(d),
+        block_table,
+        token_seq,
+        positions,
+        scale,
+        cos_sin_cache,
+        is_neox,
     )

@@ -39,9 +39,8 @@ class CQAttentionMetadata:
     seq_lens: torch.Tensor  # [B] context + new tokens
     block_table: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
+    token_seq: torch.Tensor  # [num_actual_tokens] sequence of each new token
     positions: torch.Tensor  # [num_actual_tokens] position of each new token in its sequence
-    max_query_len: int
-    max_seq_len: int
 
 
 class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
@@ -55,15 +54,15 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
     ) -> CQAttentionMetadata:
         cam = common_attn_metadata
         n = int(cam.query_start_loc_cpu[-1])
+        seq, pos = ops.token_seq_and_positions(cam.query_start_loc, cam.seq_lens, n)  # once per step, all layers
         return CQAttentionMetadata(
             num_actual_tokens=n,
             query_start_loc=cam.query_start_loc,
             seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping[:n],
-            positions=ops.token_seq_and_positions(cam.query_start_loc, cam.seq_lens, n)[1],
-            max_query_len=cam.max_query_len,
-            max_seq_len=cam.max_seq_len,
+            token_seq=seq,
+            positions=pos,
         )
 
 
@@ -194,6 +193,8 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
             self.scale,
             st.cos_sin_cache,
             st.is_neox,
+            token_seq=md.token_seq,
+            positions=md.positions,
         )
         output.view(-1, h, d)[:n] = out.to(output.dtype)
         return output
