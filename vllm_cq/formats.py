@@ -157,8 +157,9 @@ def get_format(name: str) -> KVFormat:
         raise CQConfigError(f"unknown vllm-cq KV cache dtype {name!r}; known: {', '.join(format_names())}") from None
 
 
-def format_names() -> list[str]:
-    return list(_FORMATS)
+def format_names(family: str | None = None) -> list[str]:
+    """Registered dtype names, optionally only one family's ("cq")."""
+    return [n for n, f in _FORMATS.items() if family is None or f.family == family]
 
 
 def is_plugin_dtype(name: str | None) -> bool:

@@ -272,9 +272,8 @@ def _make_backend(fmt_name: str) -> type[CQAttentionBackend]:
 
 
 BACKENDS: dict[str, type[CQAttentionBackend]] = {}
-for _name in format_names():
-    if get_format(_name).family == "cq":
-        BACKENDS[_name] = globals()[_class_name(_name)] = _make_backend(_name)
+for _name in format_names(family="cq"):
+    BACKENDS[_name] = globals()[_class_name(_name)] = _make_backend(_name)
 
 
 def backend_path(fmt_name: str) -> str:

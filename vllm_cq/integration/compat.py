@@ -319,7 +319,7 @@ def install() -> None:
     if _installed:
         return
     check_supported_version()
-    names = [n for n in format_names() if get_format(n).family == "cq"]
+    names = format_names(family="cq")
     _patch_dtype_names(names)
     _register_backend_names(names)
     _patch_platform()
