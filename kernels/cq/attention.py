@@ -1,10 +1,17 @@
-"""Triton: paged attention over CQ codes (first correct version; issue 5 makes it fast).
+"""Triton: paged attention over CQ codes, one kernel for prefill, chunked prefill and decode.
 
-One program per (query token, query head) walks its sequence's keys in tiles of BLOCK_N positions:
-it reads each key's code bytes from the paged cache, gathers the centroids (never a dequantized
-cache), rotates pre-RoPE keys by their positions, and keeps an online softmax; values are gathered
-from the V codebook the same way. Channels are handled as the two halves of each RoPE pair
-(idx1, idx2), which covers both NeoX and GPT-J styles. The reference is `naive.paged_attention`.
+Grid: (query blocks, kv heads, kv segments). A program owns BLOCK_Q query tokens of one sequence and
+all G query heads of one kv head (GQA heads share every key tile: rows = token x head, BLOCK_M >= 16
+so the products run on tensor cores). It walks its keys in tiles of BLOCK_N positions: reads each
+key's code bytes from the paged cache, gathers the centroids into registers (never a dequantized
+cache in memory), rotates pre-RoPE keys by their positions, and keeps an online softmax; values are
+gathered from the V codebook the same way. Channels are handled as the two halves of each RoPE pair
+(idx1, idx2), which covers NeoX and GPT-J styles.
+
+Decode-only steps split each sequence's keys over NUM_SEGMENTS programs (flash-decoding) and a second
+kernel merges the partial softmaxes, so a small batch still fills the GPU. Everything the kernels need
+is derived on the device from vLLM's query_start_loc / seq_lens (a program finds its sequence by
+binary search), so the launch is CUDA-graph safe. The reference is `naive.paged_attention`.
 """
 
 from __future__ import annotations
@@ -13,18 +20,35 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_cq.kernels.cq.varlen import find_seq
+
+LOG2E = 1.4426950408889634
+
 
 @triton.jit
-def _paged_attention_kernel(
+def _gather_half(p_slot, m_n, cb_ptr, g0, NG: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Centroid coordinates of NG consecutive groups starting at group g0, [BLOCK_N, NG * C]: one code
+    byte per group, then C contiguous coordinates per centroid (a vector load, not C scalar ones)."""
+    o_g = tl.arange(0, NG)
+    codes = tl.load(p_slot[:, None] + (g0 + o_g)[None, :], mask=m_n[:, None], other=0).to(tl.int32)
+    off = ((g0 + o_g)[None, :] * 256 + codes) * C  # [BLOCK_N, NG], multiple of C
+    b = tl.load(cb_ptr + off[:, :, None] + tl.arange(0, C)[None, None, :])  # [BLOCK_N, NG, C]
+    return tl.reshape(b, (BLOCK_N, NG * C))
+
+
+@triton.jit
+def _cq_attention_kernel(
     q_ptr,  # [T, Hq, D]
-    out_ptr,  # [T, Hq, D] float32
+    out_ptr,  # [T, Hq, D] (NUM_SEGMENTS == 1) or float32 [T, Hq, NUM_SEGMENTS, D] partials
+    ml_ptr,  # float32 [T, Hq, NUM_SEGMENTS, 2]: running max (log2 domain) and sum per segment
     cache_ptr,  # uint8 [num_blocks, Hkv, block_size, slot_bytes]
-    kcb_ptr,  # [Hkv * GK, KK, CK] float32
-    vcb_ptr,  # [Hkv * GV, KV, CV] float32
+    kcb_ptr,  # [Hkv * GK, 256, CK]
+    vcb_ptr,  # [Hkv * GV, 256, CV]
     block_table_ptr,  # [S, max_blocks] int32
-    seq_idx_ptr,  # [T] sequence of each query token
-    qpos_ptr,  # [T] position of each query token
+    seq_lens_ptr,  # [S]
+    qsl_ptr,  # [S + 1]
     cos_sin_ptr,  # [max_pos, D]: cos | sin
+    num_seqs,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -34,78 +58,174 @@ def _paged_attention_kernel(
     stride_co,
     stride_bt,
     stride_cs,
-    scale,
+    rope_rows,
+    qk_scale,  # softmax scale * log2(e)
     block_size,
     v_offset,
-    GQA: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     HALF: tl.constexpr,
     CK: tl.constexpr,
     GK: tl.constexpr,
-    KK: tl.constexpr,
     CV: tl.constexpr,
     GV: tl.constexpr,
-    KV: tl.constexpr,
     IS_NEOX: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_kvh = i_h // GQA
-    i_s = tl.load(seq_idx_ptr + i_t).to(tl.int64)
-    q_pos = tl.load(qpos_ptr + i_t).to(tl.int64)
+    pid_q = tl.program_id(0)
+    i_kvh = tl.program_id(1)
+    i_seg = tl.program_id(2)
+    i_s = find_seq(qsl_ptr, pid_q, num_seqs, BLOCK_Q, True)
+    q_start = tl.load(qsl_ptr + i_s)
+    q_len = tl.load(qsl_ptr + i_s + 1) - q_start
+    qb = pid_q - (q_start // BLOCK_Q + i_s)
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + i_s)
+    ctx = seq_len - q_len
+
+    D: tl.constexpr = 2 * HALF
+    o_m = tl.arange(0, BLOCK_M)
+    tok = qb * BLOCK_Q + o_m // G  # token index within the sequence's new tokens
+    head = i_kvh * G + o_m % G
+    m_row = (o_m // G < BLOCK_Q) & (tok < q_len)
+    q_pos = ctx + tok
     o_i = tl.arange(0, HALF)
-    if IS_NEOX:
+    if IS_NEOX:  # RoPE pairs (idx1, idx2): channel i with i + D/2 (NeoX) or 2i with 2i + 1 (GPT-J)
         idx1 = o_i
         idx2 = o_i + HALF
     else:
         idx1 = 2 * o_i
         idx2 = 2 * o_i + 1
-    b_q1 = tl.load(q_ptr + i_t * stride_qt + i_h * stride_qh + idx1).to(tl.float32)
-    b_q2 = tl.load(q_ptr + i_t * stride_qt + i_h * stride_qh + idx2).to(tl.float32)
-    # per-channel group ids and offsets inside the group, for the K and V codebooks
-    gk1, gk2 = idx1 // CK, idx2 // CK
-    gv1, gv2 = idx1 // CV, idx2 // CV
-    b_m = tl.full([1], float("-inf"), tl.float32)
-    b_l = tl.zeros([1], tl.float32)
-    b_acc1 = tl.zeros([HALF], tl.float32)
-    b_acc2 = tl.zeros([HALF], tl.float32)
-    kv_len = q_pos + 1
-    for start in range(0, kv_len, BLOCK_N):
-        o_n = start + tl.arange(0, BLOCK_N)
+    p_q = q_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh
+    b_q1 = tl.load(p_q + idx1[None, :], mask=m_row[:, None], other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + idx2[None, :], mask=m_row[:, None], other=0.0).to(tl.float32)
+    dt = q_ptr.dtype.element_ty
+    kcb = kcb_ptr + i_kvh * (GK * 256 * CK)
+    vcb = vcb_ptr + i_kvh * (GV * 256 * CV)
+    o_d = tl.arange(0, D)
+    o_nt = tl.arange(0, BLOCK_N)
+    if HAS_ROPE:
+        # A key at position P + n is rotated as R(P) R(n): R(n) for the tile's local offsets n is
+        # loaded once here; R(-P) is applied to the (few) query rows per tile instead of to the keys.
+        m_nt = o_nt < rope_rows
+        p_cs = cos_sin_ptr + o_nt[:, None] * stride_cs + o_i[None, :]
+        cos_n = tl.load(p_cs, mask=m_nt[:, None], other=1.0)
+        sin_n = tl.load(p_cs + HALF, mask=m_nt[:, None], other=0.0)
+
+    # keys this query block can see, split into segments of whole tiles
+    kv_len = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_len, BLOCK_N)
+    per_seg = tl.cdiv(num_tiles, NUM_SEGMENTS)
+    t_lo = i_seg * per_seg
+    t_hi = tl.minimum(t_lo + per_seg, num_tiles)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    p_bt = block_table_ptr + i_s.to(tl.int64) * stride_bt
+    for t in range(t_lo, t_hi):
+        o_n = t * BLOCK_N + o_nt
         m_n = o_n < kv_len
-        blk = tl.load(block_table_ptr + i_s * stride_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
+        blk = tl.load(p_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
         p_slot = cache_ptr + blk * stride_cb + i_kvh * stride_ch + (o_n % block_size) * stride_co  # [BLOCK_N]
-        # keys: code byte of each channel's group, then that centroid's coordinate
-        c1 = tl.load(p_slot[:, None] + gk1[None, :], mask=m_n[:, None], other=0).to(tl.int32)
-        c2 = tl.load(p_slot[:, None] + gk2[None, :], mask=m_n[:, None], other=0).to(tl.int32)
-        k1 = tl.load(kcb_ptr + ((i_kvh * GK + gk1[None, :]) * KK + c1) * CK + (idx1 % CK)[None, :])
-        k2 = tl.load(kcb_ptr + ((i_kvh * GK + gk2[None, :]) * KK + c2) * CK + (idx2 % CK)[None, :])
-        if HAS_ROPE:
-            p_cs = cos_sin_ptr + o_n[:, None] * stride_cs + o_i[None, :]
-            b_cos = tl.load(p_cs, mask=m_n[:, None], other=1.0)
-            b_sin = tl.load(p_cs + HALF, mask=m_n[:, None], other=0.0)
-            r1 = k1 * b_cos - k2 * b_sin
-            r2 = k2 * b_cos + k1 * b_sin
+        if IS_NEOX:
+            k1 = _gather_half(p_slot, m_n, kcb, 0, HALF // CK, CK, BLOCK_N).to(tl.float32)
+            k2 = _gather_half(p_slot, m_n, kcb, HALF // CK, HALF // CK, CK, BLOCK_N).to(tl.float32)
         else:
-            r1 = k1
-            r2 = k2
-        b_s = (tl.sum(b_q1[None, :] * r1, axis=1) + tl.sum(b_q2[None, :] * r2, axis=1)) * scale
-        b_s = tl.where(m_n, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=0))
-        b_alpha = tl.exp(b_m - b_m_new)
-        b_p = tl.exp(b_s - b_m_new)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=0)
-        # values, gathered from the V codebook the same way
-        d1 = tl.load(p_slot[:, None] + v_offset + gv1[None, :], mask=m_n[:, None], other=0).to(tl.int32)
-        d2 = tl.load(p_slot[:, None] + v_offset + gv2[None, :], mask=m_n[:, None], other=0).to(tl.int32)
-        v1 = tl.load(vcb_ptr + ((i_kvh * GV + gv1[None, :]) * KV + d1) * CV + (idx1 % CV)[None, :])
-        v2 = tl.load(vcb_ptr + ((i_kvh * GV + gv2[None, :]) * KV + d2) * CV + (idx2 % CV)[None, :])
-        b_acc1 = b_acc1 * b_alpha + tl.sum(b_p[:, None] * v1, axis=0)
-        b_acc2 = b_acc2 * b_alpha + tl.sum(b_p[:, None] * v2, axis=0)
+            b_k = _gather_half(p_slot, m_n, kcb, 0, GK, CK, BLOCK_N).to(tl.float32)
+            k1, k2 = tl.split(tl.reshape(b_k, (BLOCK_N, HALF, 2)))
+        if HAS_ROPE:
+            p_cs0 = cos_sin_ptr + t * BLOCK_N * stride_cs
+            cos_p = tl.load(p_cs0 + o_i)[None, :]
+            sin_p = tl.load(p_cs0 + HALF + o_i)[None, :]
+            qr1 = (b_q1 * cos_p + b_q2 * sin_p).to(dt)
+            qr2 = (b_q2 * cos_p - b_q1 * sin_p).to(dt)
+            r1 = (k1 * cos_n - k2 * sin_n).to(dt)
+            r2 = (k2 * cos_n + k1 * sin_n).to(dt)
+        else:
+            qr1 = b_q1.to(dt)
+            qr2 = b_q2.to(dt)
+            r1 = k1.to(dt)
+            r2 = k2.to(dt)
+        if IEEE:
+            b_s = tl.dot(qr1, tl.trans(r1), input_precision="ieee")
+            b_s = tl.dot(qr2, tl.trans(r2), b_s, input_precision="ieee")
+        else:
+            b_s = tl.dot(qr1, tl.trans(r1))
+            b_s = tl.dot(qr2, tl.trans(r2), b_s)
+        b_s = b_s * qk_scale
+        visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
+        b_s = tl.where(visible, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that see nothing yet
+        b_alpha = tl.exp2(b_m - b_m_safe)
+        b_p = tl.exp2(b_s - b_m_safe[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_v = _gather_half(p_slot + v_offset, m_n, vcb, 0, GV, CV, BLOCK_N).to(dt)
+        if IEEE:
+            b_acc = tl.dot(b_p.to(dt), b_v, b_acc * b_alpha[:, None], input_precision="ieee")
+        else:
+            b_acc = tl.dot(b_p.to(dt), b_v, b_acc * b_alpha[:, None])
         b_m = b_m_new
-    tl.store(out_ptr + i_t * stride_ot + i_h * stride_oh + idx1, b_acc1 / b_l)
-    tl.store(out_ptr + i_t * stride_ot + i_h * stride_oh + idx2, b_acc2 / b_l)
+
+    row = (q_start + tok).to(tl.int64)
+    if NUM_SEGMENTS == 1:
+        b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+        p_o = out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + o_d[None, :]
+        tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_row[:, None])
+    else:
+        part = (row * (G * tl.num_programs(1)) + head) * NUM_SEGMENTS + i_seg  # [T, Hq, NUM_SEGMENTS]
+        tl.store(out_ptr + part[:, None] * D + o_d[None, :], b_acc, mask=m_row[:, None])
+        tl.store(ml_ptr + part * 2, b_m, mask=m_row)
+        tl.store(ml_ptr + part * 2 + 1, b_l, mask=m_row)
+
+
+@triton.jit
+def _merge_segments_kernel(
+    part_ptr,  # float32 [T, Hq, NUM_SEGMENTS, D]
+    ml_ptr,  # float32 [T, Hq, NUM_SEGMENTS, 2]
+    out_ptr,  # [T, Hq, D]
+    qsl_ptr,
+    num_seqs,
+    stride_ot,
+    stride_oh,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+):
+    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the segments of one (token, head)."""
+    i_t = tl.program_id(0)
+    i_h = tl.program_id(1)
+    if i_t >= tl.load(qsl_ptr + num_seqs):
+        return
+    base = i_t.to(tl.int64) * HQ + i_h
+    o_s = tl.arange(0, NUM_SEGMENTS)
+    b_m = tl.load(ml_ptr + (base * NUM_SEGMENTS + o_s) * 2)
+    b_l = tl.load(ml_ptr + (base * NUM_SEGMENTS + o_s) * 2 + 1)
+    m_all = tl.max(b_m, axis=0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(b_m - m_all)  # empty segments: 2^-inf = 0
+    o_d = tl.arange(0, D)
+    b_acc = tl.load(part_ptr + (base * NUM_SEGMENTS + o_s)[:, None] * D + o_d[None, :])
+    num = tl.sum(b_acc * w[:, None], axis=0)
+    den = tl.sum(b_l * w, axis=0)
+    b_o = num / tl.where(den == 0.0, 1.0, den)
+    tl.store(out_ptr + i_t.to(tl.int64) * stride_ot + i_h * stride_oh + o_d, b_o.to(out_ptr.dtype.element_ty))
+
+
+def num_segments_for(num_seqs: int, num_kv_heads: int, max_query_len: int, num_sms: int) -> int:
+    """Flash-decoding split for decode-only steps: enough programs for ~4 per SM, at most 16 (the
+    partial buffers grow with it). A function of the batch shape only, so a CUDA graph captured for a
+    batch size keeps its split. Prefill steps have enough query blocks already."""
+    if max_query_len > 1:
+        return 1
+    want = -(-4 * num_sms // max(1, num_seqs * num_kv_heads))
+    return min(16, triton.next_power_of_2(max(1, want)))
 
 
 def paged_attention(
@@ -115,63 +235,111 @@ def paged_attention(
     v_codebook: torch.Tensor,
     key_bytes: int,
     block_table: torch.Tensor,
-    seq_idx: torch.Tensor,
-    positions: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
     scale: float,
     cos_sin_cache: torch.Tensor | None,
     is_neox: bool,
-    block_n: int = 32,
+    max_query_len: int,
+    out: torch.Tensor | None = None,
+    num_segments: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
-    """query [T, Hq, D] -> float32 [T, Hq, D]; causal, each token sees its sequence's keys 0..position.
-
-    seq_idx / positions [T] say which sequence each query token belongs to and where it sits.
-    Requires 8-bit codes, a power-of-two head_dim and (with RoPE) rotary_dim == head_dim.
-    """
+    """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
+    queries query_start_loc[s]:[s+1], its last tokens. Codebooks may be float32 or the model dtype
+    (what the tensor-core products run in). Requires 8-bit codes, a power-of-two head_dim and (with
+    RoPE) rotary_dim == head_dim. `max_query_len` picks the decode (split) or prefill tiling."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
+    num_seqs = seq_lens.shape[0]
     gk_total, kk, ck = k_codebook.shape
     gv_total, kv, cv = v_codebook.shape
     assert kv_cache.stride(3) == 1 and kk == 256 and kv == 256, "8-bit codes in contiguous slots"
-    assert d & (d - 1) == 0, "head_dim must be a power of two for the Triton path"
+    assert d & (d - 1) == 0 and d >= 32, "head_dim must be a power of two >= 32 for the Triton path"
+    assert query.stride(2) == 1 and hq % hkv == 0
+    assert (d // 2) % ck == 0 and ck % 2 == 0, "centroids must not straddle a RoPE half or split a pair"
     has_rope = cos_sin_cache is not None
     if has_rope:
         assert cos_sin_cache.shape[1] == d, "partial rotary embeddings take the reference path"
-        cos_sin_cache = cos_sin_cache.contiguous()
-    out = torch.empty(t, hq, d, dtype=torch.float32, device=query.device)
+        assert cos_sin_cache.stride(1) == 1
+    if out is None:
+        out = torch.empty(t, hq, d, dtype=query.dtype, device=query.device)
     if t == 0:
         return out
-    _paged_attention_kernel[(t, hq)](
+    g = hq // hkv
+    decode = max_query_len <= 1
+    if decode:
+        block_q = 1
+        block_m = max(16, triton.next_power_of_2(g))
+    else:
+        block_m = max(16, triton.next_power_of_2(g), 64 if g <= 8 else 2 * triton.next_power_of_2(g))
+        block_q = max(1, block_m // g)
+    if num_segments is None:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
+        num_segments = num_segments_for(num_seqs, hkv, max_query_len, sms)
+    block_n = block_n or (64 if decode else 32)
+    grid = (t // block_q + num_seqs, hkv, num_segments)
+    if num_segments == 1:
+        target, ml = out, out
+        so_t, so_h = out.stride(0), out.stride(1)
+    else:
+        target = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=query.device)
+        ml = torch.empty(t, hq, num_segments, 2, dtype=torch.float32, device=query.device)
+        so_t, so_h = 0, 0
+    _cq_attention_kernel[grid](
         query,
-        out,
+        target,
+        ml,
         kv_cache,
-        k_codebook.contiguous(),
-        v_codebook.contiguous(),
+        k_codebook,
+        v_codebook,
         block_table,
-        seq_idx,
-        positions,
-        cos_sin_cache if has_rope else out,
+        seq_lens,
+        query_start_loc,
+        cos_sin_cache if has_rope else query,
+        num_seqs,
         query.stride(0),
         query.stride(1),
-        out.stride(0),
-        out.stride(1),
+        so_t,
+        so_h,
         kv_cache.stride(0),
         kv_cache.stride(1),
         kv_cache.stride(2),
         block_table.stride(0),
         cos_sin_cache.stride(0) if has_rope else 0,
-        float(scale),
+        cos_sin_cache.shape[0] if has_rope else 0,
+        float(scale) * LOG2E,
         kv_cache.shape[2],
         key_bytes,
-        GQA=hq // hkv,
+        G=g,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
         HALF=d // 2,
         CK=ck,
         GK=gk_total // hkv,
-        KK=kk,
         CV=cv,
         GV=gv_total // hkv,
-        KV=kv,
         IS_NEOX=is_neox,
         HAS_ROPE=has_rope,
         BLOCK_N=block_n,
+        NUM_SEGMENTS=num_segments,
+        IEEE=query.dtype == torch.float32,
+        num_warps=num_warps or 4,
+        num_stages=num_stages or (3 if decode else 2),
     )
+    if num_segments > 1:
+        _merge_segments_kernel[(t, hq)](
+            target,
+            ml,
+            out,
+            query_start_loc,
+            num_seqs,
+            out.stride(0),
+            out.stride(1),
+            HQ=hq,
+            D=d,
+            NUM_SEGMENTS=num_segments,
+        )
     return out

@@ -13,7 +13,6 @@ import torch
 
 from vllm_cq.formats import KVFormat
 from vllm_cq.kernels.cq import naive
-from vllm_cq.kernels.rope import apply_rope
 
 
 def token_seq_and_positions(
@@ -41,22 +40,30 @@ def write_kv_cache(
     k_codebook: torch.Tensor,
     v_codebook: torch.Tensor,
     fmt: KVFormat,
-    positions: torch.Tensor | None = None,
+    query_start_loc: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
     cos_sin_cache: torch.Tensor | None = None,
     is_neox: bool = True,
 ) -> None:
-    """Same contract as `naive.write_kv_cache`."""
-    if not _triton_ok(key.device, fmt):
-        naive.write_kv_cache(
-            key, value, kv_cache, slot_mapping, k_codebook, v_codebook, fmt, positions, cos_sin_cache, is_neox
-        )
-        return
-    from vllm_cq.kernels.cq.write import encode_store
+    """Encode key/value [N, H, D] into slot_mapping's slots (-1 = skip). With `cos_sin_cache` the keys
+    are post-RoPE; each token's position comes from the varlen batch (query_start_loc, seq_lens):
+    a sequence's new tokens are its last ones. Codebooks are float32 (encoding is an exact argmin)."""
+    d = key.shape[-1]
+    if _triton_ok(key.device, fmt) and (cos_sin_cache is None or cos_sin_cache.shape[1] == d):
+        from vllm_cq.kernels.cq.write import write_kv_cache as triton_write
 
+        triton_write(
+            key, value, kv_cache, slot_mapping, k_codebook, v_codebook, fmt.key_bytes(d),
+            query_start_loc, seq_lens, cos_sin_cache, is_neox,
+        )  # fmt: skip
+        return
+    positions = None
     if cos_sin_cache is not None:
-        key = apply_rope(key, positions, cos_sin_cache, is_neox, inverse=True)
-    encode_store(key, k_codebook, kv_cache, slot_mapping, 0)
-    encode_store(value, v_codebook, kv_cache, slot_mapping, fmt.key_bytes(key.shape[-1]))
+        assert query_start_loc is not None and seq_lens is not None, "un-rotating keys needs their positions"
+        positions = token_seq_and_positions(query_start_loc, seq_lens, key.shape[0])[1]
+    naive.write_kv_cache(
+        key, value, kv_cache, slot_mapping, k_codebook, v_codebook, fmt, positions, cos_sin_cache, is_neox
+    )
 
 
 def paged_attention(
@@ -71,42 +78,42 @@ def paged_attention(
     scale: float,
     cos_sin_cache: torch.Tensor | None = None,
     is_neox: bool = True,
-    token_seq: torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    out: torch.Tensor | None = None,
+    k_codebook_attn: torch.Tensor | None = None,
+    v_codebook_attn: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `naive.paged_attention` (causal). `token_seq` / `positions` are
-    `token_seq_and_positions(...)` when the caller already has them (the backend computes them once
-    per step instead of once per layer)."""
+    """Same contract as `naive.paged_attention` (causal), written into `out` when given (else a new
+    tensor in query's dtype). `max_query_len` (vLLM's, host-side) picks the decode or prefill tiling;
+    `*_codebook_attn` are the codebooks in the model dtype for the tensor-core path (default: as given).
+    """
     d = query.shape[-1]
-    triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0
+    triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0 and d >= 32
     if not triton_ok or (cos_sin_cache is not None and cos_sin_cache.shape[1] != d):
-        return naive.paged_attention(
-            query,
-            kv_cache,
-            k_codebook,
-            v_codebook,
-            fmt,
-            block_table,
-            seq_lens,
-            query_start_loc,
-            scale,
-            cos_sin_cache,
-            is_neox,
-        )
+        res = naive.paged_attention(
+            query, kv_cache, k_codebook, v_codebook, fmt, block_table, seq_lens, query_start_loc, scale,
+            cos_sin_cache, is_neox,
+        )  # fmt: skip
+        if out is None:
+            return res.to(query.dtype)
+        out.copy_(res)
+        return out
     from vllm_cq.kernels.cq.attention import paged_attention as triton_paged_attention
 
-    if token_seq is None or positions is None:
-        token_seq, positions = token_seq_and_positions(query_start_loc, seq_lens, query.shape[0])
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     return triton_paged_attention(
         query,
         kv_cache,
-        k_codebook,
-        v_codebook,
+        k_codebook if k_codebook_attn is None else k_codebook_attn,
+        v_codebook if v_codebook_attn is None else v_codebook_attn,
         fmt.key_bytes(d),
         block_table,
-        token_seq,
-        positions,
+        seq_lens,
+        query_start_loc,
         scale,
         cos_sin_cache,
         is_neox,
+        max_query_len,
+        out=out,
     )

@@ -1,9 +1,11 @@
-"""Triton: encode K or V into CQ codes and store them in vLLM's paged cache (first correct version).
+"""Triton: encode a step's new keys and values into CQ codes and store them in vLLM's paged cache.
 
-One program per (token, kv head): for each channel group, the squared distance to all 2**b centroids
-of that group's codebook, argmin, one byte stored in the token's slot. 8-bit codes only (every
-registered format); the reference is `naive.write_kv_cache`. Keys arrive post-RoPE and are
-un-rotated in torch first (`ops.write_kv_cache`).
+One launch per layer for K and V together, one program per (32 tokens, kv head). Keys arrive post-RoPE
+(as vLLM hands them over) and are un-rotated in registers at the token's position, which the program
+derives from query_start_loc / seq_lens (CUDA-graph safe, no host-side positions). For each channel
+group: squared distance to all 256 centroids of that group's codebook, argmin, one byte stored in the
+token's slot (distances as a matmul per group, so a codebook is read once per 32 tokens). 8-bit codes
+only (every registered format); the reference is `naive.write_kv_cache`.
 """
 
 from __future__ import annotations
@@ -14,66 +16,194 @@ import triton.language as tl
 
 
 @triton.jit
-def _encode_store_kernel(
-    x_ptr,  # [N, H, D] float
-    cb_ptr,  # [H * G, K, C] float32
+def _encode_groups(
+    x_rows,  # [BLOCK_T] pointers to each token's D channels of this head
+    m_t,  # [BLOCK_T] real tokens with a slot
+    cb_ptr,  # this head's codebook [G, 256, C] float32
+    dst,  # [BLOCK_T] pointers to each token's first code byte
+    cos_rows,  # [BLOCK_T] pointers to each token's cos row (sin at + HALF); unused without ROTATE
+    G: tl.constexpr,
+    C: tl.constexpr,
+    C_DOT: tl.constexpr,
+    HALF: tl.constexpr,
+    ROTATE: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+):
+    """Nearest centroid per (token, group): argmin_k |c_k|^2 - 2 x.c_k, the products as one matmul per
+    group for all BLOCK_T tokens (channels zero-padded to C_DOT >= 16), so each group's codebook is
+    read once per BLOCK_T tokens."""
+    o_k = tl.arange(0, 256)
+    o_c = tl.arange(0, C_DOT)
+    m_c = o_c < C
+    m_x = m_t[:, None] & m_c[None, :]
+    for g in range(G):
+        o = g * C + o_c
+        b_x = tl.load(x_rows[:, None] + o[None, :], mask=m_x, other=0.0).to(tl.float32)
+        if ROTATE:  # undo RoPE: pre = x cos + partner sin (first of a pair), x cos - partner sin (second)
+            if IS_NEOX:
+                first = o < HALF
+                partner = tl.where(first, o + HALF, o - HALF)
+                i_pair = o % HALF
+            else:
+                first = o % 2 == 0
+                partner = tl.where(first, o + 1, o - 1)
+                i_pair = o // 2
+            b_p = tl.load(x_rows[:, None] + partner[None, :], mask=m_x, other=0.0).to(tl.float32)
+            b_cos = tl.load(cos_rows[:, None] + i_pair[None, :], mask=m_x, other=1.0)
+            b_sin = tl.load(cos_rows[:, None] + HALF + i_pair[None, :], mask=m_x, other=0.0)
+            b_x = b_x * b_cos + tl.where(first[None, :], b_p, -b_p) * b_sin
+        b_cb = tl.load(cb_ptr + (g * 256 + o_k[:, None]) * C + o_c[None, :], mask=m_c[None, :], other=0.0)
+        b_norm = tl.sum(b_cb * b_cb, axis=1)  # [256]
+        b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision="ieee")  # [BLOCK_T, 256]
+        code = tl.argmin(b_norm[None, :] - 2.0 * b_xc, axis=1)
+        tl.store(dst + g, code.to(tl.uint8), mask=m_t)
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr,  # [N, H, D]
+    v_ptr,  # [N, H, D]
+    kcb_ptr,  # [H * GK, 256, CK] float32
+    vcb_ptr,  # [H * GV, 256, CV] float32
     cache_ptr,  # uint8 [num_blocks, H, block_size, slot_bytes] (any strides)
     slot_ptr,  # [N] int, -1 = skip
-    stride_xn,
-    stride_xh,
+    qsl_ptr,  # [S + 1]
+    seq_lens_ptr,  # [S]
+    cos_sin_ptr,  # [max_pos, D]: cos | sin
+    num_tokens,
+    num_seqs,
+    search_steps,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
     stride_cb,
     stride_ch,
     stride_co,
-    byte_offset,
+    stride_cs,
     block_size,
-    G: tl.constexpr,
-    K: tl.constexpr,
-    C: tl.constexpr,
-    C_PAD: tl.constexpr,
+    v_offset,
+    GK: tl.constexpr,
+    CK: tl.constexpr,
+    GV: tl.constexpr,
+    CV: tl.constexpr,
+    C_DOT: tl.constexpr,
+    HALF: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
     i_h = tl.program_id(1)
-    slot = tl.load(slot_ptr + i_n).to(tl.int64)
-    if slot < 0:
-        return
-    o_k = tl.arange(0, K)
-    o_c = tl.arange(0, C_PAD)
-    m_c = o_c < C
-    p_dst = cache_ptr + (slot // block_size) * stride_cb + i_h * stride_ch + (slot % block_size) * stride_co
-    for g in range(G):
-        b_x = tl.load(x_ptr + i_n * stride_xn + i_h * stride_xh + g * C + o_c, mask=m_c, other=0.0).to(tl.float32)
-        p_cb = cb_ptr + ((i_h * G + g) * K + o_k[:, None]) * C + o_c[None, :]
-        b_cb = tl.load(p_cb, mask=m_c[None, :], other=0.0)
-        b_d = tl.sum((b_cb - b_x[None, :]) * (b_cb - b_x[None, :]), axis=1)  # [K]
-        code = tl.argmin(b_d, axis=0)
-        tl.store(p_dst + byte_offset + g, code.to(tl.uint8))
+    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    slot = tl.load(slot_ptr + o_t, mask=o_t < num_tokens, other=-1).to(tl.int64)
+    m_t = slot >= 0
+    slot = tl.where(m_t, slot, 0)
+    dst = cache_ptr + (slot // block_size) * stride_cb + i_h * stride_ch + (slot % block_size) * stride_co
+    cos_rows = tl.zeros([BLOCK_T], tl.int64) + cos_sin_ptr
+    if HAS_ROPE:  # each token's sequence by a vectorized binary search over query_start_loc
+        lo = tl.zeros([BLOCK_T], tl.int32)
+        hi = tl.zeros([BLOCK_T], tl.int32) + (num_seqs - 1)
+        for _ in range(search_steps):
+            mid = (lo + hi + 1) // 2
+            ok = tl.load(qsl_ptr + mid) <= o_t
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        q_start = tl.load(qsl_ptr + lo)
+        q_len = tl.load(qsl_ptr + lo + 1) - q_start
+        pos = tl.load(seq_lens_ptr + lo) - q_len + (o_t - q_start)
+        pos = tl.where(m_t, pos, 0)
+        cos_rows = cos_sin_ptr + pos.to(tl.int64) * stride_cs
+    o_t64 = o_t.to(tl.int64)
+    _encode_groups(
+        k_ptr + o_t64 * stride_kn + i_h * stride_kh,
+        m_t,
+        kcb_ptr + i_h * GK * 256 * CK,
+        dst,
+        cos_rows,
+        GK,
+        CK,
+        C_DOT,
+        HALF,
+        HAS_ROPE,
+        IS_NEOX,
+    )
+    _encode_groups(
+        v_ptr + o_t64 * stride_vn + i_h * stride_vh,
+        m_t,
+        vcb_ptr + i_h * GV * 256 * CV,
+        dst + v_offset,
+        cos_rows,
+        GV,
+        CV,
+        C_DOT,
+        HALF,
+        False,
+        IS_NEOX,
+    )
 
 
-def encode_store(
-    x: torch.Tensor, codebook: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, byte_offset: int
+def write_kv_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    key_bytes: int,
+    query_start_loc: torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
+    cos_sin_cache: torch.Tensor | None = None,
+    is_neox: bool = True,
 ) -> None:
-    """Store the codes of x [N, H, D] (codebook [H*D/c, 2**8, c]) at bytes byte_offset.. of each slot."""
-    n, h, d = x.shape
-    g_total, k, c = codebook.shape
-    assert k == 256, "the Triton write kernel stores 8-bit codes"
-    assert g_total == h * (d // c)
+    """Store codes of key/value [N, H, D] (codebooks float32 [H*D/c, 256, c]) at slot_mapping[n]
+    (-1 = skip). With `cos_sin_cache`, keys are post-RoPE and token n sits at position
+    seq_lens[s] - q_len[s] + (n - query_start_loc[s]) of its sequence s."""
+    n, h, d = key.shape
+    gk_total, kk, ck = k_codebook.shape
+    gv_total, kv, cv = v_codebook.shape
+    assert kk == 256 and kv == 256, "the Triton write kernel stores 8-bit codes"
+    assert gk_total == h * (d // ck) and gv_total == h * (d // cv)
+    has_rope = cos_sin_cache is not None
+    if has_rope:
+        assert query_start_loc is not None and seq_lens is not None, "un-rotating keys needs their positions"
+        assert cos_sin_cache.shape[1] == d and cos_sin_cache.stride(1) == 1
     if n == 0:
         return
-    x = x.contiguous() if x.stride(-1) != 1 else x
-    _encode_store_kernel[(n, h)](
-        x,
-        codebook.contiguous(),
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    block_t = 32
+    num_seqs = seq_lens.shape[0] if has_rope else 1
+    _write_kv_kernel[(triton.cdiv(n, block_t), h)](
+        key,
+        value,
+        k_codebook.contiguous(),
+        v_codebook.contiguous(),
         kv_cache,
         slot_mapping,
-        x.stride(0),
-        x.stride(1),
+        query_start_loc if has_rope else slot_mapping,
+        seq_lens if has_rope else slot_mapping,
+        cos_sin_cache if has_rope else k_codebook,
+        n,
+        num_seqs,
+        max(1, num_seqs - 1).bit_length(),
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
         kv_cache.stride(0),
         kv_cache.stride(1),
         kv_cache.stride(2),
-        byte_offset,
+        cos_sin_cache.stride(0) if has_rope else 0,
         kv_cache.shape[2],
-        G=d // c,
-        K=k,
-        C=c,
-        C_PAD=max(2, triton.next_power_of_2(c)),
+        key_bytes,
+        GK=d // ck,
+        CK=ck,
+        GV=d // cv,
+        CV=cv,
+        C_DOT=max(16, triton.next_power_of_2(max(ck, cv))),
+        HALF=d // 2,
+        HAS_ROPE=has_rope,
+        IS_NEOX=is_neox,
+        BLOCK_T=block_t,
+        num_warps=4,
     )

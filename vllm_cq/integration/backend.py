@@ -35,16 +35,17 @@ from vllm_cq.kernels.cq import ops
 @dataclass
 class CQAttentionMetadata:
     num_actual_tokens: int  # real tokens of the step (the batch may be padded past this)
+    max_query_len: int  # 1 = decode-only step (split-KV decode kernel)
     query_start_loc: torch.Tensor  # [B+1]
     seq_lens: torch.Tensor  # [B] context + new tokens
     block_table: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
-    token_seq: torch.Tensor  # [num_actual_tokens] sequence of each new token
-    positions: torch.Tensor  # [num_actual_tokens] position of each new token in its sequence
 
 
 class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Full CUDA graphs for decode-only steps: the kernels read only vLLM's persistent buffers
+    # (query_start_loc, seq_lens, block table, slot mapping) and derive positions on the device.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -53,16 +54,14 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> CQAttentionMetadata:
         cam = common_attn_metadata
-        n = int(cam.query_start_loc_cpu[-1])
-        seq, pos = ops.token_seq_and_positions(cam.query_start_loc, cam.seq_lens, n)  # once per step, all layers
+        n = cam.num_actual_tokens
         return CQAttentionMetadata(
             num_actual_tokens=n,
+            max_query_len=cam.max_query_len,
             query_start_loc=cam.query_start_loc,
             seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping[:n],
-            token_seq=seq,
-            positions=pos,
         )
 
 
@@ -82,8 +81,10 @@ def rope_table(head_size: int, rotary_dim: int | None, device: torch.device) -> 
 class LayerState:
     """What one attention layer needs on its device: its codebooks (this rank's heads) and RoPE table."""
 
-    k_codebook: torch.Tensor
+    k_codebook: torch.Tensor  # float32: encoding is an exact argmin
     v_codebook: torch.Tensor
+    k_codebook_attn: torch.Tensor  # model dtype: what attention's tensor-core products read
+    v_codebook_attn: torch.Tensor
     cos_sin_cache: torch.Tensor | None
     is_neox: bool
 
@@ -130,7 +131,7 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
         if self.kv_heads[1] - self.kv_heads[0] != self.num_kv_heads:
             raise CQConfigError(f"rank {rank}/{world} holds {self.num_kv_heads} kv heads, expected {self.kv_heads}")
 
-    def layer_state(self, layer: Any, device: torch.device) -> LayerState:
+    def layer_state(self, layer: Any, device: torch.device, dtype: torch.dtype) -> LayerState:
         """Codebooks of this layer and this rank's heads, loaded on first use (before any CUDA graph
         capture: vLLM's profiling run calls forward first) and kept on the layer."""
         st = getattr(layer, "_vllm_cq_state", None)
@@ -140,9 +141,12 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
             if not 0 <= idx < sub.num_layers:
                 raise CQConfigError(f"{layer.layer_name}: no codebook for layer {idx} in {self.codebook_path}")
             cos_sin, is_neox = rope_table(self.head_size, self.identity.rotary_dim, device)
+            k, v = (t.to(device=device, dtype=torch.float32) for t in (sub.keys[idx], sub.values[idx]))
             st = LayerState(
-                sub.keys[idx].to(device=device, dtype=torch.float32),
-                sub.values[idx].to(device=device, dtype=torch.float32),
+                k,
+                v,
+                k.to(dtype),
+                v.to(dtype),
                 cos_sin if sub.pre_rope else None,
                 is_neox,
             )
@@ -163,7 +167,7 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
     ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with cq KV caches")
-        st = self.layer_state(layer, query.device)
+        st = self.layer_state(layer, query.device, query.dtype)
         if attn_metadata is None:  # profiling / warm-up run
             return output
         md = attn_metadata
@@ -177,11 +181,12 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
                 st.k_codebook,
                 st.v_codebook,
                 self.fmt,
-                md.positions,
+                md.query_start_loc,
+                md.seq_lens,
                 st.cos_sin_cache,
                 st.is_neox,
             )
-        out = ops.paged_attention(
+        ops.paged_attention(
             query[:n].view(n, h, d),
             kv_cache,
             st.k_codebook,
@@ -193,10 +198,11 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
             self.scale,
             st.cos_sin_cache,
             st.is_neox,
-            token_seq=md.token_seq,
-            positions=md.positions,
+            max_query_len=md.max_query_len,
+            out=output.view(-1, h, d)[:n],
+            k_codebook_attn=st.k_codebook_attn,
+            v_codebook_attn=st.v_codebook_attn,
         )
-        output.view(-1, h, d)[:n] = out.to(output.dtype)
         return output
 
 
