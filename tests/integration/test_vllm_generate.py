@@ -127,3 +127,23 @@ def test_skip_layers_stay_in_model_dtype(cq_model, llm):
     finally:
         del skip
         gc.collect()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_matches_eager(cq_model, llm):
+    """Decode steps replayed from full CUDA graphs (the kernels read only vLLM's persistent buffers)
+    give the eager engine's greedy tokens, for a batch size that is padded up to a captured size."""
+    from vllm import LLM, SamplingParams
+
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]  # 6 sequences: padded to a captured batch of 8
+    eager = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    graphs = LLM(cq_model, kv_cache_dtype="cq4", **{**ENGINE, "enforce_eager": False})
+    try:
+        mode = graphs.llm_engine.vllm_config.compilation_config.cudagraph_mode
+        assert mode.has_full_cudagraphs(), mode
+        got = [o.outputs[0].token_ids for o in graphs.generate(prompts, sp)]
+        assert got == eager
+    finally:
+        del graphs
+        gc.collect()
