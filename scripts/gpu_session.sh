@@ -3,6 +3,11 @@
 #   bash scripts/gpu_session.sh tests      # kernels compiled on the GPU + tiny-model vLLM tests (Triton path), ~5 min
 #   bash scripts/gpu_session.sh engines    # the tests that start many engines: capacity (5); TP=2 (6) on 2-GPU kinds
 #   bash scripts/gpu_session.sh capacity   # Llama-3.1-8B shape, dummy weights: KV capacity per dtype
+#   bash scripts/gpu_session.sh bench-kernels [ARGS]  # attention/write kernel microbenchmarks (~6 min; --quick ~1.5 min)
+#   bash scripts/gpu_session.sh bench-e2e [ARGS]      # end-to-end tok/s per dtype; pass --formats to fit one call
+# bench-* pass ARGS on to benchmarks/attention_bench.py / benchmarks/e2e_throughput.py. Their results
+# files go to $OUT and continue a same-named file in benchmarks/results/ (copy the previous call's file
+# there before the next call, and the rows of both calls end up in one file). PNGs are drawn at the end.
 # Logs and results go to $OUT (the device tool brings them back). The capacity run caps
 # max_num_batched_tokens for every dtype alike: vLLM's profiling prefill otherwise runs 8192 tokens
 # through the first-version cq attention kernel, which has no tensor-core prefill path yet (issue 5).
@@ -29,5 +34,19 @@ case "${1:-tests}" in
       --name capacity-llama-3.1-8b-h100 --out-dir "$OUT" \
       --engine '{"load_format": "dummy", "skip_tokenizer_init": true, "gpu_memory_utilization": 0.9, "enforce_eager": true, "max_model_len": 8192, "max_num_batched_tokens": 512}' \
       2>&1 | tee "$OUT/capacity.log" | grep -v " INFO \| WARNING " | tail -15
+    ;;
+  bench-kernels)
+    python3 benchmarks/attention_bench.py --out-dir "$OUT" --seed-dir benchmarks/results "${@:2}" \
+      > "$OUT/bench-kernels.log" 2>&1
+    echo "attention_bench rc=$?"
+    grep -E "^\| (kind|decode .* 64 \| 32768|prefill|write)|budget|broken|->" "$OUT/bench-kernels.log" | cut -c1-220 | tail -60
+    python3 benchmarks/plot.py "$OUT"/attention-*.json --out-dir "$OUT" > "$OUT/plot.log" 2>&1 || tail -3 "$OUT/plot.log"
+    ;;
+  bench-e2e)
+    python3 benchmarks/e2e_throughput.py benchmarks/configs/llama-3.1-8b --out-dir "$OUT" --seed-dir benchmarks/results \
+      --budget-s "${BENCH_BUDGET_S:-530}" "${@:2}" > "$OUT/bench-e2e.log" 2>&1
+    echo "e2e_throughput rc=$?"
+    grep -vE " (INFO|WARNING|DEBUG) " "$OUT/bench-e2e.log" | cut -c1-220 | tail -40
+    python3 benchmarks/plot.py "$OUT"/e2e-*.json --out-dir "$OUT" > "$OUT/plot.log" 2>&1 || tail -3 "$OUT/plot.log"
     ;;
 esac
