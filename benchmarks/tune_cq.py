@@ -42,8 +42,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--formats", default="cq1")
     p.add_argument("--out", default=None)
+    p.add_argument("--ablate", action="store_true", help="time the kernel with parts switched off instead")
     args = p.parse_args()
     shapes = [("decode", 64, 32768, 1), ("decode", 16, 4096, 1), ("decode", 1, 32768, 1), ("prefill", 1, 8192, 8192)]
+    if args.ablate:
+        shapes = [shapes[0], shapes[3]]
     rows = []
     for fmt_name in args.formats.split(","):
         for kind, batch, ctx, q_len in shapes:
@@ -52,16 +55,24 @@ def main() -> None:
                 paged_attention, q, cache, kcb, vcb, fmt.key_bytes(D), table, seq_lens, qsl, D**-0.5, rope, True,
                 q_len, out=torch.empty_like(q),
             )  # fmt: skip
-            if kind == "decode":
-                grid = itertools.product([32, 64, 128], [4, 8], [2, 3], [None, 16])
+            if args.ablate:  # (block_n, warps, stages, segments, extra): 1 = no K gathers, 2 = no V, 4 = no RoPE
+                extra = [{"_ablate": a} for a in (0, 1, 2, 3, 4, 7)] + [{"head_major": False}]
+                if kind == "prefill":
+                    extra += [{"block_m": 128, "num_warps": 8}, {"block_m": 128, "num_warps": 4}]
+                    grid = [(32, 4, 1, 1, e) for e in extra]
+                else:
+                    grid = [(64, 4, 3, seg, e) for e in extra for seg in (None, 8)]
+            elif kind == "decode":
+                grid = [(*c, {}) for c in itertools.product([32, 64, 128], [4, 8], [2, 3], [None, 16])]
             else:
-                grid = itertools.product([16, 32, 64], [4, 8], [1, 2], [1])
+                grid = [(*c, {}) for c in itertools.product([16, 32, 64], [4, 8], [1, 2], [1])]
             best = None
-            for bn, nw, ns, seg in grid:
+            for bn, nw, ns, seg, extra in grid:
                 row = {"format": fmt_name, "kind": kind, "batch": batch, "context": ctx, "block_n": bn,
-                       "num_warps": nw, "num_stages": ns, "segments": seg}  # fmt: skip
+                       "num_warps": nw, "num_stages": ns, "segments": seg, **extra}  # fmt: skip
                 try:
-                    fn = functools.partial(call, num_segments=seg, block_n=bn, num_warps=nw, num_stages=ns)
+                    kw = {"num_segments": seg, "block_n": bn, "num_warps": nw, "num_stages": ns, **extra}
+                    fn = functools.partial(call, **kw)
                     row["ms"] = round(triton.testing.do_bench(fn, warmup=5, rep=30), 4)
                 except Exception as e:  # out of shared memory / registers for this config
                     row["error"] = str(e)[:200]
@@ -69,6 +80,9 @@ def main() -> None:
                 if "ms" in row and (best is None or row["ms"] < best["ms"]):
                     best = row
             print(f"{fmt_name} {kind} b={batch} ctx={ctx}: best {best}", flush=True)
+            if args.ablate:
+                for r in rows[-len(grid) :]:
+                    print("   ", {k: v for k, v in r.items() if k not in ("format", "kind", "batch", "context")})
             del call, q, cache
             torch.cuda.empty_cache()
     if args.out:

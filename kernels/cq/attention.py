@@ -23,6 +23,7 @@ import triton.language as tl
 from vllm_cq.kernels.cq.varlen import find_seq
 
 LOG2E = 1.4426950408889634
+_LAST: list = [None]  # the last compiled attention kernel (register / spill counts for benchmarks)
 
 
 @triton.jit
@@ -75,10 +76,18 @@ def _cq_attention_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr,
     IEEE: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
+    ABLATE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
-    i_kvh = tl.program_id(1)
-    i_seg = tl.program_id(2)
+    if HEAD_MAJOR:  # grid (q blocks, segments, kv heads): co-running programs share a head's codebooks
+        i_seg = tl.program_id(1)
+        i_kvh = tl.program_id(2)
+        num_kvh = tl.num_programs(2)
+    else:
+        i_kvh = tl.program_id(1)
+        i_seg = tl.program_id(2)
+        num_kvh = tl.num_programs(1)
     i_s = find_seq(qsl_ptr, pid_q, num_seqs, BLOCK_Q, True)
     q_start = tl.load(qsl_ptr + i_s)
     q_len = tl.load(qsl_ptr + i_s + 1) - q_start
@@ -133,13 +142,16 @@ def _cq_attention_kernel(
         m_n = o_n < kv_len
         blk = tl.load(p_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
         p_slot = cache_ptr + blk * stride_cb + i_kvh * stride_ch + (o_n % block_size) * stride_co  # [BLOCK_N]
-        if IS_NEOX:
+        if ABLATE & 1:  # profiling only: code bytes instead of centroids (no K gathers)
+            k1 = tl.load(p_slot[:, None] + (o_i // CK)[None, :], mask=m_n[:, None], other=0).to(tl.float32)
+            k2 = k1
+        elif IS_NEOX:
             k1 = _gather_half(p_slot, m_n, kcb, 0, HALF // CK, CK, BLOCK_N).to(tl.float32)
             k2 = _gather_half(p_slot, m_n, kcb, HALF // CK, HALF // CK, CK, BLOCK_N).to(tl.float32)
         else:
             b_k = _gather_half(p_slot, m_n, kcb, 0, GK, CK, BLOCK_N).to(tl.float32)
             k1, k2 = tl.split(tl.reshape(b_k, (BLOCK_N, HALF, 2)))
-        if HAS_ROPE:
+        if HAS_ROPE and not (ABLATE & 4):
             p_cs0 = cos_sin_ptr + t * BLOCK_N * stride_cs
             cos_p = tl.load(p_cs0 + o_i)[None, :]
             sin_p = tl.load(p_cs0 + HALF + o_i)[None, :]
@@ -150,8 +162,8 @@ def _cq_attention_kernel(
         else:
             qr1 = b_q1.to(dt)
             qr2 = b_q2.to(dt)
-            r1 = k1.to(dt)
-            r2 = k2.to(dt)
+            r1 = tl.where(m_n[:, None], k1, 0.0).to(dt)
+            r2 = tl.where(m_n[:, None], k2, 0.0).to(dt)
         if IEEE:
             b_s = tl.dot(qr1, tl.trans(r1), input_precision="ieee")
             b_s = tl.dot(qr2, tl.trans(r2), b_s, input_precision="ieee")
@@ -166,7 +178,11 @@ def _cq_attention_kernel(
         b_alpha = tl.exp2(b_m - b_m_safe)
         b_p = tl.exp2(b_s - b_m_safe[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_v = _gather_half(p_slot + v_offset, m_n, vcb, 0, GV, CV, BLOCK_N).to(dt)
+        if ABLATE & 2:  # profiling only: no V gathers
+            b_v = tl.load(p_slot[:, None] + v_offset + (o_d // CV)[None, :], mask=m_n[:, None], other=0).to(dt)
+        else:
+            b_v = _gather_half(p_slot + v_offset, m_n, vcb, 0, GV, CV, BLOCK_N)
+        b_v = tl.where(m_n[:, None], b_v, 0.0).to(dt)  # also keeps the reshape off the MMA operand path
         if IEEE:
             b_acc = tl.dot(b_p.to(dt), b_v, b_acc * b_alpha[:, None], input_precision="ieee")
         else:
@@ -179,7 +195,7 @@ def _cq_attention_kernel(
         p_o = out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + o_d[None, :]
         tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_row[:, None])
     else:
-        part = (row * (G * tl.num_programs(1)) + head) * NUM_SEGMENTS + i_seg  # [T, Hq, NUM_SEGMENTS]
+        part = (row * (G * num_kvh) + head) * NUM_SEGMENTS + i_seg  # [T, Hq, NUM_SEGMENTS]
         tl.store(out_ptr + part[:, None] * D + o_d[None, :], b_acc, mask=m_row[:, None])
         tl.store(ml_ptr + part * 2, b_m, mask=m_row)
         tl.store(ml_ptr + part * 2 + 1, b_l, mask=m_row)
@@ -246,6 +262,9 @@ def paged_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    block_m: int | None = None,
+    head_major: bool = True,
+    _ablate: int = 0,
 ) -> torch.Tensor:
     """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
     queries query_start_loc[s]:[s+1], its last tokens. Codebooks may be float32 or the model dtype
@@ -274,13 +293,14 @@ def paged_attention(
         block_q = 1
         block_m = max(16, triton.next_power_of_2(g))
     else:
-        block_m = max(16, triton.next_power_of_2(g), 64 if g <= 8 else 2 * triton.next_power_of_2(g))
+        block_m = block_m or max(16, triton.next_power_of_2(g), 64 if g <= 8 else 2 * triton.next_power_of_2(g))
         block_q = max(1, block_m // g)
     if num_segments is None:
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
         num_segments = num_segments_for(num_seqs, hkv, max_query_len, sms)
     block_n = block_n or (64 if decode else 32)
-    grid = (t // block_q + num_seqs, hkv, num_segments)
+    nq = t // block_q + num_seqs
+    grid = (nq, num_segments, hkv) if head_major else (nq, hkv, num_segments)
     if num_segments == 1:
         target, ml = out, out
         so_t, so_h = out.stride(0), out.stride(1)
@@ -288,7 +308,7 @@ def paged_attention(
         target = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=query.device)
         ml = torch.empty(t, hq, num_segments, 2, dtype=torch.float32, device=query.device)
         so_t, so_h = 0, 0
-    _cq_attention_kernel[grid](
+    _LAST[0] = _cq_attention_kernel[grid](
         query,
         target,
         ml,
@@ -326,8 +346,10 @@ def paged_attention(
         BLOCK_N=block_n,
         NUM_SEGMENTS=num_segments,
         IEEE=query.dtype == torch.float32,
+        HEAD_MAJOR=head_major,
+        ABLATE=_ablate,
         num_warps=num_warps or 4,
-        num_stages=num_stages or (3 if decode else 2),
+        num_stages=num_stages or (3 if decode else 1),
     )
     if num_segments > 1:
         _merge_segments_kernel[(t, hq)](

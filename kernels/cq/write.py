@@ -4,8 +4,8 @@ One launch per layer for K and V together, one program per (32 tokens, kv head).
 (as vLLM hands them over) and are un-rotated in registers at the token's position, which the program
 derives from query_start_loc / seq_lens (CUDA-graph safe, no host-side positions). For each channel
 group: squared distance to all 256 centroids of that group's codebook, argmin, one byte stored in the
-token's slot (distances as a matmul per group, so a codebook is read once per 32 tokens). 8-bit codes
-only (every registered format); the reference is `naive.write_kv_cache`.
+token's slot (a group's codebook is read once per 32 tokens). 8-bit codes only (every registered
+format); the reference is `naive.write_kv_cache`.
 """
 
 from __future__ import annotations
@@ -24,38 +24,37 @@ def _encode_groups(
     cos_rows,  # [BLOCK_T] pointers to each token's cos row (sin at + HALF); unused without ROTATE
     G: tl.constexpr,
     C: tl.constexpr,
-    C_DOT: tl.constexpr,
     HALF: tl.constexpr,
     ROTATE: tl.constexpr,
     IS_NEOX: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    """Nearest centroid per (token, group): argmin_k |c_k|^2 - 2 x.c_k, the products as one matmul per
-    group for all BLOCK_T tokens (channels zero-padded to C_DOT >= 16), so each group's codebook is
-    read once per BLOCK_T tokens."""
+    """Nearest centroid per (token, group): squared distances of BLOCK_T tokens to a group's 256
+    centroids accumulated one channel at a time (exact float32, C multiply-adds per pair, no padding
+    of small groups), so each group's codebook is read once per BLOCK_T tokens."""
     o_k = tl.arange(0, 256)
-    o_c = tl.arange(0, C_DOT)
-    m_c = o_c < C
-    m_x = m_t[:, None] & m_c[None, :]
     for g in range(G):
-        o = g * C + o_c
-        b_x = tl.load(x_rows[:, None] + o[None, :], mask=m_x, other=0.0).to(tl.float32)
-        if ROTATE:  # undo RoPE: pre = x cos + partner sin (first of a pair), x cos - partner sin (second)
-            if IS_NEOX:
-                first = o < HALF
-                partner = tl.where(first, o + HALF, o - HALF)
-                i_pair = o % HALF
-            else:
-                first = o % 2 == 0
-                partner = tl.where(first, o + 1, o - 1)
-                i_pair = o // 2
-            b_p = tl.load(x_rows[:, None] + partner[None, :], mask=m_x, other=0.0).to(tl.float32)
-            b_cos = tl.load(cos_rows[:, None] + i_pair[None, :], mask=m_x, other=1.0)
-            b_sin = tl.load(cos_rows[:, None] + HALF + i_pair[None, :], mask=m_x, other=0.0)
-            b_x = b_x * b_cos + tl.where(first[None, :], b_p, -b_p) * b_sin
-        b_cb = tl.load(cb_ptr + (g * 256 + o_k[:, None]) * C + o_c[None, :], mask=m_c[None, :], other=0.0)
-        b_norm = tl.sum(b_cb * b_cb, axis=1)  # [256]
-        b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision="ieee")  # [BLOCK_T, 256]
-        code = tl.argmin(b_norm[None, :] - 2.0 * b_xc, axis=1)
+        b_d = tl.zeros([BLOCK_T, 256], tl.float32)
+        for j in tl.static_range(C):
+            o = g * C + j
+            b_x = tl.load(x_rows + o, mask=m_t, other=0.0).to(tl.float32)
+            if ROTATE:  # undo RoPE: pre = x cos + partner sin (first of a pair), x cos - partner sin
+                if IS_NEOX:
+                    first = o < HALF
+                    partner = tl.where(first, o + HALF, o - HALF)
+                    i_pair = o % HALF
+                else:
+                    first = o % 2 == 0
+                    partner = tl.where(first, o + 1, o - 1)
+                    i_pair = o // 2
+                b_p = tl.load(x_rows + partner, mask=m_t, other=0.0).to(tl.float32)
+                b_cos = tl.load(cos_rows + i_pair, mask=m_t, other=1.0)
+                b_sin = tl.load(cos_rows + HALF + i_pair, mask=m_t, other=0.0)
+                b_x = b_x * b_cos + tl.where(first, b_p, -b_p) * b_sin
+            b_c = tl.load(cb_ptr + (g * 256 + o_k) * C + j)  # [256]
+            b_diff = b_x[:, None] - b_c[None, :]
+            b_d += b_diff * b_diff
+        code = tl.argmin(b_d, axis=1)
         tl.store(dst + g, code.to(tl.uint8), mask=m_t)
 
 
@@ -87,7 +86,6 @@ def _write_kv_kernel(
     CK: tl.constexpr,
     GV: tl.constexpr,
     CV: tl.constexpr,
-    C_DOT: tl.constexpr,
     HALF: tl.constexpr,
     HAS_ROPE: tl.constexpr,
     IS_NEOX: tl.constexpr,
@@ -122,10 +120,10 @@ def _write_kv_kernel(
         cos_rows,
         GK,
         CK,
-        C_DOT,
         HALF,
         HAS_ROPE,
         IS_NEOX,
+        BLOCK_T,
     )
     _encode_groups(
         v_ptr + o_t64 * stride_vn + i_h * stride_vh,
@@ -135,10 +133,10 @@ def _write_kv_kernel(
         cos_rows,
         GV,
         CV,
-        C_DOT,
         HALF,
         False,
         IS_NEOX,
+        BLOCK_T,
     )
 
 
@@ -200,7 +198,6 @@ def write_kv_cache(
         CK=ck,
         GV=d // cv,
         CV=cv,
-        C_DOT=max(16, triton.next_power_of_2(max(ck, cv))),
         HALF=d // 2,
         HAS_ROPE=has_rope,
         IS_NEOX=is_neox,
