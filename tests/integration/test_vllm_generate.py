@@ -110,6 +110,10 @@ def test_skip_layers_stay_in_model_dtype(cq_model, llm):
     logprobs match the reference that quantizes layer 1 only, and differ from all-layers cq4."""
     from vllm import LLM
 
+    if DEVICE == "cuda":  # not verified with this release's GPU kernels: refused there (issue 10)
+        with pytest.raises(Exception, match="skip-layers on CUDA"):
+            LLM(cq_model, kv_cache_dtype="cq4", kv_cache_dtype_skip_layers=["0"], **ENGINE)
+        return
     ids, got_all, _ = engine_logprobs(llm)
     skip = LLM(cq_model, kv_cache_dtype="cq4", kv_cache_dtype_skip_layers=["0"], **ENGINE)
     try:
@@ -131,8 +135,8 @@ def test_skip_layers_stay_in_model_dtype(cq_model, llm):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 def test_cuda_graph_decode_matches_eager(cq_model, llm):
-    """Decode steps replayed from full CUDA graphs (the kernels read only vLLM's persistent buffers)
-    give the eager engine's greedy tokens, for a batch size that is padded up to a captured size."""
+    """With CUDA graphs on (vLLM's default; cq attention runs between piecewise graphs), greedy tokens
+    equal the eager engine's, for a batch size that is padded up to a captured size."""
     from vllm import LLM, SamplingParams
 
     sp = SamplingParams(max_tokens=24, temperature=0)
@@ -141,7 +145,7 @@ def test_cuda_graph_decode_matches_eager(cq_model, llm):
     graphs = LLM(cq_model, kv_cache_dtype="cq4", **{**ENGINE, "enforce_eager": False})
     try:
         mode = graphs.llm_engine.vllm_config.compilation_config.cudagraph_mode
-        assert mode.has_full_cudagraphs(), mode
+        assert mode.name != "NONE", mode
         got = [o.outputs[0].token_ids for o in graphs.generate(prompts, sp)]
         assert got == eager
     finally:

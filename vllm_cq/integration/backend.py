@@ -43,9 +43,11 @@ class CQAttentionMetadata:
 
 
 class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
-    # Full CUDA graphs for decode-only steps: the kernels read only vLLM's persistent buffers
-    # (query_start_loc, seq_lens, block table, slot mapping) and derive positions on the device.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    # The kernels read only vLLM's persistent buffers (query_start_loc, seq_lens, block table, slot
+    # mapping) and derive positions on the device, as full CUDA graphs need; but the full-graph decode
+    # test failed on the H100 (2026-11-23, cause not yet found), so attention stays outside CUDA graphs
+    # (vLLM's piecewise graphs) until it passes.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)

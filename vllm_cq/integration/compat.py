@@ -239,6 +239,12 @@ def supported_kv_cache_layouts() -> Any:
 # --- small accessors the backend uses ----------------------------------------------------------------
 
 
+def platform_is_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda())
+
+
 def current_vllm_config() -> Any:
     from vllm.config import get_current_vllm_config
 

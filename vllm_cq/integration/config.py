@@ -14,6 +14,7 @@ from typing import Any
 from vllm_cq.codebooks import CodebookSet, ModelIdentity, default_codebook_path, load_codebooks
 from vllm_cq.errors import CodebookError, CQConfigError
 from vllm_cq.formats import get_format
+from vllm_cq.integration import compat
 from vllm_cq.support import check_architecture
 
 ENV_CODEBOOKS = "VLLM_CQ_CODEBOOKS"
@@ -79,6 +80,12 @@ def unsupported_features(vllm_config: Any) -> list[str]:
         ("pipeline parallelism", pc.pipeline_parallel_size > 1),
         ("decode context parallelism", getattr(pc, "decode_context_parallel_size", 1) > 1),
         ("prefill context parallelism", getattr(pc, "prefill_context_parallel_size", 1) > 1),
+        # Verified on CPU (CI); on the GPU the skip-layers test failed with this release's Triton kernels
+        # (2026-11-23, H100, cause not yet found): refused there until it passes again (issue 10).
+        (
+            "--kv-cache-dtype-skip-layers on CUDA",
+            bool(getattr(cc, "kv_cache_dtype_skip_layers", None)) and compat.platform_is_cuda(),
+        ),
     ]
     return [name for name, bad in checks if bad]
 
