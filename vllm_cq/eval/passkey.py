@@ -22,8 +22,9 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = " What is the pass key? The pass key is"
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
-# Greedy tokens generated beyond the answer's own: a few, so a trial costs one short decode.
-EXTRA_NEW_TOKENS = 2
+# Greedy tokens generated beyond the answer's own: none, since only the first len(` KEY`) tokens are
+# scored (a trial costs a prefill and a decode of about 6 tokens; the JSON shows what came instead).
+EXTRA_NEW_TOKENS = 0
 
 
 @dataclass
