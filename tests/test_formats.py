@@ -1,7 +1,15 @@
 import pytest
 
 from vllm_cq.errors import CQConfigError
-from vllm_cq.formats import CQSpec, KVFormat, format_names, get_format, is_plugin_dtype, register_format
+from vllm_cq.formats import (
+    CQSpec,
+    KVFormat,
+    format_names,
+    get_format,
+    is_plugin_dtype,
+    parse_spec,
+    register_format,
+)
 
 
 @pytest.mark.parametrize(
@@ -59,3 +67,19 @@ def test_new_bit_width_needs_no_caller_changes():
 def test_bad_spec(channels, bits):
     with pytest.raises(CQConfigError):
         CQSpec(channels, bits)
+
+
+def test_kvtq_formats_bytes_and_names():
+    from vllm_cq.formats import TernarySpec
+
+    kvtq, kvtq1 = get_format("kvtq"), get_format("kvtq1")
+    assert kvtq.family == "tq" and not kvtq.needs_codebook
+    assert (kvtq.key, kvtq.value) == (TernarySpec(4), TernarySpec(3))
+    # head_dim 128, groups of 32: scales 2 B x 4 groups per level, digits ceil(128/5) = 26 B per level
+    assert kvtq.key_bytes(128) == 4 * 8 + 4 * 26 and kvtq.value_bytes(128) == 3 * 8 + 3 * 26
+    assert kvtq1.slot_bytes(128) == 2 * (8 + 26)
+    assert all(n.startswith("kvtq") for n in format_names(family="tq"))
+    assert not any(n.startswith("turboquant") for n in format_names())  # never confused with vLLM's own
+    with pytest.raises(CQConfigError, match="not divisible by the KVTQ group size 32"):
+        kvtq.check_head_dim(48)
+    assert parse_spec(kvtq.key.to_dict()) == kvtq.key

@@ -163,11 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("model", help="local Hugging Face model directory")
     e.add_argument("--tasks", default="ppl,passkey", help="comma-separated: ppl, passkey (default both)")
-    e.add_argument("--formats", default="auto,cq4,cq2,cq1,cq_k4v2,cq_k4v1", help="kv_cache_dtype values, in order")
+    e.add_argument(
+        "--formats",
+        default="auto,cq4,cq2,cq1,cq_k4v2,cq_k4v1",
+        help="kv_cache_dtype values, in order (default %(default)s)",
+    )
     e.add_argument("--text", default=None, help="text file for ppl, e.g. WikiText-2's test.txt (whole file)")
     e.add_argument("--ppl-window", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
     e.add_argument("--ppl-tokens", type=int, default=None, help="use only the first N tokens of the text")
-    e.add_argument("--passkey-lengths", default="1024,2048,4096,8192", help="prompt+answer tokens per trial")
+    e.add_argument(
+        "--passkey-lengths", default="1024,2048,4096,8192", help="prompt+answer tokens per trial (default %(default)s)"
+    )
     e.add_argument("--passkey-keys", type=int, default=4, help="keys per depth (5 depths; default 4 = 20 trials)")
     e.add_argument("--seed", type=int, default=0, help="passkey key seed")
     e.add_argument(
@@ -177,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "max_model_len defaults to what the tasks need",
     )
     e.add_argument("--codebooks", default=None, help="codebook dir (FMT.safetensors) or file, for cq formats only")
-    e.add_argument("--batch", type=int, default=8, help="prompts per generate call")
+    e.add_argument("--batch", type=int, default=8, help="prompts per generate call (default 8)")
     e.add_argument("--out", default=None, help="results JSON (default vllm-cq-eval-MODELNAME.json)")
     e.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     e.add_argument("--no-plot", action="store_true")

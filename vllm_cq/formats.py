@@ -2,8 +2,8 @@
 
 A format names how keys and values are each stored. Callers (byte sizes for vLLM's page size, codebook
 shapes, calibration, kernel dispatch) only ask a format's key and value specs questions through the
-`TensorQuantSpec` protocol, so a new method (the ternary KVTQ family, an 8c10b `cq1.25`) is one new
-spec class plus a `register_format` call, not edits across the code.
+`TensorQuantSpec` protocol, so a new method (the ternary KVTQ family below, an 8c10b `cq1.25`) is one
+new spec class plus a `register_format` call, not edits across the code.
 
 Slot layout, one (token, kv head) slot of a paged block, all uint8:
 
@@ -98,6 +98,65 @@ class CQSpec:
 
 
 @dataclass(frozen=True)
+class TernarySpec:
+    """KVTQ: fine-grained dynamic ternary quantization of one tensor, no calibration. Each group of
+    `group` contiguous channels of a token-head is written as `levels` stacked ternary digits,
+    x ~ s_1 t_1 + s_2 t_2 + ..., t in {-1, 0, +1}; level l quantizes what levels < l left, with its
+    scale from the residual's max magnitude (s = 2/3 max|r|, so each level cuts the max error 3x:
+    balanced ternary). Storage per token-head and level: one float16 scale per group, then the
+    digits packed 5 per byte in base 3 (3^5 = 243 <= 256); each tensor's bytes are padded to even."""
+
+    levels: int
+    group: int = 32
+    method: str = field(default="tq", init=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.levels <= 8:
+            raise CQConfigError(f"KVTQ levels must be in [1, 8], got {self.levels}")
+        if self.group < 1:
+            raise CQConfigError(f"KVTQ group size must be >= 1, got {self.group}")
+
+    @property
+    def bits_per_channel(self) -> float:
+        """Digits only (8/5 bits per level); the scales add 16 * levels / group on top."""
+        return 1.6 * self.levels
+
+    @property
+    def needs_codebook(self) -> bool:
+        return False
+
+    @property
+    def name(self) -> str:
+        return f"{self.levels}t{self.group}g"
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim <= 0 or head_dim % self.group:
+            raise CQConfigError(
+                f"head_dim {head_dim} is not divisible by the KVTQ group size {self.group} ({self.name})"
+            )
+
+    def groups(self, head_dim: int) -> int:
+        self.check_head_dim(head_dim)
+        return head_dim // self.group
+
+    def digit_bytes(self, head_dim: int) -> int:
+        """Packed digits of one level: ceil(D / 5) bytes."""
+        return -(-head_dim // 5)
+
+    def scale_bytes(self, head_dim: int) -> int:
+        """All levels' float16 scales, level-major: [levels, groups]."""
+        return 2 * self.levels * self.groups(head_dim)
+
+    def bytes_per_token_head(self, head_dim: int) -> int:
+        """| scales [levels, groups] f16 | digits level 0 | digits level 1 | ... | pad to even |."""
+        n = self.scale_bytes(head_dim) + self.levels * self.digit_bytes(head_dim)
+        return n + (n & 1)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "levels": self.levels, "group": self.group}
+
+
+@dataclass(frozen=True)
 class KVFormat:
     """A `--kv-cache-dtype` name with its key and value specs."""
 
@@ -171,6 +230,8 @@ def parse_spec(d: dict) -> TensorQuantSpec:
     method = d.get("method")
     if method == "cq":
         return CQSpec(int(d["channels"]), int(d["bits"]))
+    if method == "tq":
+        return TernarySpec(int(d["levels"]), int(d["group"]))
     raise CQConfigError(f"unknown quantization method {method!r} in {d}")
 
 
@@ -183,3 +244,7 @@ _cq("cq2", CQSpec(4, 8), CQSpec(4, 8), "CQ 4c8b keys and values: 2 bits/channel"
 _cq("cq1", CQSpec(8, 8), CQSpec(8, 8), "CQ 8c8b keys and values: 1 bit/channel")
 _cq("cq_k4v2", CQSpec(2, 8), CQSpec(4, 8), "CQ keys 2c8b (4 bit), values 4c8b (2 bit)")
 _cq("cq_k4v1", CQSpec(2, 8), CQSpec(8, 8), "CQ keys 2c8b (4 bit), values 8c8b (1 bit)")
+register_format(
+    KVFormat("kvtq", TernarySpec(4), TernarySpec(3), "KVTQ ternary, keys 4 levels, values 3, groups of 32 channels")
+)
+register_format(KVFormat("kvtq1", TernarySpec(1), TernarySpec(1), "KVTQ ternary, 1 level, groups of 32 channels"))

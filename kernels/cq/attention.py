@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_cq.kernels.cq.varlen import find_seq
+from vllm_cq.kernels.varlen import find_seq, merge_segments, num_segments_for
 
 LOG2E = 1.4426950408889634
 _LAST: list = [None]  # the last compiled attention kernel (register / spill counts for benchmarks)
@@ -201,49 +201,6 @@ def _cq_attention_kernel(
         tl.store(ml_ptr + part * 2 + 1, b_l, mask=m_row)
 
 
-@triton.jit
-def _merge_segments_kernel(
-    part_ptr,  # float32 [T, Hq, NUM_SEGMENTS, D]
-    ml_ptr,  # float32 [T, Hq, NUM_SEGMENTS, 2]
-    out_ptr,  # [T, Hq, D]
-    qsl_ptr,
-    num_seqs,
-    stride_ot,
-    stride_oh,
-    HQ: tl.constexpr,
-    D: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr,
-):
-    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the segments of one (token, head)."""
-    i_t = tl.program_id(0)
-    i_h = tl.program_id(1)
-    if i_t >= tl.load(qsl_ptr + num_seqs):
-        return
-    base = i_t.to(tl.int64) * HQ + i_h
-    o_s = tl.arange(0, NUM_SEGMENTS)
-    b_m = tl.load(ml_ptr + (base * NUM_SEGMENTS + o_s) * 2)
-    b_l = tl.load(ml_ptr + (base * NUM_SEGMENTS + o_s) * 2 + 1)
-    m_all = tl.max(b_m, axis=0)
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.exp2(b_m - m_all)  # empty segments: 2^-inf = 0
-    o_d = tl.arange(0, D)
-    b_acc = tl.load(part_ptr + (base * NUM_SEGMENTS + o_s)[:, None] * D + o_d[None, :])
-    num = tl.sum(b_acc * w[:, None], axis=0)
-    den = tl.sum(b_l * w, axis=0)
-    b_o = num / tl.where(den == 0.0, 1.0, den)
-    tl.store(out_ptr + i_t.to(tl.int64) * stride_ot + i_h * stride_oh + o_d, b_o.to(out_ptr.dtype.element_ty))
-
-
-def num_segments_for(num_seqs: int, num_kv_heads: int, max_query_len: int, num_sms: int) -> int:
-    """Flash-decoding split for decode-only steps: enough programs for ~4 per SM, at most 16 (the
-    partial buffers grow with it). A function of the batch shape only, so a CUDA graph captured for a
-    batch size keeps its split. Prefill steps have enough query blocks already."""
-    if max_query_len > 1:
-        return 1
-    want = -(-4 * num_sms // max(1, num_seqs * num_kv_heads))
-    return min(16, triton.next_power_of_2(max(1, want)))
-
-
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -352,16 +309,5 @@ def paged_attention(
         num_stages=num_stages or (3 if decode else 1),
     )
     if num_segments > 1:
-        _merge_segments_kernel[(t, hq)](
-            target,
-            ml,
-            out,
-            query_start_loc,
-            num_seqs,
-            out.stride(0),
-            out.stride(1),
-            HQ=hq,
-            D=d,
-            NUM_SEGMENTS=num_segments,
-        )
+        merge_segments(target, ml, out, query_start_loc)
     return out

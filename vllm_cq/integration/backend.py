@@ -1,16 +1,16 @@
-"""vLLM attention backend for cq KV caches: codes are written into the paged blocks and attention is
-computed over them, for prefill, chunked prefill and decode alike (write first, then attend over the
+"""vLLM attention backend for the plugin's KV caches (cq codebooks, KVTQ ternary digits): codes are
+written into the paged blocks and attention is computed over them, for prefill, chunked prefill and decode alike (write first, then attend over the
 cache, as vLLM's CPU backend does), so prefix-cache hits and chunked prefill need no special case and
 perplexity from prompt logprobs measures the stored codes.
 
 Page layout per layer: [num_blocks, num_kv_heads, block_size, slot_bytes] uint8, one slot = a token's
 key codes then its value codes (`vllm_cq.formats`). One backend class per format (generated below),
-because vLLM sizes pages from the backend class alone.
+because vLLM sizes pages from the backend class alone. What differs per family (what a layer loads,
+which kernels write and attend) is in `families.py`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,8 +28,7 @@ from vllm.v1.attention.backend import (
 from vllm_cq.errors import CQConfigError
 from vllm_cq.formats import KVFormat, format_names, get_format
 from vllm_cq.integration import compat
-from vllm_cq.integration.config import kv_head_range, load_checked, model_identity, resolve_codebook_path
-from vllm_cq.kernels.cq import ops
+from vllm_cq.integration.families import family_for
 
 
 @dataclass
@@ -67,30 +66,6 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
         )
 
 
-@functools.lru_cache(maxsize=8)
-def rank_codebooks(path: str, fmt_name: str, identity: Any, start: int, end: int) -> Any:
-    """This rank's kv-head slice of the model's codebooks, cut once per process for all layers."""
-    return load_checked(path, fmt_name, identity).select_heads(start, end)
-
-
-@functools.lru_cache(maxsize=4)
-def rope_table(head_size: int, rotary_dim: int | None, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """One RoPE table per device shared by all layers (Llama-3.1's is 64 MiB in float32)."""
-    return compat.rotary_embedding(head_size, rotary_dim, device)
-
-
-@dataclass
-class LayerState:
-    """What one attention layer needs on its device: its codebooks (this rank's heads) and RoPE table."""
-
-    k_codebook: torch.Tensor  # float32: encoding is an exact argmin
-    v_codebook: torch.Tensor
-    k_codebook_attn: torch.Tensor  # model dtype: what attention's tensor-core products read
-    v_codebook_attn: torch.Tensor
-    cos_sin_cache: torch.Tensor | None
-    is_neox: bool
-
-
 class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
     def __init__(
         self,
@@ -123,37 +98,15 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
-        vllm_config = compat.current_vllm_config()
-        self.identity = model_identity(vllm_config)
-        self.codebook_path = resolve_codebook_path(
-            kv_cache_dtype, vllm_config.additional_config, str(vllm_config.model_config.model)
-        )
-        rank, world = compat.tensor_parallel_rank_and_size()
-        self.kv_heads = kv_head_range(rank, world, self.identity.num_kv_heads)
-        if self.kv_heads[1] - self.kv_heads[0] != self.num_kv_heads:
-            raise CQConfigError(f"rank {rank}/{world} holds {self.num_kv_heads} kv heads, expected {self.kv_heads}")
+        self.family = family_for(self.fmt, head_size, self.scale, self.num_kv_heads)
 
-    def layer_state(self, layer: Any, device: torch.device, dtype: torch.dtype) -> LayerState:
-        """Codebooks of this layer and this rank's heads, loaded on first use (before any CUDA graph
-        capture: vLLM's profiling run calls forward first) and kept on the layer."""
-        st = getattr(layer, "_vllm_cq_state", None)
-        if st is None:
-            sub = rank_codebooks(self.codebook_path, self.fmt.name, self.identity, *self.kv_heads)
-            idx = compat.layer_index(layer.layer_name)
-            if not 0 <= idx < sub.num_layers:
-                raise CQConfigError(f"{layer.layer_name}: no codebook for layer {idx} in {self.codebook_path}")
-            cos_sin, is_neox = rope_table(self.head_size, self.identity.rotary_dim, device)
-            k, v = (t.to(device=device, dtype=torch.float32) for t in (sub.keys[idx], sub.values[idx]))
-            st = LayerState(
-                k,
-                v,
-                k.to(dtype),
-                v.to(dtype),
-                cos_sin if sub.pre_rope else None,
-                is_neox,
-            )
-            layer._vllm_cq_state = st
-        return st
+    def layer_state(self, layer: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        """What this layer's family needs on its device (cq: codebooks of this rank's heads, RoPE table),
+        loaded on first use (before any CUDA graph capture: vLLM's profiling run calls forward first)
+        and kept on the layer."""
+        if not hasattr(layer, "_vllm_cq_state"):
+            layer._vllm_cq_state = self.family.load(layer.layer_name, device, dtype)
+        return layer._vllm_cq_state
 
     def forward(
         self,
@@ -175,36 +128,8 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
         md = attn_metadata
         n, h, hkv, d = md.num_actual_tokens, self.num_heads, self.num_kv_heads, self.head_size
         if key is not None and value is not None:
-            ops.write_kv_cache(
-                key[:n].view(n, hkv, d),
-                value[:n].view(n, hkv, d),
-                kv_cache,
-                md.slot_mapping,
-                st.k_codebook,
-                st.v_codebook,
-                self.fmt,
-                md.query_start_loc,
-                md.seq_lens,
-                st.cos_sin_cache,
-                st.is_neox,
-            )
-        ops.paged_attention(
-            query[:n].view(n, h, d),
-            kv_cache,
-            st.k_codebook,
-            st.v_codebook,
-            self.fmt,
-            md.block_table,
-            md.seq_lens,
-            md.query_start_loc,
-            self.scale,
-            st.cos_sin_cache,
-            st.is_neox,
-            max_query_len=md.max_query_len,
-            out=output.view(-1, h, d)[:n],
-            k_codebook_attn=st.k_codebook_attn,
-            v_codebook_attn=st.v_codebook_attn,
-        )
+            self.family.write(st, key[:n].view(n, hkv, d), value[:n].view(n, hkv, d), kv_cache, md)
+        self.family.attend(st, query[:n].view(n, h, d), kv_cache, md, output.view(-1, h, d)[:n])
         return output
 
 
@@ -280,7 +205,7 @@ def _make_backend(fmt_name: str) -> type[CQAttentionBackend]:
 
 
 BACKENDS: dict[str, type[CQAttentionBackend]] = {}
-for _name in format_names(family="cq"):
+for _name in format_names():
     BACKENDS[_name] = globals()[_class_name(_name)] = _make_backend(_name)
 
 

@@ -163,10 +163,10 @@ def _patch_platform() -> None:
         if cc is not None and is_plugin_dtype(cc.cache_dtype) and vllm_config.model_config is not None:
             cbs = validate_vllm_config(vllm_config)
             logger.info(
-                "vllm-cq: %s KV cache (%s), codebooks for %d layers",
+                "vllm-cq: %s KV cache (%s)%s",
                 cc.cache_dtype,
                 get_format(cc.cache_dtype).description,
-                cbs.num_layers,
+                f", codebooks for {cbs.num_layers} layers" if cbs is not None else "",
             )
 
     cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
@@ -325,7 +325,7 @@ def install() -> None:
     if _installed:
         return
     check_supported_version()
-    names = format_names(family="cq")
+    names = format_names()
     _patch_dtype_names(names)
     _register_backend_names(names)
     _patch_platform()

@@ -95,8 +95,9 @@ def model_identity(vllm_config: Any) -> ModelIdentity:
     return ModelIdentity.from_hf_config(mc.hf_text_config, name=str(mc.model))
 
 
-def validate_vllm_config(vllm_config: Any) -> CodebookSet:
-    """Refuse what is not verified and load the codebooks; raises CQConfigError/CodebookError."""
+def validate_vllm_config(vllm_config: Any) -> CodebookSet | None:
+    """Refuse what is not verified and load the codebooks (None for formats without any, KVTQ);
+    raises CQConfigError/CodebookError."""
     dtype = vllm_config.cache_config.cache_dtype
     fmt = get_format(dtype)
     bad = unsupported_features(vllm_config)
@@ -108,6 +109,8 @@ def validate_vllm_config(vllm_config: Any) -> CodebookSet:
     ident = model_identity(vllm_config)
     check_architecture(ident.architecture)
     fmt.check_head_dim(ident.head_dim)
+    if not fmt.needs_codebook:
+        return None
     path = resolve_codebook_path(dtype, vllm_config.additional_config, str(vllm_config.model_config.model))
     return load_checked(path, dtype, ident)
 

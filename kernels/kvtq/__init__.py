@@ -1,0 +1,1 @@
+"""KVTQ: fine-grained dynamic ternary KV quantization (reference, Triton kernels, dispatch)."""

