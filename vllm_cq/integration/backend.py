@@ -1,7 +1,8 @@
 """vLLM attention backend for the plugin's KV caches (cq codebooks, KVTQ ternary digits): codes are
-written into the paged blocks and attention is computed over them, for prefill, chunked prefill and decode alike (write first, then attend over the
-cache, as vLLM's CPU backend does), so prefix-cache hits and chunked prefill need no special case and
-perplexity from prompt logprobs measures the stored codes.
+written into the paged blocks and attention is computed over them, for prefill, chunked prefill and
+decode alike (write first, then attend over the cache, as vLLM's CPU backend does), so prefix-cache
+hits and chunked prefill need no special case and perplexity from prompt logprobs measures the
+stored codes.
 
 Page layout per layer: [num_blocks, num_kv_heads, block_size, slot_bytes] uint8, one slot = a token's
 key codes then its value codes (`vllm_cq.formats`). One backend class per format (generated below),
