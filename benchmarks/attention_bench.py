@@ -69,8 +69,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq:cq1": ("cq", "cq1"),
     "cq:cq_k4v1": ("cq", "cq_k4v1"),
     "cq:cq_k4v2": ("cq", "cq_k4v2"),
+    "tq:kvtq": ("tq", "kvtq"),
+    "tq:kvtq1": ("tq", "kvtq1"),
 }
-DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1"
+DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,6 +395,28 @@ def _cq_fn(inp: Inputs, fmt_name: str, kind: str) -> Callable[[], Any]:
     )
 
 
+def _tq_fn(inp: Inputs, fmt_name: str, kind: str) -> Callable[[], Any]:
+    """KVTQ (`vllm_cq.kernels.kvtq.ops`): no codebooks, keys stored post-RoPE; random bytes in the
+    cache are valid digits only up to 242 per byte, which does not change the work done."""
+    from vllm_cq.formats import get_format
+    from vllm_cq.kernels.kvtq import ops
+
+    case, dev = inp.case, inp.device
+    fmt = get_format(fmt_name)
+    name = f"tq-{fmt_name}"
+    if name not in inp.storages:
+        shape = (inp.num_blocks, HKV, PAGE, fmt.slot_bytes(HEAD_DIM))
+        inp.storages[name] = torch.randint(0, 243, shape, dtype=torch.uint8, device=dev)
+    cache = inp.storages[name]
+    if kind == "write":
+        return lambda: ops.write_kv_cache(inp.key, inp.value, cache, inp.slot_mapping, fmt)
+    out = torch.empty(inp.num_tokens, HQ, HEAD_DIM, dtype=MODEL_DTYPE, device=dev)
+    return lambda: ops.paged_attention(
+        inp.query, cache, fmt, inp.block_table, inp.seq_lens, inp.query_start_loc, SCALE,
+        max_query_len=case.q_len, out=out,
+    )  # fmt: skip
+
+
 def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
     kind = inp.case.kind
     if backend == "fa3":
@@ -405,6 +429,8 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _triton_fn(inp, kv, kind)
     if backend == "cq":
         return _cq_fn(inp, kv, kind)
+    if backend == "tq":
+        return _tq_fn(inp, kv, kind)
     raise ValueError(backend)
 
 
