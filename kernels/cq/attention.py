@@ -1,17 +1,21 @@
 """Triton: paged attention over CQ codes, one kernel for prefill, chunked prefill and decode.
 
-Grid: (query blocks, kv heads, kv segments). A program owns BLOCK_Q query tokens of one sequence and
-all G query heads of one kv head (GQA heads share every key tile: rows = token x head, BLOCK_M >= 16
-so the products run on tensor cores). It walks its keys in tiles of BLOCK_N positions: reads each
-key's code bytes from the paged cache, gathers the centroids into registers (never a dequantized
-cache in memory), rotates pre-RoPE keys by their positions, and keeps an online softmax; values are
-gathered from the V codebook the same way. Channels are handled as the two halves of each RoPE pair
-(idx1, idx2), which covers NeoX and GPT-J styles.
+Grid: (query blocks, kv segments, kv heads): head-major, so co-running programs share a head's
+codebooks. A program owns BLOCK_Q query tokens of one sequence and all G query heads of one kv head
+(GQA heads share every key tile: rows = token x head, BLOCK_M >= 16 so the products run on tensor
+cores). It walks its keys in tiles of BLOCK_N positions: reads each key's code bytes from the paged
+cache, gathers the centroids into registers (never a dequantized cache in memory), rotates pre-RoPE
+keys by their positions (as R(P) R(n): the tile's offsets n once per program, the tile base P on the
+query rows), and keeps an online softmax; values are gathered from the V codebook the same way.
+Channels are handled as the two halves of each RoPE pair (idx1, idx2), which covers NeoX and GPT-J.
 
 Decode-only steps split each sequence's keys over NUM_SEGMENTS programs (flash-decoding) and a second
 kernel merges the partial softmaxes, so a small batch still fills the GPU. Everything the kernels need
 is derived on the device from vLLM's query_start_loc / seq_lens (a program finds its sequence by
 binary search), so the launch is CUDA-graph safe. The reference is `naive.paged_attention`.
+
+Speed (H100, README "Speed"): bound by one uncoalesced L1/L2 request per code group per key, not by
+HBM bytes; the next step is codebooks resident in shared memory, which Triton cannot index.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import triton.language as tl
 from vllm_cq.kernels.varlen import find_seq, merge_segments, num_segments_for
 
 LOG2E = 1.4426950408889634
-_LAST: list = [None]  # the last compiled attention kernel (register / spill counts for benchmarks)
 
 
 @triton.jit
@@ -265,7 +268,7 @@ def paged_attention(
         target = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=query.device)
         ml = torch.empty(t, hq, num_segments, 2, dtype=torch.float32, device=query.device)
         so_t, so_h = 0, 0
-    _LAST[0] = _cq_attention_kernel[grid](
+    _cq_attention_kernel[grid](
         query,
         target,
         ml,
