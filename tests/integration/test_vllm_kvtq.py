@@ -15,13 +15,16 @@ from vllm_cq.formats import get_format
 from vllm_cq.kernels.kvtq import naive
 
 
-def reference_logprobs(model_dir: str, fmt_name: str | None, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
-    """transformers prompt logprobs; with a format, keys after RoPE and values go through KVTQ."""
+def reference_logprobs(
+    model_dir: str, fmt_name: str | None, prompt_ids: list[list[int]], skip_layers: tuple[int, ...] = ()
+) -> list[torch.Tensor]:
+    """transformers prompt logprobs; with a format, keys after RoPE and values go through KVTQ
+    (except in `skip_layers`)."""
     import transformers.models.llama.modeling_llama as ml
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    orig_rope, handles = ml.apply_rotary_pos_emb, []
+    orig_rope, handles, current = ml.apply_rotary_pos_emb, [], {"layer": -1}
     if fmt_name is not None:
         fmt = get_format(fmt_name)
 
@@ -30,11 +33,14 @@ def reference_logprobs(model_dir: str, fmt_name: str | None, prompt_ids: list[li
 
         def rope_then_quantize(q, k, *a, **kw):
             q, k = orig_rope(q, k, *a, **kw)
-            return q, fq(k, fmt.key)  # k: [B, H, T, D]
+            return q, k if current["layer"] in skip_layers else fq(k, fmt.key)  # k: [B, H, T, D]
 
         ml.apply_rotary_pos_emb = rope_then_quantize
         hd = model.config.head_dim
-        for layer in model.model.layers:
+        for i, layer in enumerate(model.model.layers):
+            handles.append(layer.self_attn.register_forward_pre_hook(lambda *_a, i=i: current.update(layer=i)))
+            if i in skip_layers:
+                continue
             hook = lambda _m, _i, out, s=fmt.value: fq(out.view(*out.shape[:-1], -1, hd), s).view_as(out)  # noqa: E731
             handles.append(layer.self_attn.v_proj.register_forward_hook(hook))
     try:
@@ -69,3 +75,21 @@ def test_kvtq_prompt_logprobs_match_reference(tiny_llama, fmt_name):
     if fmt_name == "kvtq1":  # one ternary level is coarse: the cache visibly changes the logprobs
         assert err_fp > 10 * err_q, (err_q, err_fp)
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs) and len(outs) == len(PROMPTS)
+
+
+def test_kvtq_with_skip_layers(tiny_llama):
+    """--kv-cache-dtype-skip-layers 0 with kvtq1: layer 0 keeps a float cache, layer 1 ternary digits;
+    logprobs match the reference that quantizes layer 1 only."""
+    from vllm import LLM
+
+    llm = LLM(tiny_llama, kv_cache_dtype="kvtq1", kv_cache_dtype_skip_layers=["0"], **ENGINE)
+    try:
+        ids, got, _ = engine_logprobs(llm)
+    finally:
+        del llm
+        gc.collect()
+    ref = reference_logprobs(tiny_llama, "kvtq1", ids, skip_layers=(0,))
+    ref_all = reference_logprobs(tiny_llama, "kvtq1", ids)
+    err = max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
+    moved = max(float((g - r).abs().max()) for g, r in zip(got, ref_all, strict=True))
+    assert err < 2e-3 < moved, (err, moved)
