@@ -224,3 +224,13 @@ def test_ops_dispatch_round_trip_post_rope_keys():
     got = ops.paged_attention(q, cache, kcb, vcb, fmt, table, seq_lens, qsl, d**-0.5, rope)
     assert (cache.cpu() == ref_cache).float().mean() > 0.999
     assert rel_err(got.cpu(), want) < 1e-3
+
+
+@runs_kernels
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("decode", [True, False])
+@FMT_GQA
+def test_table_gather_variant_matches_reference(seed, decode, fmt_name, hkv, ratio, is_neox, pre_rope):
+    """The tl.gather-from-codebook-tables path (VLLM_CQ_TABLE_GATHER=1, to be measured on a GPU)."""
+    seqs = random_batch(200 + seed, decode_only=decode)
+    check_attention(fmt_name, seqs, hkv, ratio, 32, is_neox, pre_rope, table_gather=True, block_n=16)
