@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--engine", default="{}")
     p.add_argument("--name", default=None, help="results file stem (default: capacity-<model>)")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--log-dir", default=None, help="each engine's log, written as it runs")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per engine start")
     args = p.parse_args()
     engine = json.loads(args.engine)
     import vllm
@@ -44,7 +46,7 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     stem = args.name or f"capacity-{os.path.basename(os.path.normpath(args.model))}"
     path = os.path.join(args.out_dir, f"{stem}.json")
-    for r in iter_measure(args.model, args.formats.split(","), engine):
+    for r in iter_measure(args.model, args.formats.split(","), engine, args.timeout, args.log_dir):
         result["rows"].append(r)
         with open(path, "w") as f:  # rewritten after every format: a cut-short run keeps its rows
             json.dump(result, f, indent=2)

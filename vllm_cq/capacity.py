@@ -10,7 +10,9 @@ over the first one. On CPU set VLLM_CPU_KVCACHE_SPACE (GiB) so every engine gets
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,7 +21,12 @@ from typing import Any
 
 
 def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict[str, Any]:
-    """Start one engine and read vLLM's own capacity numbers (call in a fresh process)."""
+    """Start one engine and read vLLM's own capacity numbers (call in a fresh process).
+    VLLM_CQ_STACK_DUMP_S=N prints every thread's stack to stderr every N seconds (a start that
+    hangs then says where; with VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core is in this process)."""
+    dump = float(os.environ.get("VLLM_CQ_STACK_DUMP_S", "0") or 0)
+    if dump > 0:
+        faulthandler.dump_traceback_later(dump, repeat=True, file=sys.stderr)
     from vllm import LLM
 
     llm = LLM(model, kv_cache_dtype=kv_cache_dtype, **engine)
@@ -32,17 +39,28 @@ def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict
     }
 
 
-def iter_measure(model: str, formats: list[str], engine: dict[str, Any], timeout: float = 900) -> Iterator[dict]:
+def iter_measure(
+    model: str, formats: list[str], engine: dict[str, Any], timeout: float = 900, log_dir: str | None = None
+) -> Iterator[dict]:
     """Capacity per format, each in a fresh subprocess, yielded as soon as it is known (with `factor`
-    relative to the first format), so a run cut short keeps what it measured."""
+    relative to the first format), so a run cut short keeps what it measured. With `log_dir`, each
+    engine's log goes to LOG_DIR/capacity-FORMAT.log as it runs (kept when a start hangs or fails)."""
     first = None
     for fmt in formats:
         cmd = [sys.executable, "-m", "vllm_cq.capacity", model, "--one", fmt, "--engine", json.dumps(engine)]
         t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            log_path = os.path.join(log_dir, f"capacity-{fmt}.log")
+            with open(log_path, "w") as log:
+                out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout)
+            err = f"see {log_path}"
+        else:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            err = out.stderr[-4000:]
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         if out.returncode != 0 or not lines:
-            raise RuntimeError(f"capacity run for {fmt} failed (rc {out.returncode}):\n{out.stderr[-4000:]}")
+            raise RuntimeError(f"capacity run for {fmt} failed (rc {out.returncode}):\n{err}")
         row = json.loads(lines[-1])
         first = first or row["kv_cache_tokens"]
         row["factor"] = row["kv_cache_tokens"] / first
