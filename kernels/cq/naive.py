@@ -19,6 +19,7 @@ import math
 import torch
 
 from vllm_cq.formats import CQSpec, KVFormat
+from vllm_cq.kernels.dense import attend_last_queries
 from vllm_cq.kernels.rope import apply_rope
 
 # Distances computed at once in `encode` (elements). 2**24 floats = 64 MiB, so encoding a
@@ -175,10 +176,5 @@ def paged_attention(
             k = apply_rope(k, pos, cos_sin_cache, is_neox)
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D]
         v = v.repeat_interleave(Hq // Hkv, dim=1)
-        q = query[q0:q1].float()
-        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        if causal:
-            q_pos = L - (q1 - q0) + torch.arange(q1 - q0, device=query.device)
-            scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        out[q0:q1] = attend_last_queries(query[q0:q1], k, v, scale, causal)
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from vllm_cq.formats import KVFormat, TernarySpec
+from vllm_cq.kernels.dense import attend_last_queries
 
 POW3 = (1, 3, 9, 27, 81)
 
@@ -120,8 +121,5 @@ def paged_attention(
         flat = kv_cache[slots // block_size, :, slots % block_size]  # [n, Hkv, slot]
         k = dequantize(flat[..., :kb], fmt.key, d).repeat_interleave(hq // hkv, dim=1)
         v = dequantize(flat[..., kb:], fmt.value, d).repeat_interleave(hq // hkv, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", query[q0:q1].float(), k) * scale
-        q_pos = n - (q1 - q0) + torch.arange(q1 - q0, device=query.device)
-        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+        out[q0:q1] = attend_last_queries(query[q0:q1], k, v, scale)
     return out
