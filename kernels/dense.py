@@ -11,7 +11,7 @@ def attend_last_queries(
 ) -> torch.Tensor:
     """q [Q, Hq, D] are the sequence's last Q tokens; k, v [L, Hq, D] all its keys/values (GQA heads
     already repeated). Returns float32 [Q, Hq, D]. Queries go in chunks, so memory stays
-    O(chunk x L) per head on long prompts (same result: every row's softmax is computed whole)."""
+    O(chunk x L) per head on long prompts (every row's softmax is still computed whole)."""
     n_q, n_k = q.shape[0], k.shape[0]
     pos = torch.arange(n_k, device=q.device)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
