@@ -6,6 +6,7 @@ import pytest
 
 from vllm_cq.cli import build_parser
 from vllm_cq.eval import runner
+from vllm_cq.formats import format_names, get_format
 
 
 def test_codebooks_go_to_cq_formats_only_and_merge_with_additional_config():
@@ -15,6 +16,9 @@ def test_codebooks_go_to_cq_formats_only_and_merge_with_additional_config():
     assert kw["additional_config"] == {"other": 1, "cq_codebooks": "/cb"}
     assert runner.engine_kwargs("auto", eng, "/cb")["additional_config"] == {"other": 1}
     assert "additional_config" not in runner.engine_kwargs("fp8", {}, "/cb")
+    codebook_free = [f for f in format_names() if not get_format(f).needs_codebook]  # e.g. kvtq
+    for f in codebook_free:
+        assert "additional_config" not in runner.engine_kwargs(f, {}, "/cb")
     assert eng == {"enforce_eager": True, "additional_config": {"other": 1}}  # not mutated
 
 

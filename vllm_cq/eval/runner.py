@@ -80,12 +80,13 @@ def needed_model_len(cfg: EvalConfig) -> int:
 
 def engine_kwargs(fmt: str, engine: dict[str, Any], codebooks: str | None) -> dict[str, Any]:
     """LLM(...) arguments for one format: the user's, the format as kv_cache_dtype, and the codebook
-    directory or file as additional_config for cq formats only (others have no codebooks)."""
-    from vllm_cq.formats import is_plugin_dtype
+    directory or file as additional_config for formats that use codebooks only (cq; not auto, fp8 or
+    the codebook-free plugin formats)."""
+    from vllm_cq.formats import get_format, is_plugin_dtype
 
     kw = dict(engine)
     kw["kv_cache_dtype"] = fmt
-    if codebooks and is_plugin_dtype(fmt):
+    if codebooks and is_plugin_dtype(fmt) and get_format(fmt).needs_codebook:
         kw["additional_config"] = {**(kw.get("additional_config") or {}), "cq_codebooks": os.path.abspath(codebooks)}
     return kw
 
