@@ -35,7 +35,11 @@ def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict
         "kv_cache_dtype": kv_cache_dtype,
         "num_blocks": int(cc.num_gpu_blocks),
         "block_size": int(cc.block_size),
-        "kv_cache_tokens": int(cc.kv_cache_size_tokens or cc.num_gpu_blocks * cc.block_size),
+        # blocks x block size: what the scheduler can hold. vLLM's logged "KV cache size" is
+        # max_model_len x whole requests that fit, smaller when max_model_len is not a multiple of
+        # the block size; kept beside it.
+        "kv_cache_tokens": int(cc.num_gpu_blocks * cc.block_size),
+        "vllm_reported_tokens": int(cc.kv_cache_size_tokens or 0),
     }
 
 

@@ -144,7 +144,8 @@ def run_child(job_path: str, fmt: str, result_path: str) -> int:
     row: dict[str, Any] = {
         "format": fmt,
         "bits_per_channel": bits_per_channel(fmt, vc.model_config.dtype),
-        "kv_cache_tokens": int(cc.kv_cache_size_tokens or cc.num_gpu_blocks * cc.block_size),
+        "kv_cache_tokens": int(cc.num_gpu_blocks * cc.block_size),  # vLLM's logged size rounds to requests
+        "vllm_reported_tokens": int(cc.kv_cache_size_tokens or 0),
         "num_blocks": int(cc.num_gpu_blocks),
         "block_size": int(cc.block_size),
         "model_dtype": str(vc.model_config.dtype).removeprefix("torch."),
