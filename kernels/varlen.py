@@ -4,6 +4,8 @@ tensors: CUDA-graph safe), and the split-KV (flash-decoding) partial-softmax mer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -86,3 +88,115 @@ def merge_segments(part: torch.Tensor, ml: torch.Tensor, out: torch.Tensor, quer
         D=d,
         NUM_SEGMENTS=num_segments,
     )
+
+
+@triton.jit
+def query_block(qsl_ptr, seq_lens_ptr, pid_q, num_seqs, BLOCK_Q: tl.constexpr):
+    """(sequence, its first new token, its new-token count, this program's block within them, its
+    length) for query-block program pid_q; the caller returns early when block * BLOCK_Q >= q_len."""
+    i_s = find_seq(qsl_ptr, pid_q, num_seqs, BLOCK_Q, True)
+    q_start = tl.load(qsl_ptr + i_s)
+    q_len = tl.load(qsl_ptr + i_s + 1) - q_start
+    qb = pid_q - (q_start // BLOCK_Q + i_s)
+    seq_len = tl.load(seq_lens_ptr + i_s)
+    return i_s, q_start, q_len, qb, seq_len
+
+
+@triton.jit
+def block_rows(qb, i_kvh, q_len, ctx, G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows = (token, GQA head) pairs of a query block: token index among the new tokens, query head,
+    row validity and the token's position in its sequence."""
+    o_m = tl.arange(0, BLOCK_M)
+    tok = qb * BLOCK_Q + o_m // G
+    head = i_kvh * G + o_m % G
+    m_row = (o_m // G < BLOCK_Q) & (tok < q_len)
+    return tok, head, m_row, ctx + tok
+
+
+@triton.jit
+def kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
+    """Keys a query block can see (causal) and this segment's share of their tiles [t_lo, t_hi)."""
+    kv_len = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_len, BLOCK_N)
+    per_seg = tl.cdiv(num_tiles, NUM_SEGMENTS)
+    t_lo = i_seg * per_seg
+    return kv_len, t_lo, tl.minimum(t_lo + per_seg, num_tiles)
+
+
+@triton.jit
+def softmax_step(b_s, b_m, b_l):
+    """Online softmax over one tile of log2-domain scores b_s [M, N] (masked entries -inf): returns
+    probabilities, the rescale factor for earlier sums, and the new running max and sum. Rows that
+    have seen nothing yet keep max -inf and weights 0."""
+    b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_alpha = tl.exp2(b_m - b_m_safe)
+    b_p = tl.exp2(b_s - b_m_safe[:, None])
+    return b_p, b_alpha, b_m_new, b_l * b_alpha + tl.sum(b_p, axis=1)
+
+
+@triton.jit
+def store_rows(
+    out_ptr, ml_ptr, b_acc, b_m, b_l, row, head, m_row, stride_ot, stride_oh, num_q_heads, i_seg,
+    D: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+):  # fmt: skip
+    """Finished rows: normalized into out [T, Hq, D], or (split-KV) the segment's unnormalized sum and
+    its (max, sum) into the partial buffers that `merge_segments` combines."""
+    o_d = tl.arange(0, D)
+    if NUM_SEGMENTS == 1:
+        b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+        p_o = out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + o_d[None, :]
+        tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_row[:, None])
+    else:
+        part = (row * num_q_heads + head) * NUM_SEGMENTS + i_seg  # [T, Hq, NUM_SEGMENTS]
+        tl.store(out_ptr + part[:, None] * D + o_d[None, :], b_acc, mask=m_row[:, None])
+        tl.store(ml_ptr + part * 2, b_m, mask=m_row)
+        tl.store(ml_ptr + part * 2 + 1, b_l, mask=m_row)
+
+
+@dataclass
+class LaunchPlan:
+    """Tiling of one attention call, the same for every family: decode-only steps take one token per
+    query block and split keys over segments; prefill steps take BLOCK_M / G tokens per block."""
+
+    block_q: int
+    block_m: int
+    num_segments: int
+    target: torch.Tensor  # what the kernel writes: out, or float32 partials [T, Hq, S, D]
+    ml: torch.Tensor  # (max, sum) partials [T, Hq, S, 2] (out itself when unused)
+    stride_ot: int
+    stride_oh: int
+
+    def num_query_blocks(self, num_tokens: int, num_seqs: int) -> int:
+        return num_tokens // self.block_q + num_seqs
+
+    def finish(self, out: torch.Tensor, query_start_loc: torch.Tensor) -> torch.Tensor:
+        if self.num_segments > 1:
+            merge_segments(self.target, self.ml, out, query_start_loc)
+        return out
+
+
+def plan_launch(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    num_kv_heads: int,
+    num_seqs: int,
+    max_query_len: int,
+    num_segments: int | None = None,
+    block_m: int | None = None,
+) -> LaunchPlan:
+    t, hq, d = query.shape
+    g = hq // num_kv_heads
+    if max_query_len <= 1:
+        block_q, block_m = 1, max(16, triton.next_power_of_2(g))
+    else:
+        block_m = block_m or max(16, triton.next_power_of_2(g), 64 if g <= 8 else 2 * triton.next_power_of_2(g))
+        block_q = max(1, block_m // g)
+    if num_segments is None:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
+        num_segments = num_segments_for(num_seqs, num_kv_heads, max_query_len, sms)
+    if num_segments == 1:
+        return LaunchPlan(block_q, block_m, 1, out, out, out.stride(0), out.stride(1))
+    target = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=query.device)
+    ml = torch.empty(t, hq, num_segments, 2, dtype=torch.float32, device=query.device)
+    return LaunchPlan(block_q, block_m, num_segments, target, ml, 0, 0)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_cq.kernels.varlen import find_seq, merge_segments, num_segments_for
+from vllm_cq.kernels.varlen import block_rows, kv_tile_range, plan_launch, query_block, softmax_step, store_rows
 
 LOG2E = 1.4426950408889634
 # Gather centroids with tl.gather from per-program codebook tables instead of one global load per
@@ -97,21 +97,12 @@ def _cq_attention_kernel(
         i_kvh = tl.program_id(1)
         i_seg = tl.program_id(2)
         num_kvh = tl.num_programs(1)
-    i_s = find_seq(qsl_ptr, pid_q, num_seqs, BLOCK_Q, True)
-    q_start = tl.load(qsl_ptr + i_s)
-    q_len = tl.load(qsl_ptr + i_s + 1) - q_start
-    qb = pid_q - (q_start // BLOCK_Q + i_s)
+    i_s, q_start, q_len, qb, seq_len = query_block(qsl_ptr, seq_lens_ptr, pid_q, num_seqs, BLOCK_Q)
     if qb * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + i_s)
     ctx = seq_len - q_len
-
     D: tl.constexpr = 2 * HALF
-    o_m = tl.arange(0, BLOCK_M)
-    tok = qb * BLOCK_Q + o_m // G  # token index within the sequence's new tokens
-    head = i_kvh * G + o_m % G
-    m_row = (o_m // G < BLOCK_Q) & (tok < q_len)
-    q_pos = ctx + tok
+    tok, head, m_row, q_pos = block_rows(qb, i_kvh, q_len, ctx, G, BLOCK_Q, BLOCK_M)
     o_i = tl.arange(0, HALF)
     if IS_NEOX:  # RoPE pairs (idx1, idx2): channel i with i + D/2 (NeoX) or 2i with 2i + 1 (GPT-J)
         idx1 = o_i
@@ -147,11 +138,7 @@ def _cq_attention_kernel(
         sin_n = tl.load(p_cs + HALF, mask=m_nt[:, None], other=0.0)
 
     # keys this query block can see, split into segments of whole tiles
-    kv_len = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
-    num_tiles = tl.cdiv(kv_len, BLOCK_N)
-    per_seg = tl.cdiv(num_tiles, NUM_SEGMENTS)
-    t_lo = i_seg * per_seg
-    t_hi = tl.minimum(t_lo + per_seg, num_tiles)
+    kv_len, t_lo, t_hi = kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q, BLOCK_N, NUM_SEGMENTS)
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
@@ -198,11 +185,7 @@ def _cq_attention_kernel(
         b_s = b_s * qk_scale
         visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
         b_s = tl.where(visible, b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows that see nothing yet
-        b_alpha = tl.exp2(b_m - b_m_safe)
-        b_p = tl.exp2(b_s - b_m_safe[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_p, b_alpha, b_m, b_l = softmax_step(b_s, b_m, b_l)
         if TABLE_GATHER:
             cv = tl.load(p_slot[:, None] + v_offset + gv[None, :], mask=m_n[:, None], other=0).to(tl.int32)
             b_v = tl.gather(tab_v, cv, 0)
@@ -215,18 +198,11 @@ def _cq_attention_kernel(
             b_acc = tl.dot(b_p.to(dt), b_v, b_acc * b_alpha[:, None], input_precision="ieee")
         else:
             b_acc = tl.dot(b_p.to(dt), b_v, b_acc * b_alpha[:, None])
-        b_m = b_m_new
 
-    row = (q_start + tok).to(tl.int64)
-    if NUM_SEGMENTS == 1:
-        b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
-        p_o = out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + o_d[None, :]
-        tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_row[:, None])
-    else:
-        part = (row * (G * num_kvh) + head) * NUM_SEGMENTS + i_seg  # [T, Hq, NUM_SEGMENTS]
-        tl.store(out_ptr + part[:, None] * D + o_d[None, :], b_acc, mask=m_row[:, None])
-        tl.store(ml_ptr + part * 2, b_m, mask=m_row)
-        tl.store(ml_ptr + part * 2 + 1, b_l, mask=m_row)
+    store_rows(
+        out_ptr, ml_ptr, b_acc, b_m, b_l, (q_start + tok).to(tl.int64), head, m_row, stride_ot, stride_oh,
+        G * num_kvh, i_seg, D, NUM_SEGMENTS,
+    )  # fmt: skip
 
 
 def paged_attention(
@@ -273,31 +249,15 @@ def paged_attention(
         out = torch.empty(t, hq, d, dtype=query.dtype, device=query.device)
     if t == 0:
         return out
-    g = hq // hkv
     decode = max_query_len <= 1
-    if decode:
-        block_q = 1
-        block_m = max(16, triton.next_power_of_2(g))
-    else:
-        block_m = block_m or max(16, triton.next_power_of_2(g), 64 if g <= 8 else 2 * triton.next_power_of_2(g))
-        block_q = max(1, block_m // g)
-    if num_segments is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
-        num_segments = num_segments_for(num_seqs, hkv, max_query_len, sms)
+    plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, block_m)
     block_n = block_n or (64 if decode else 32)
-    nq = t // block_q + num_seqs
-    grid = (nq, num_segments, hkv) if head_major else (nq, hkv, num_segments)
-    if num_segments == 1:
-        target, ml = out, out
-        so_t, so_h = out.stride(0), out.stride(1)
-    else:
-        target = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=query.device)
-        ml = torch.empty(t, hq, num_segments, 2, dtype=torch.float32, device=query.device)
-        so_t, so_h = 0, 0
+    nq = plan.num_query_blocks(t, num_seqs)
+    grid = (nq, plan.num_segments, hkv) if head_major else (nq, hkv, plan.num_segments)
     _cq_attention_kernel[grid](
         query,
-        target,
-        ml,
+        plan.target,
+        plan.ml,
         kv_cache,
         k_codebook,
         v_codebook,
@@ -308,8 +268,8 @@ def paged_attention(
         num_seqs,
         query.stride(0),
         query.stride(1),
-        so_t,
-        so_h,
+        plan.stride_ot,
+        plan.stride_oh,
         kv_cache.stride(0),
         kv_cache.stride(1),
         kv_cache.stride(2),
@@ -319,9 +279,9 @@ def paged_attention(
         float(scale) * LOG2E,
         kv_cache.shape[2],
         key_bytes,
-        G=g,
-        BLOCK_Q=block_q,
-        BLOCK_M=block_m,
+        G=hq // hkv,
+        BLOCK_Q=plan.block_q,
+        BLOCK_M=plan.block_m,
         HALF=d // 2,
         CK=ck,
         GK=gk_total // hkv,
@@ -330,7 +290,7 @@ def paged_attention(
         IS_NEOX=is_neox,
         HAS_ROPE=has_rope,
         BLOCK_N=block_n,
-        NUM_SEGMENTS=num_segments,
+        NUM_SEGMENTS=plan.num_segments,
         IEEE=query.dtype == torch.float32,
         HEAD_MAJOR=head_major,
         ABLATE=_ablate,
@@ -338,6 +298,4 @@ def paged_attention(
         num_warps=num_warps or 4,
         num_stages=num_stages or (3 if decode else 1),
     )
-    if num_segments > 1:
-        merge_segments(target, ml, out, query_start_loc)
-    return out
+    return plan.finish(out, query_start_loc)
