@@ -7,12 +7,11 @@ kernels are tested against. `VLLM_CQ_KERNELS=reference` forces the reference eve
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from vllm_cq.formats import KVFormat
 from vllm_cq.kernels.cq import naive
+from vllm_cq.kernels.dispatch import into_out, max_query_len_of, triton_enabled
 
 
 def token_seq_and_positions(
@@ -27,7 +26,7 @@ def token_seq_and_positions(
 
 
 def _triton_ok(device: torch.device, fmt: KVFormat) -> bool:
-    if device.type != "cuda" or os.environ.get("VLLM_CQ_KERNELS", "") == "reference":
+    if not triton_enabled(device):
         return False
     return getattr(fmt.key, "bits", 0) == 8 and getattr(fmt.value, "bits", 0) == 8
 
@@ -94,14 +93,11 @@ def paged_attention(
             query, kv_cache, k_codebook, v_codebook, fmt, block_table, seq_lens, query_start_loc, scale,
             cos_sin_cache, is_neox,
         )  # fmt: skip
-        if out is None:
-            return res.to(query.dtype)
-        out.copy_(res)
-        return out
+        return into_out(res, out, query.dtype)
     from vllm_cq.kernels.cq.attention import paged_attention as triton_paged_attention
 
     if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+        max_query_len = max_query_len_of(query_start_loc)
     return triton_paged_attention(
         query,
         kv_cache,

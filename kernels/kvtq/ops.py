@@ -4,23 +4,18 @@ forces the reference (debugging)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from vllm_cq.formats import KVFormat
+from vllm_cq.kernels.dispatch import into_out, max_query_len_of, triton_enabled
 from vllm_cq.kernels.kvtq import naive
-
-
-def _triton_ok(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("VLLM_CQ_KERNELS", "") != "reference"
 
 
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, fmt: KVFormat
 ) -> None:
     """Quantize key/value [N, H, D] (as vLLM hands them over, post-RoPE) into slot_mapping's slots."""
-    if _triton_ok(key.device):
+    if triton_enabled(key.device):
         from vllm_cq.kernels.kvtq.triton_ops import write_kv_cache as triton_write
 
         triton_write(key, value, kv_cache, slot_mapping, fmt)
@@ -41,14 +36,11 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention over the KVTQ paged cache, into `out` when given (else query's dtype)."""
     d = query.shape[-1]
-    if not (_triton_ok(query.device) and d & (d - 1) == 0 and d >= 16):
+    if not (triton_enabled(query.device) and d & (d - 1) == 0 and d >= 16):
         res = naive.paged_attention(query, kv_cache, fmt, block_table, seq_lens, query_start_loc, scale)
-        if out is None:
-            return res.to(query.dtype)
-        out.copy_(res)
-        return out
+        return into_out(res, out, query.dtype)
     from vllm_cq.kernels.kvtq.triton_ops import paged_attention as triton_attention
 
     if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+        max_query_len = max_query_len_of(query_start_loc)
     return triton_attention(query, kv_cache, fmt, block_table, seq_lens, query_start_loc, scale, max_query_len, out=out)
