@@ -6,6 +6,12 @@
 #   bash scripts/gpu_session.sh bench-kernels [ARGS]  # attention/write kernel microbenchmarks (~6 min; --quick ~1.5 min)
 #   bash scripts/gpu_session.sh bench-e2e [ARGS]      # end-to-end tok/s per dtype; pass --formats to fit one call
 #   bash scripts/gpu_session.sh diagnose   # the three open GPU failures, one short pytest / start each, logs kept (~8 min)
+# Two-GPU kinds (nvidia-h200-x2): each call runs two lanes at once, one per GPU, then packs the logs
+# into one tarball in $OUT (the device tool brings back at most 8 files). State between calls of one
+# warm window lives in /tmp/vllm-cq (e.g. whether the 8B cq1 engine started).
+#   bash scripts/gpu_session.sh check2     # GPU0: kernel + tiny-model vLLM tests; GPU1: 8B cq1 start (stack dumps), capacity
+#   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks + ablation; GPU1: e2e auto, fp8, cq1, kvtq
+#   bash scripts/gpu_session.sh tp2        # both GPUs: e2e with tensor_parallel_size=2, cq1, auto, fp8
 # bench-* pass ARGS on to benchmarks/attention_bench.py / benchmarks/e2e_throughput.py. Their results
 # files go to $OUT and continue a same-named file in benchmarks/results/ (copy the previous call's file
 # there before the next call, and the rows of both calls end up in one file). PNGs are drawn at the end.
@@ -17,6 +23,21 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-} VLLM_USE_FLASHINFER_SAMPLER=0 PYTHON
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+STATE=/tmp/vllm-cq; mkdir -p "$STATE"
+M8B=benchmarks/configs/llama-3.1-8b
+# The H100 (80 GB) baseline's KV memory: 444,928 bf16 tokens x 128 KiB. On the H200 the e2e runs use
+# the same KV budget (kv_cache_memory_bytes), so capacity-bound batching compares with the H100 table.
+KV_H100=58317848576
+EAGER='{"load_format": "dummy", "skip_tokenizer_init": true, "gpu_memory_utilization": 0.9, "enforce_eager": true, "max_model_len": 8192, "max_num_batched_tokens": 2048}'
+lane() {  # lane GPU NAME CMD...: run CMD on one GPU in the background, output to $OUT/w/NAME.log
+  local gpu=$1 name=$2; shift 2
+  mkdir -p "$OUT/w"
+  ( export CUDA_VISIBLE_DEVICES=$gpu; "$@" ) > "$OUT/w/$name.log" 2>&1 &
+}
+pack() {  # one tarball of every log and result (the tool returns at most 8 files)
+  cp -r "$OUT"/w/*.json "$OUT"/ 2>/dev/null
+  tar czf "$OUT/$1.tgz" -C "$OUT" w && rm -rf "$OUT/w"
+}
 case "${1:-tests}" in
   tests)
     python3 -m pytest -q -x tests/kernels tests/test_formats.py tests/test_codebooks.py 2>&1 | tee "$OUT/pytest-kernels.log" | tail -5
@@ -52,6 +73,43 @@ case "${1:-tests}" in
       benchmarks/configs/llama-3.1-8b --formats cq1 --name diag-capacity --out-dir "$OUT" --log-dir "$OUT" \
       --engine '{"load_format": "dummy", "skip_tokenizer_init": true, "gpu_memory_utilization": 0.9, "enforce_eager": true, "max_model_len": 8192, "max_num_batched_tokens": 2048}'
     echo "capacity rc=$?"; grep -vE " (INFO|DEBUG) " "$OUT/capacity-cq1.log" | tail -40
+    ;;
+  check2)
+    lane 0 kernels bash -c 'python3 -m pytest -q -x tests/kernels tests/test_formats.py tests/test_codebooks.py 2>&1 | tail -15;
+      timeout 250 python3 -m pytest -v tests/integration/test_vllm_generate.py tests/integration/test_vllm_kvtq.py 2>&1 | tail -60;
+      VLLM_CQ_ALLOW_SKIP_LAYERS_ON_CUDA=1 timeout 90 python3 -m pytest -x -q --tb=long tests/integration/test_vllm_generate.py -k skip_layers 2>&1 | tail -60'
+    lane 1 start8b bash -c "python3 benchmarks/dummy_codebooks.py $M8B --formats cq1,cq2,cq4 > /dev/null;
+      VLLM_CQ_STACK_DUMP_S=40 VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 170 python3 benchmarks/kv_capacity.py $M8B \
+        --formats cq1 --name start-cq1 --out-dir $OUT/w --log-dir $OUT/w --timeout 160 --engine '$EAGER' \
+        && touch $STATE/cq1_starts && timeout 200 python3 benchmarks/kv_capacity.py $M8B --formats auto,cq2,cq4,kvtq \
+        --name capacity-llama-3.1-8b-h200 --out-dir $OUT/w --log-dir $OUT/w --timeout 60 --engine '$EAGER'"
+    wait
+    for f in kernels start8b; do echo "== $f"; grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/$f.log" | tail -45 | cut -c1-250; done
+    ls "$STATE"; grep -hE "kv_cache_tokens|factor" "$OUT"/w/*.json 2>/dev/null | head -20
+    grep -vE " (INFO|DEBUG) " "$OUT/w/capacity-cq1.log" 2>/dev/null | tail -30 | cut -c1-250
+    pack check2
+    ;;
+  bench2)
+    lane 0 kernels bash -c "python3 benchmarks/attention_bench.py --out-dir $OUT/w --contexts 4k,32k --batches 1,64 \
+        --prefill-contexts 2k,8k --timers graph_cold --budget-s 230 \
+        --backends fa3:bf16,fa3:fp8,triton:bf16,cq1,cq2,cq4,cq_k4v1,kvtq,kvtq1;
+      timeout 150 python3 benchmarks/tune_cq.py --formats cq1 --ablate --out $OUT/w/ablate-cq1-h200.json"
+    fmts=auto,fp8; [ -e "$STATE/cq1_starts" ] && fmts=auto,fp8,cq1,kvtq
+    lane 1 e2e python3 benchmarks/e2e_throughput.py $M8B --formats "$fmts" --workloads 128x4096+512,96x8192+256 \
+      --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag kv-h100 --out "$OUT/w/e2e-h200-gpu1.json" \
+      --timeout 300 --budget-s 400 --min-start-s 120
+    wait
+    for f in kernels e2e; do echo "== $f"; grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/$f.log" | grep -E "^\||rc |->|\[|Error|error" | tail -45 | cut -c1-220; done
+    pack bench2
+    ;;
+  tp2)
+    python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
+    mkdir -p "$OUT/w"
+    python3 benchmarks/e2e_throughput.py $M8B --formats "${TP2_FORMATS:-cq1,auto,fp8}" --workloads 128x4096+512 \
+      --engine "{\"tensor_parallel_size\": 2, \"kv_cache_memory_bytes\": $((KV_H100 / 2))}" --tag tp2-kv-h100 \
+      --out "$OUT/w/e2e-h200-tp2.json" --timeout 240 --budget-s 450 --min-start-s 120 > "$OUT/w/tp2.log" 2>&1
+    grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/tp2.log" | grep -E "^\||rc |->|\[|Error|error" | tail -30 | cut -c1-220
+    pack tp2
     ;;
   bench-kernels)
     python3 benchmarks/attention_bench.py --out-dir "$OUT" --seed-dir benchmarks/results "${@:2}" \
