@@ -197,6 +197,13 @@ def _patch_kv_cache_spec_026() -> None:
     Attention._vllm_cq_patched = True
 
 
+def _rebuild_cq_spec_026(fields: dict[str, Any]) -> Any:
+    """Unpickle a CQFullAttentionSpec. With tensor parallelism, vLLM's workers send their KV-cache specs
+    to the engine core by pickle; the class is made at run time (it subclasses vLLM's spec), so pickle
+    reaches it through this module-level function instead of by name."""
+    return _cq_spec_class_026()(**fields)
+
+
 @functools.cache
 def _cq_spec_class_026() -> type:
     """A FullAttentionSpec whose page holds slot_bytes per token per kv head (as TQFullAttentionSpec)."""
@@ -205,6 +212,9 @@ def _cq_spec_class_026() -> type:
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class CQFullAttentionSpec(FullAttentionSpec):
         cq_slot_bytes: int = 0
+
+        def __reduce__(self) -> tuple:
+            return _rebuild_cq_spec_026, ({f.name: getattr(self, f.name) for f in dataclasses.fields(self)},)
 
         @property
         def real_page_size_bytes(self) -> int:
