@@ -57,7 +57,6 @@ def main() -> None:
             )  # fmt: skip
             if args.ablate:  # (block_n, warps, stages, segments, extra): 1 = no K gathers, 2 = no V, 4 = no RoPE
                 extra = [{"_ablate": a} for a in (0, 1, 2, 3, 4, 7)] + [{"head_major": False}]
-                extra += [{"table_gather": True}, {"table_gather": True, "num_warps": 8}]
                 if kind == "prefill":
                     extra += [{"block_m": 128, "num_warps": 8}, {"block_m": 128, "num_warps": 4}]
                     grid = [(32, 4, 1, 1, e) for e in extra]

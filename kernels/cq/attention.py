@@ -20,8 +20,6 @@ HBM bytes; the next step is codebooks resident in shared memory, which Triton ca
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -29,9 +27,6 @@ import triton.language as tl
 from vllm_cq.kernels.varlen import block_rows, kv_tile_range, plan_launch, query_block, softmax_step, store_rows
 
 LOG2E = 1.4426950408889634
-# Gather centroids with tl.gather from per-program codebook tables instead of one global load per
-# code. Off until measured on a GPU (benchmarks/tune_cq.py --table-gather); VLLM_CQ_TABLE_GATHER=1 turns it on.
-TABLE_GATHER = os.environ.get("VLLM_CQ_TABLE_GATHER", "0") == "1"
 
 
 @triton.jit
@@ -86,7 +81,6 @@ def _cq_attention_kernel(
     IEEE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     ABLATE: tl.constexpr,
-    TABLE_GATHER: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     if HEAD_MAJOR:  # grid (q blocks, segments, kv heads): co-running programs share a head's codebooks
@@ -118,17 +112,6 @@ def _cq_attention_kernel(
     vcb = vcb_ptr + i_kvh * (GV * 256 * CV)
     o_d = tl.arange(0, D)
     o_nt = tl.arange(0, BLOCK_N)
-    gk1 = idx1 // CK  # each channel's code group (K halves, V)
-    gk2 = idx2 // CK
-    gv = o_d // CV
-    if TABLE_GATHER:
-        # This head's codebooks as tables [256 codes, channels], loaded once per program; keys and
-        # values are then tl.gather'ed from them by code, which Triton may serve from shared memory
-        # instead of one L1/L2 request per code (the bound of the default path; measured on GPU).
-        o_k = tl.arange(0, 256)
-        tab_k1 = tl.load(kcb + (gk1[None, :] * 256 + o_k[:, None]) * CK + (idx1 % CK)[None, :])
-        tab_k2 = tl.load(kcb + (gk2[None, :] * 256 + o_k[:, None]) * CK + (idx2 % CK)[None, :])
-        tab_v = tl.load(vcb + (gv[None, :] * 256 + o_k[:, None]) * CV + (o_d % CV)[None, :])
     if HAS_ROPE:
         # A key at position P + n is rotated as R(P) R(n): R(n) for the tile's local offsets n is
         # loaded once here; R(-P) is applied to the (few) query rows per tile instead of to the keys.
@@ -149,12 +132,7 @@ def _cq_attention_kernel(
         m_n = o_n < kv_len
         blk = tl.load(p_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
         p_slot = cache_ptr + blk * stride_cb + i_kvh * stride_ch + (o_n % block_size) * stride_co  # [BLOCK_N]
-        if TABLE_GATHER:
-            c1 = tl.load(p_slot[:, None] + gk1[None, :], mask=m_n[:, None], other=0).to(tl.int32)
-            c2 = tl.load(p_slot[:, None] + gk2[None, :], mask=m_n[:, None], other=0).to(tl.int32)
-            k1 = tl.gather(tab_k1, c1, 0).to(tl.float32)
-            k2 = tl.gather(tab_k2, c2, 0).to(tl.float32)
-        elif ABLATE & 1:  # profiling only: code bytes instead of centroids (no K gathers)
+        if ABLATE & 1:  # profiling only: code bytes instead of centroids (no K gathers)
             k1 = tl.load(p_slot[:, None] + (o_i // CK)[None, :], mask=m_n[:, None], other=0).to(tl.float32)
             k2 = k1
         elif IS_NEOX:
@@ -186,10 +164,7 @@ def _cq_attention_kernel(
         visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
         b_s = tl.where(visible, b_s, float("-inf"))
         b_p, b_alpha, b_m, b_l = softmax_step(b_s, b_m, b_l)
-        if TABLE_GATHER:
-            cv = tl.load(p_slot[:, None] + v_offset + gv[None, :], mask=m_n[:, None], other=0).to(tl.int32)
-            b_v = tl.gather(tab_v, cv, 0)
-        elif ABLATE & 2:  # profiling only: no V gathers
+        if ABLATE & 2:  # profiling only: no V gathers
             b_v = tl.load(p_slot[:, None] + v_offset + (o_d // CV)[None, :], mask=m_n[:, None], other=0).to(dt)
         else:
             b_v = _gather_half(p_slot + v_offset, m_n, vcb, 0, GV, CV, BLOCK_N)
@@ -226,7 +201,6 @@ def paged_attention(
     block_m: int | None = None,
     head_major: bool = True,
     _ablate: int = 0,
-    table_gather: bool | None = None,
 ) -> torch.Tensor:
     """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
     queries query_start_loc[s]:[s+1], its last tokens. Codebooks may be float32 or the model dtype
@@ -294,7 +268,6 @@ def paged_attention(
         IEEE=query.dtype == torch.float32,
         HEAD_MAJOR=head_major,
         ABLATE=_ablate,
-        TABLE_GATHER=TABLE_GATHER if table_gather is None else table_gather,
         num_warps=num_warps or 4,
         num_stages=num_stages or (3 if decode else 1),
     )
