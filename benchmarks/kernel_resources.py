@@ -1,0 +1,109 @@
+"""Registers, spills and shared memory of the cq Triton kernels, compiled ahead of time for a GPU
+architecture (default sm_90) on any machine, GPU or not: Triton's own compiler and the ptxas and
+cuobjdump it ships. Not a benchmark: it shows occupancy limits before GPU time is spent (an H100/H200
+SM has 64K registers, so 4 warps at 255 registers leave room for two programs).
+
+    python benchmarks/kernel_resources.py                    # Llama-3.1-8B attention shape, all cq formats
+    python benchmarks/kernel_resources.py --formats cq1 --block-n 32 --num-warps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vllm_cq.formats import get_format
+from vllm_cq.kernels.cq import attention, write
+
+
+def compile_aot(fn: Any, pointers: dict[str, str], constexprs: dict[str, Any], floats: set[str], arch: int, **opts):
+    """Compile `fn` for sm_<arch> with the given pointer element types and constexprs (other args i32)."""
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def resources(kernel: Any) -> dict[str, int]:
+    """REG / STACK (spill) / SHARED as cuobjdump reports them for the kernel's cubin."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    fields = next((ln for ln in out.splitlines() if "REG:" in ln), "")
+    got = dict(tok.split(":", 1) for tok in fields.split() if ":" in tok)
+    res = {k.lower(): int(got.get(k, 0)) for k in ("REG", "STACK", "SHARED")}
+    res["dynamic_shared"] = int(kernel.metadata.shared)
+    return res
+
+
+def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> dict[str, Any]:
+    fmt, d, g = get_format(fmt_name), args.head_dim, args.q_heads // args.kv_heads
+    segments = 16 if decode else 1
+    block_m = max(16, triton.next_power_of_2(g)) if decode else 64
+    c = dict(
+        G=g, BLOCK_Q=1 if decode else max(1, block_m // g), BLOCK_M=block_m, HALF=d // 2,
+        CK=fmt.key.channels, GK=d // fmt.key.channels, CV=fmt.value.channels, GV=d // fmt.value.channels,
+        IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or (64 if decode else 32), NUM_SEGMENTS=segments,
+        IEEE=False, HEAD_MAJOR=True, ABLATE=0,
+    )  # fmt: skip
+    out_t = "*fp32" if segments > 1 else "*bf16"
+    ptr = dict(
+        q_ptr="*bf16", out_ptr=out_t, ml_ptr="*fp32", cache_ptr="*u8", kcb_ptr="*bf16", vcb_ptr="*bf16",
+        block_table_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32", cos_sin_ptr="*fp32",
+    )  # fmt: skip
+    stages = args.num_stages or (3 if decode else 1)
+    k = compile_aot(
+        attention._cq_attention_kernel, ptr, c, {"qk_scale"}, args.arch, num_warps=args.num_warps, num_stages=stages
+    )
+    return dict(kernel="attention", kind="decode" if decode else "prefill", block_n=c["BLOCK_N"], **resources(k))
+
+
+def write_kernel(fmt_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    fmt, d = get_format(fmt_name), args.head_dim
+    c = dict(
+        GK=d // fmt.key.channels, CK=fmt.key.channels, GV=d // fmt.value.channels, CV=fmt.value.channels,
+        HALF=d // 2, HAS_ROPE=True, IS_NEOX=True, BLOCK_T=16,
+    )  # fmt: skip
+    ptr = dict(
+        k_ptr="*bf16", v_ptr="*bf16", kcb_ptr="*fp32", vcb_ptr="*fp32", cache_ptr="*u8", slot_ptr="*i64",
+        qsl_ptr="*i32", seq_lens_ptr="*i32", cos_sin_ptr="*fp32",
+    )  # fmt: skip
+    k = compile_aot(write._write_kv_kernel, ptr, c, set(), args.arch, num_warps=4)
+    return dict(kernel="write", kind="", block_n=None, **resources(k))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--formats", default="cq1,cq2,cq4,cq_k4v1")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--q-heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--block-n", type=int, default=None, help="key tile (default: the kernel's, 64 decode / 32 prefill)")
+    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--num-stages", type=int, default=None)
+    args = p.parse_args()
+    shape = f"head_dim {args.head_dim}, {args.q_heads}/{args.kv_heads} heads"
+    print(f"sm_{args.arch}, triton {triton.__version__}, {shape}")
+    print("| format | kernel | kind | key tile | registers | spill bytes | dynamic smem |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.formats.split(","):
+        for r in (attention_kernel(name, True, args), attention_kernel(name, False, args), write_kernel(name, args)):
+            print(
+                f"| {name} | {r['kernel']} | {r['kind']} | {r['block_n'] or ''} | {r['reg']} | {r['stack']} "
+                f"| {r['dynamic_shared']} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
