@@ -10,8 +10,8 @@
 # into one tarball in $OUT (the device tool brings back at most 8 files). State between calls of one
 # warm window lives in /tmp/vllm-cq (e.g. whether the 8B cq1 engine started).
 #   bash scripts/gpu_session.sh check2     # GPU0: kernel + tiny-model vLLM tests; GPU1: 8B cq1 start (stack dumps), capacity
-#   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks + ablation; GPU1: e2e auto, fp8, cq1, kvtq
-#   bash scripts/gpu_session.sh tp2        # both GPUs: e2e with tensor_parallel_size=2, cq1, auto, fp8
+#   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks + ablation; GPU1: e2e cq1, kvtq, auto, fp8
+#   bash scripts/gpu_session.sh tp2        # both GPUs: e2e with tensor_parallel_size=2 (eager), cq1, auto, fp8
 # bench-* pass ARGS on to benchmarks/attention_bench.py / benchmarks/e2e_throughput.py. Their results
 # files go to $OUT and continue a same-named file in benchmarks/results/ (copy the previous call's file
 # there before the next call, and the rows of both calls end up in one file). PNGs are drawn at the end.
@@ -94,10 +94,11 @@ case "${1:-tests}" in
         --prefill-contexts 2k,8k --timers graph_cold --budget-s 230 \
         --backends fa3:bf16,fa3:fp8,triton:bf16,cq1,cq2,cq4,cq_k4v1,kvtq,kvtq1;
       timeout 150 python3 benchmarks/tune_cq.py --formats cq1 --ablate --out $OUT/w/ablate-cq1-h200.json"
-    fmts=auto,fp8; [ -e "$STATE/cq1_starts" ] && fmts=auto,fp8,cq1,kvtq
-    lane 1 e2e python3 benchmarks/e2e_throughput.py $M8B --formats "$fmts" --workloads 128x4096+512,96x8192+256 \
-      --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag kv-h100 --out "$OUT/w/e2e-h200-gpu1.json" \
-      --timeout 300 --budget-s 400 --min-start-s 120
+    # cq1 first: a cold cq1 engine (torch.compile, CUDA graphs, Triton compiles) took > 122 s to start on
+    # 2026-11-23 when it came last; auto and fp8 rows of that day are in benchmarks/results already.
+    lane 1 e2e python3 benchmarks/e2e_throughput.py $M8B --formats "${E2E_FORMATS:-cq1,kvtq,auto,fp8}" \
+      --workloads 128x4096+512,96x8192+256 --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag kv-h100 \
+      --out "$OUT/w/e2e-h200-gpu1.json" --timeout 330 --budget-s 420 --min-start-s 150
     wait
     for f in kernels e2e; do echo "== $f"; grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/$f.log" | grep -E "^\||rc |->|\[|Error|error" | tail -45 | cut -c1-220; done
     pack bench2
@@ -105,9 +106,11 @@ case "${1:-tests}" in
   tp2)
     python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
     mkdir -p "$OUT/w"
+    # eager, as the auto/fp8 TP=2 rows of 2026-11-23 (benchmarks/results/e2e-h200x2-tp2-2026-11-23.json)
     python3 benchmarks/e2e_throughput.py $M8B --formats "${TP2_FORMATS:-cq1,auto,fp8}" --workloads 128x4096+512 \
-      --engine "{\"tensor_parallel_size\": 2, \"kv_cache_memory_bytes\": $((KV_H100 / 2))}" --tag tp2-kv-h100 \
-      --out "$OUT/w/e2e-h200-tp2.json" --timeout 240 --budget-s 450 --min-start-s 120 > "$OUT/w/tp2.log" 2>&1
+      --engine "{\"tensor_parallel_size\": 2, \"enforce_eager\": true, \"kv_cache_memory_bytes\": $((KV_H100 / 2))}" \
+      --tag tp2-eager-kv-h100 --out "$OUT/w/e2e-h200-tp2.json" --timeout 250 --budget-s 450 --min-start-s 100 \
+      > "$OUT/w/tp2.log" 2>&1
     grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/tp2.log" | grep -E "^\||rc |->|\[|Error|error" | tail -30 | cut -c1-220
     pack tp2
     ;;
