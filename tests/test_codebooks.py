@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vllm_cq.codebooks import CodebookSet, ModelIdentity, load_codebooks, read_metadata, save_codebooks
+from vllm_cq.codebooks import CodebookSet, ModelIdentity, compose, load_codebooks, read_metadata, save_codebooks
 from vllm_cq.errors import CodebookError
 from vllm_cq.formats import get_format
 
@@ -45,6 +45,18 @@ def test_select_heads_is_the_rank_slice():
     assert torch.equal(sub.values[1], cbs.values[1][g:])
     with pytest.raises(CodebookError, match="outside"):
         cbs.select_heads(1, 3)
+
+
+def test_compose_asymmetric_from_two_sets():
+    c4, c1 = make_set("cq4"), make_set("cq1")
+    k4v1 = compose(get_format("cq_k4v1"), c4, c1)
+    assert k4v1.fmt.name == "cq_k4v1" and k4v1.keys is c4.keys and k4v1.values is c1.values
+    assert k4v1.calibration["composed_from"] == "cq4 keys + cq1 values"
+    with pytest.raises(CodebookError, match="needs"):
+        compose(get_format("cq_k4v1"), c1, c4)
+    other = make_set("cq1", dataclasses.replace(MODEL, rope_theta=500000.0))
+    with pytest.raises(CodebookError, match="different models"):
+        compose(get_format("cq_k4v1"), c4, other)
 
 
 def test_missing_file(tmp_path):
@@ -148,3 +160,16 @@ def test_model_identity_from_hf_config_dict():
     cfg5 = {**cfg, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
     del cfg5["rope_theta"]
     assert ModelIdentity.from_hf_config(cfg5) == mid
+
+
+def test_compose_command_writes_a_loadable_file(tmp_path, capsys):
+    from vllm_cq.cli import main
+
+    c4, c1 = make_set("cq4"), make_set("cq1")
+    save_codebooks(tmp_path / "cq4.safetensors", c4)
+    save_codebooks(tmp_path / "cq1.safetensors", c1)
+    args = ["compose", "--format", "cq_k4v1", "--keys", str(tmp_path / "cq4.safetensors")]
+    assert main([*args, "--values", str(tmp_path / "cq1.safetensors")]) == 0
+    got = load_codebooks(tmp_path / "cq_k4v1.safetensors", fmt="cq_k4v1", model=MODEL)
+    assert torch.equal(got.keys[1], c4.keys[1]) and torch.equal(got.values[2], c1.values[2])
+    assert "cq4 keys + cq1 values" in capsys.readouterr().out

@@ -53,6 +53,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compose(args: argparse.Namespace) -> int:
+    from vllm_cq.codebooks import compose, load_codebooks, save_codebooks
+    from vllm_cq.formats import get_format
+
+    fmt = get_format(args.format)
+    cbs = compose(fmt, load_codebooks(args.keys), load_codebooks(args.values))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.keys)), f"{fmt.name}.safetensors")
+    save_codebooks(out, cbs)
+    load_codebooks(out, fmt=fmt, model=cbs.model)  # what we wrote must load
+    print(f"{fmt.name}: {cbs.calibration['composed_from']} -> {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on an embedded default: a tiny random Llama, calibrated for cq1 on shipped text,
     then generating through vLLM with a cq1 KV cache (no download needed)."""
@@ -92,6 +105,31 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _merge_eval(paths: list[str], out: str, plot: str | None) -> int:
+    """`vllm-cq eval --merge A.json B.json`: one table from runs over different formats."""
+    import json
+
+    from vllm_cq.eval import report
+
+    runs = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            runs.append(json.load(f))
+    try:
+        result = report.merge(runs)
+    except ValueError as e:
+        print(f"vllm-cq eval: error: {e}", file=sys.stderr)
+        return 2
+    report.write_json(out, result)
+    print(report.markdown_table(result))
+    print()
+    print(report.describe(result))
+    print(f"results: {out}")
+    if plot:
+        print(report.plot(plot, result))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity and passkey retrieval through vLLM, one engine (and process) per KV format."""
     import json
@@ -99,6 +137,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vllm_cq.eval.runner import EvalConfig, evaluate
 
     out = args.out or f"vllm-cq-eval-{os.path.basename(os.path.normpath(args.model))}.json"
+    if args.merge:
+        return _merge_eval(args.merge, out, None if args.no_plot else (args.plot or os.path.splitext(out)[0] + ".png"))
     cfg = EvalConfig(
         model=args.model,
         formats=_csv(args.formats),
@@ -145,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_calibrate)
 
+    m = sub.add_parser(
+        "compose",
+        help="an asymmetric format's codebooks from two calibrated files (cq_k4v1 = cq4 keys + cq1 values)",
+    )
+    m.add_argument("--format", required=True, help="the asymmetric format, e.g. cq_k4v1 or cq_k4v2")
+    m.add_argument("--keys", required=True, help="codebook file whose key codebooks are used (e.g. cq4.safetensors)")
+    m.add_argument("--values", required=True, help="codebook file whose value codebooks are used")
+    m.add_argument("--out", default=None, help="output .safetensors (default FORMAT.safetensors beside --keys)")
+    m.set_defaults(func=cmd_compose)
+
     f = sub.add_parser("formats", help="list the KV cache dtypes vllm-cq offers")
     f.set_defaults(func=cmd_formats)
 
@@ -190,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timeout", type=float, default=None, help="seconds per format before its engine is killed")
     e.add_argument("--log-dir", default=None, help="where each format's vLLM log goes (default: a temp dir)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        default=None,
+        help="instead of running: merge result files of the same evaluation over different formats into --out",
+    )
     e.set_defaults(func=cmd_eval)
     sub.add_parser(
         "serve",

@@ -150,6 +150,25 @@ class CodebookSet:
         return sub
 
 
+def compose(fmt: KVFormat, keys_from: CodebookSet, values_from: CodebookSet) -> CodebookSet:
+    """An asymmetric format's codebooks from two calibrated sets (e.g. cq_k4v1 = cq4's keys + cq1's
+    values). Calibration fits keys and values independently, so on the same data and seed this is
+    exactly what calibrating the asymmetric format gives, without fitting the same codebooks twice."""
+    if keys_from.fmt.key != fmt.key or values_from.fmt.value != fmt.value:
+        raise CodebookError(
+            f"{fmt.name} needs {fmt.key} keys and {fmt.value} values; got keys of {keys_from.fmt.name} and "
+            f"values of {values_from.fmt.name}"
+        )
+    if keys_from.model.mismatches(values_from.model) or keys_from.pre_rope != values_from.pre_rope:
+        raise CodebookError("the key and value codebooks come from different models or RoPE conventions")
+    calibration = {
+        **keys_from.calibration,
+        "format": fmt.name,
+        "composed_from": f"{keys_from.fmt.name} keys + {values_from.fmt.name} values",
+    }
+    return CodebookSet(fmt, keys_from.model, keys_from.keys, values_from.values, keys_from.pre_rope, calibration)
+
+
 def default_codebook_path(model_dir: str, fmt_name: str) -> str:
     """Where `vllm-cq calibrate` writes and the plugin looks by default: a subfolder of the model, since
     vLLM loads every *.safetensors file at the top of a model directory as weights."""

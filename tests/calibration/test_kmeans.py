@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_cq.calibration.kmeans import kmeans_pp_init, quantization_error, weighted_kmeans
+from vllm_cq.calibration.kmeans import _draw, kmeans_pp_init, quantization_error, weighted_kmeans
 
 
 def clustered(G: int, N: int, c: int, clusters: int = 40) -> torch.Tensor:
@@ -61,3 +61,16 @@ def test_degenerate_data_and_zero_weights():
 def test_too_few_points():
     with pytest.raises(ValueError, match="at least 256 calibration vectors"):
         weighted_kmeans(torch.randn(1, 100, 8), None, 256)
+
+
+def test_draw_follows_the_probabilities():
+    """k-means++'s sampler: frequencies match p row by row, zero-probability points never come up,
+    an all-zero row is uniform, and the same seed gives the same draws."""
+    p = torch.tensor([[0.0, 1.0, 3.0, 0.0, 6.0], [0.0, 0.0, 0.0, 0.0, 0.0]]).repeat(2000, 1)
+    draws = _draw(p, torch.Generator().manual_seed(0)).view(2000, 2)
+    first = torch.bincount(draws[:, 0], minlength=5).double() / 2000
+    assert first[0] == 0 and first[3] == 0
+    assert torch.allclose(first[[1, 2, 4]], torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64), atol=0.04)
+    second = torch.bincount(draws[:, 1], minlength=5).double() / 2000
+    assert torch.allclose(second, torch.full((5,), 0.2, dtype=torch.float64), atol=0.04)
+    assert torch.equal(draws.flatten(), _draw(p, torch.Generator().manual_seed(0)))

@@ -44,7 +44,7 @@ def smollm2_codebooks(smollm2: str) -> str:
     codebooks: calibration fits K and V independently, so that is exactly what calibrating cq_k4v1
     on the same data and seed gives, without fitting the 2c8b keys twice."""
     from vllm_cq.calibration.calibrate import CalibrationConfig, calibrate_model
-    from vllm_cq.codebooks import CodebookSet, load_codebooks, save_codebooks
+    from vllm_cq.codebooks import compose, load_codebooks, save_codebooks
     from vllm_cq.formats import get_format
 
     tag = "ci-n{num_seqs}-l{seq_len}-i{iters}".format(**CALIB)
@@ -56,18 +56,10 @@ def smollm2_codebooks(smollm2: str) -> str:
     sets = {}
     for fmt in ("cq4", "cq1"):
         sets[fmt], _ = calibrate_model(smollm2, str(VALID_TEXT), CalibrationConfig(format=fmt, **CALIB), progress=False)
-    c4, c1 = sets["cq4"], sets["cq1"]
-    sets["cq_k4v1"] = CodebookSet(
-        get_format("cq_k4v1"),
-        c4.model,
-        c4.keys,
-        c1.values,
-        pre_rope=True,
-        calibration={**c4.calibration, "format": "cq_k4v1", "composed_from": "cq4 keys + cq1 values"},
-    )
+    sets["cq_k4v1"] = compose(get_format("cq_k4v1"), sets["cq4"], sets["cq1"])
     for fmt in want:  # each file appears complete (written beside, then renamed) and must load
         tmp = out / f".{fmt}.tmp.safetensors"
         save_codebooks(tmp, sets[fmt])
-        load_codebooks(tmp, fmt=fmt, model=c4.model)
+        load_codebooks(tmp, fmt=fmt, model=sets["cq4"].model)
         os.replace(tmp, out / f"{fmt}.safetensors")
     return str(out)

@@ -77,3 +77,28 @@ def test_plot_writes_a_png_or_says_why_not(tmp_path):
 
 def test_length_labels():
     assert [report.length_label(n) for n in (1024, 2048, 8192, 1000)] == ["1K", "2K", "8K", "1000"]
+
+
+def test_merge_runs_over_different_formats(tmp_path):
+    """Runs of one evaluation on two GPUs (or two sessions) make one table; a later row of the same
+    format replaces the earlier (e.g. a format re-run after its failure); other setups are refused."""
+    a, b = result(), result()
+    a["rows"] = a["rows"][:2]  # auto, cq4
+    b["rows"] = [{"format": "cq2", "kv_cache_tokens": 8000, "ppl": 25.0, "passkey": {"1024": 0.5}, "seconds": 3.0}]
+    merged = report.merge([result(), b])  # the failed cq2 row is replaced
+    assert [r["format"] for r in merged["rows"]] == ["auto", "cq4", "cq2"]
+    assert merged["rows"][2]["ppl_delta_pct"] == pytest.approx(25.0) and merged["rows"][2]["kv_factor"] == 8.0
+    assert "error" not in merged["rows"][2]
+    c = result()
+    c["ppl_tokens"] = 999
+    with pytest.raises(ValueError, match="ppl_tokens"):
+        report.merge([a, c])
+
+    from vllm_cq.cli import main
+
+    for name, res in (("a", a), ("b", b)):
+        report.write_json(str(tmp_path / f"{name}.json"), res)
+    out = tmp_path / "all.json"
+    argv = ["eval", "SmolLM2", "--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert main([*argv, "--out", str(out), "--no-plot"]) == 0
+    assert [r["format"] for r in json.loads(out.read_text())["rows"]] == ["auto", "cq4", "cq2"]

@@ -107,6 +107,33 @@ def write_json(path: str, result: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# What must agree for two runs' rows to share one table (same text, windows, passkey trials, model).
+SAME_SETUP = ("model_name", "tasks", "text", "ppl_window", "ppl_tokens", "passkey")
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same evaluation over different formats (e.g. one run per GPU):
+    rows in order of appearance, a later run's row replacing an earlier one of the same format.
+    Refuses runs whose setup differs, since their numbers would not be comparable."""
+    if not results:
+        raise ValueError("nothing to merge")
+    base = dict(results[0])
+    for other in results[1:]:
+        diff = [k for k in SAME_SETUP if base.get(k) != other.get(k)]
+        if diff:
+            raise ValueError(f"cannot merge runs with a different {', '.join(diff)}")
+    rows: dict[str, dict[str, Any]] = {}
+    for res in results:
+        for r in res["rows"]:
+            rows.pop(r["format"], None)
+            rows[r["format"]] = dict(r)
+    base["rows"] = list(rows.values())
+    base["formats"] = list(rows)
+    base["merged_from"] = [res.get("date") for res in results]
+    add_relative(base["rows"])
+    return base
+
+
 def plot(path: str, result: dict[str, Any]) -> str:
     """Perplexity per format and passkey accuracy vs length, to a PNG; returns a line saying what it did."""
     try:
