@@ -142,7 +142,9 @@ def _dequant_tile(
     NG: tl.constexpr = D // GROUP
     o_d = tl.arange(0, D)
     o_g = tl.arange(0, NG)
-    p3 = _pow3(o_d % 5)[None, :]
+    # digit i of byte b is floor(b / 3^i) mod 3: as float multiplies by 1/3^i and 1/3^(i+1) on b + 1/2
+    # (exact: every quotient stays >= 1/162 away from an integer), not a per-column integer division
+    inv_p3 = (1.0 / _pow3(o_d % 5).to(tl.float32))[None, :]
     x = tl.zeros([BLOCK_N, D], tl.float32)
     for lv in tl.static_range(LEVELS):
         p_s = p_slot[:, None] + (lv * NG + o_g)[None, :] * 2
@@ -151,7 +153,8 @@ def _dequant_tile(
         s = (lo | (hi << 8)).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)  # [BLOCK_N, NG]
         s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GROUP)), (BLOCK_N, D))
         byte = tl.load(p_slot[:, None] + NG * 2 * LEVELS + lv * NB + (o_d // 5)[None, :], mask=m_n[:, None], other=0)
-        t = ((byte.to(tl.int32) // p3) % 3 - 1).to(tl.float32)
+        b_f = byte.to(tl.float32) + 0.5
+        t = tl.floor(b_f * inv_p3) - 3.0 * tl.floor(b_f * (inv_p3 * (1.0 / 3.0))) - 1.0
         x += s * t
     return x
 
