@@ -161,6 +161,11 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
 
 def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, int]], engine: dict) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dump = float(os.environ.get("VLLM_CQ_STACK_DUMP_S", "0") or 0)
+    if dump > 0:  # a start or step that hangs then says where (into the engine log)
+        import faulthandler
+
+        faulthandler.dump_traceback_later(dump, repeat=True, file=sys.stderr)
     from vllm import LLM, SamplingParams
 
     with open(os.path.join(args.model, "config.json")) as fh:

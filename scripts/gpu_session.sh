@@ -99,7 +99,7 @@ case "${1:-tests}" in
       timeout 150 python3 benchmarks/tune_cq.py --formats cq1 --ablate --out $OUT/w/ablate-cq1-h200.json"
     # cq1 first: a cold cq1 engine (torch.compile, CUDA graphs, Triton compiles) took > 122 s to start on
     # 2026-11-23 when it came last; auto and fp8 rows of that day are in benchmarks/results already.
-    lane 1 e2e python3 benchmarks/e2e_throughput.py $M8B --formats "${E2E_FORMATS:-cq1,kvtq,auto,fp8}" \
+    VLLM_CQ_STACK_DUMP_S=120 lane 1 e2e python3 benchmarks/e2e_throughput.py $M8B --formats "${E2E_FORMATS:-cq1,kvtq,auto,fp8}" \
       --workloads 128x4096+512,96x8192+256 --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag kv-h100 \
       --out "$OUT/w/e2e-h200-gpu1.json" --timeout 330 --budget-s 420 --min-start-s 150
     wait
