@@ -10,7 +10,7 @@
 # into one tarball in $OUT (the device tool brings back at most 8 files). State between calls of one
 # warm window lives in /tmp/vllm-cq (e.g. whether the 8B cq1 engine started).
 #   bash scripts/gpu_session.sh check2     # GPU0: kernel + tiny-model vLLM tests; GPU1: 8B cq1 start (stack dumps), capacity
-#   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks + ablation; GPU1: e2e cq1, kvtq, auto, fp8
+#   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks, ablation, 8B capacity; GPU1: e2e cq1, kvtq, auto, fp8
 #   bash scripts/gpu_session.sh tp2        # both GPUs: e2e with tensor_parallel_size=2 (eager), cq1, auto, fp8
 #   bash scripts/gpu_session.sh quality    # issue 10's full table on SmolLM2 (after scripts/stage_quality.sh's two
 #                                          # calls): calibrate cq4/cq2/cq1 (the shared recipe), compose cq_k4v2/cq_k4v1,
@@ -96,7 +96,10 @@ case "${1:-tests}" in
     lane 0 kernels bash -c "python3 benchmarks/attention_bench.py --out-dir $OUT/w --contexts 4k,32k --batches 1,64 \
         --prefill-contexts 2k,8k --timers graph_cold --budget-s 230 \
         --backends fa3:bf16,fa3:fp8,triton:bf16,cq1,cq2,cq4,cq_k4v1,kvtq,kvtq1;
-      timeout 150 python3 benchmarks/tune_cq.py --formats cq1 --ablate --out $OUT/w/ablate-cq1-h200.json"
+      timeout 150 python3 benchmarks/tune_cq.py --formats cq1 --ablate --out $OUT/w/ablate-cq1-h200.json;
+      python3 benchmarks/dummy_codebooks.py $M8B --formats cq2,cq4 > /dev/null;
+      timeout 330 python3 benchmarks/kv_capacity.py $M8B --formats auto,cq4,cq2,kvtq,kvtq1 \
+        --name capacity-llama-3.1-8b-h200-more --out-dir $OUT/w --log-dir $OUT/w --timeout 110 --engine '$EAGER'"
     # cq1 first: a cold cq1 engine (torch.compile, CUDA graphs, Triton compiles) took > 122 s to start on
     # 2026-11-23 when it came last; auto and fp8 rows of that day are in benchmarks/results already.
     VLLM_CQ_STACK_DUMP_S=120 lane 1 e2e python3 benchmarks/e2e_throughput.py $M8B --formats "${E2E_FORMATS:-cq1,kvtq,auto,fp8}" \
