@@ -17,6 +17,11 @@ the same codes as `naive.encode`. New code is only what the ideas under test nee
              any relative rotation up to cross terms; free at run time (the scale folds into
              k_proj / q_proj weights because it is equal within each RoPE pair)
     outlier  the top-k channels per head (by calibration E[x^2]) kept exact in float16, the rest coded
+    +wW      recent window (recipe name suffix, e.g. `cq1+w128`): a query at position i attends to keys and
+             values at positions j with i - j < W exactly (unquantized) and to older ones over their
+             reconstruction. A window is per query, so it cannot be a k_proj/v_proj output hook: the
+             hooks keep the exact outputs and stash the reconstruction, and a registered attention
+             function (`window_attention`) mixes the two (item 6, window ablation)
 
 Passkey is scored teacher-forced: one forward over prompt + answer[:-1], a trial passes when the
 argmax at every answer position is the answer token, which is exactly "the greedy continuation starts
@@ -31,9 +36,10 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -82,6 +88,7 @@ class Recipe:
     name: str
     key: TensorRecipe = field(default_factory=TensorRecipe)
     value: TensorRecipe = field(default_factory=TensorRecipe)
+    window: int | None = None  # recent tokens attended exactly (None: no window, output hooks only)
 
     def bits_per_channel(self, head_dim: int) -> float:
         """K and V bytes per token-head, extra bytes included, as bits per channel of K+V."""
@@ -123,6 +130,17 @@ RECIPES: dict[str, Recipe] = {
         Recipe("cq2+kout4", _t(4, mode="outlier", outliers=4), _t(4)),
     ]
 }
+
+
+def get_recipe(name: str) -> Recipe:
+    """A RECIPES entry, or `BASE+wW`: BASE with a recent window of W exact tokens (W=0: no token exact)."""
+    m = re.fullmatch(r"(.+)\+w(\d+)", name)
+    if m is None:
+        return RECIPES[name]
+    base = RECIPES[m.group(1)]
+    if base.key.spec is None and base.value.spec is None:
+        raise ValueError(f"{name}: a window over an unquantized recipe means nothing")
+    return replace(base, name=name, window=int(m.group(2)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +367,89 @@ def install(model, quantizers: list[tuple[Quantizer, Quantizer]] | None) -> list
     return handles
 
 
+WINDOW_ATTN = "cq_window"
+
+
+def window_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Attention where key/value j is exact for query i when i - j < module.cq_window, else quantized.
+
+    query/key: RoPE'd [B, H(kv), T, D]; value [B, Hkv, T, D]; the quantized pre-RoPE keys and values
+    were stashed by the k_proj/v_proj hooks (`install_window`), the RoPE tables by a pre-hook on the
+    attention module, and the quantized keys get the same RoPE here. Scores take q.k_exact inside the
+    window and q.k_quant outside (causal mask built here: single unpadded sequences only, no KV cache,
+    which is all this study runs); out = P_win @ V_exact + P_old @ V_quant, P split by the window mask.
+    """
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    st = module.cq_stash
+    cos, sin = st.pop("rope")
+    kq, vq = st.pop("k"), st.pop("v")
+    _, kq = apply_rotary_pos_emb(kq, kq, cos, sin)
+    groups = module.num_key_value_groups
+    k, v, kq, vq = (repeat_kv(t.to(query.dtype), groups) for t in (key, value, kq, vq))
+    tq, tk = query.shape[-2], key.shape[-2]
+    if tq != tk or (attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[0] != 1):
+        raise ValueError("window_attention: full-sequence forward of one unpadded sequence only")
+    i = torch.arange(tq)[:, None]
+    j = torch.arange(tk)[None, :]
+    causal = j <= i
+    win = (i - j) < module.cq_window
+    scores = torch.where(win, query @ k.transpose(-1, -2), query @ kq.transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~causal, float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = p.masked_fill(~win, 0) @ v + p.masked_fill(win, 0) @ vq
+    return out.transpose(1, 2).contiguous(), None
+
+
+def install_window(model, quantizers: list[tuple[Quantizer, Quantizer]], window: int) -> list:
+    """Recent-window variant of `install`: k_proj/v_proj keep their exact outputs and stash the
+    reconstruction on the attention module; `window_attention` (switched on here, undone by calling
+    the returned handles' remove()) mixes exact and quantized K/V per (query, key) pair."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(WINDOW_ATTN, window_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(WINDOW_ATTN, sdpa_mask)  # built but not used (causal built here)
+    _, hkv, d = head_shape(model)
+
+    def stash(attn, name: str, q: Quantizer):
+        def hook(_m, _i, out):
+            b, t, _ = out.shape
+            x = q(out.detach().float().reshape(-1, hkv, d)).reshape(b, t, hkv, d).transpose(1, 2)
+            attn.cq_stash[name] = x.to(out.dtype)
+
+        return hook
+
+    def rope(attn):
+        def pre(_m, _args, kwargs):
+            attn.cq_stash["rope"] = kwargs["position_embeddings"]
+
+        return pre
+
+    handles = []
+    for layer, (qk, qv) in zip(model.model.layers, quantizers, strict=True):
+        attn = layer.self_attn
+        attn.cq_stash, attn.cq_window = {}, window
+        handles.append(attn.register_forward_pre_hook(rope(attn), with_kwargs=True))
+        handles.append(attn.k_proj.register_forward_hook(stash(attn, "k", qk)))
+        handles.append(attn.v_proj.register_forward_hook(stash(attn, "v", qv)))
+
+    class _Restore:
+        def __init__(self, impl: str):
+            self.impl = impl
+
+        def remove(self) -> None:
+            model.config._attn_implementation_internal = self.impl
+            for layer in model.model.layers:
+                for a in ("cq_stash", "cq_window"):
+                    if hasattr(layer.self_attn, a):
+                        delattr(layer.self_attn, a)
+
+    handles.append(_Restore(model.config._attn_implementation))
+    model.config._attn_implementation_internal = WINDOW_ATTN
+    return handles
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, window: int, max_tokens: int) -> tuple[float, int]:
     """exp(mean NLL) over non-overlapping windows of the first max_tokens tokens (W-1 scored each)."""
@@ -382,7 +483,7 @@ def passkey(model, trials) -> dict[int, list[bool]]:
 
 def evaluate(model, recipe: Recipe, qcache: QuantizerCache | None, test_ids, trials, args) -> dict:
     qs = None if recipe.name == "bf16" else qcache.for_recipe(recipe)
-    handles = install(model, qs)
+    handles = install(model, qs) if recipe.window is None else install_window(model, qs, recipe.window)
     try:
         t0 = time.perf_counter()
         ppl, n = perplexity(model, test_ids, args.window, args.ppl_tokens)
@@ -395,6 +496,7 @@ def evaluate(model, recipe: Recipe, qcache: QuantizerCache | None, test_ids, tri
     _, _, d = head_shape(model)
     return {
         "recipe": recipe.name,
+        "window": recipe.window,
         "key": asdict(recipe.key),
         "value": asdict(recipe.value),
         "bits_per_channel": round(recipe.bits_per_channel(d), 4),
@@ -439,7 +541,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="/work/models/smollm2")
     p.add_argument("--calib-text", default="/work/shared/eval/wikitext-2/valid.txt")
     p.add_argument("--test-text", default="/work/shared/eval/wikitext-2/test.txt")
-    p.add_argument("--recipes", default="bf16,cq4,cq2,cq1", help=f"comma list of: {', '.join(RECIPES)}")
+    p.add_argument(
+        "--recipes",
+        default="bf16,cq4,cq2,cq1",
+        help=f"comma list of: {', '.join(RECIPES)}; BASE+wW adds a recent window of W exact tokens",
+    )
     p.add_argument("--num-seqs", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--iters", type=int, default=15)
@@ -465,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model, tok = load_model(a.model)
     names = [s for s in a.recipes.split(",") if s]
-    recipes = [RECIPES[s] for s in names]
+    recipes = [get_recipe(s) for s in names]
     lengths = [int(x) for x in a.passkey_lengths.split(",") if x]
     trials = build_trials(tok, lengths, keys_per_depth=a.keys_per_depth, seed=0) if lengths else []
     test_ids = text_ids(tok, a.test_text)
