@@ -161,11 +161,9 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
 
 def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, int]], engine: dict) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    dump = float(os.environ.get("VLLM_CQ_STACK_DUMP_S", "0") or 0)
-    if dump > 0:  # a start or step that hangs then says where (into the engine log)
-        import faulthandler
+    from vllm_cq.capacity import dump_stacks_from_env
 
-        faulthandler.dump_traceback_later(dump, repeat=True, file=sys.stderr)
+    dump_stacks_from_env()  # VLLM_CQ_STACK_DUMP_S: a start or step that hangs says where, in the engine log
     from vllm import LLM, SamplingParams
 
     with open(os.path.join(args.model, "config.json")) as fh:

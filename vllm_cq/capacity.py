@@ -20,13 +20,19 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict[str, Any]:
-    """Start one engine and read vLLM's own capacity numbers (call in a fresh process).
-    VLLM_CQ_STACK_DUMP_S=N prints every thread's stack to stderr every N seconds (a start that
-    hangs then says where; with VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core is in this process)."""
+def dump_stacks_from_env() -> None:
+    """VLLM_CQ_STACK_DUMP_S=N: print every thread's stack to stderr every N seconds, so an engine
+    start or step that hangs says where (with VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core is in
+    this process). Used by the capacity and e2e benchmark children."""
     dump = float(os.environ.get("VLLM_CQ_STACK_DUMP_S", "0") or 0)
     if dump > 0:
         faulthandler.dump_traceback_later(dump, repeat=True, file=sys.stderr)
+
+
+def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict[str, Any]:
+    """Start one engine and read vLLM's own capacity numbers (call in a fresh process; stack dumps
+    with VLLM_CQ_STACK_DUMP_S, see `dump_stacks_from_env`)."""
+    dump_stacks_from_env()
     from vllm import LLM
 
     llm = LLM(model, kv_cache_dtype=kv_cache_dtype, **engine)
