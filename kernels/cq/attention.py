@@ -5,9 +5,17 @@ codebooks. A program owns BLOCK_Q query tokens of one sequence and all G query h
 (GQA heads share every key tile: rows = token x head, BLOCK_M >= 16 so the products run on tensor
 cores). It walks its keys in tiles of BLOCK_N positions: reads each key's code bytes from the paged
 cache, gathers the centroids into registers (never a dequantized cache in memory), rotates pre-RoPE
-keys by their positions (as R(P) R(n): the tile's offsets n once per program, the tile base P on the
-query rows), and keeps an online softmax; values are gathered from the V codebook the same way.
-Channels are handled as the two halves of each RoPE pair (idx1, idx2), which covers NeoX and GPT-J.
+keys by their positions, and keeps an online softmax; values are gathered from the V codebook the same
+way. Channels are handled as the two halves of each RoPE pair (idx1, idx2), which covers NeoX and GPT-J.
+
+RoPE, two ways (ROPE_SPLIT): by default each tile loads its keys' own cos/sin rows (what the reference
+does); nothing RoPE-sized stays live across tiles and the query rows are never re-rotated. ROPE_SPLIT
+rotates as R(P) R(n) instead: R(n) for the tile offsets n held in registers for the whole loop and
+R(-P) applied to the query rows per tile, which reads fewer table bytes but costs ~100 more registers
+per thread (sm_90, `benchmarks/kernel_resources.py`: decode 207-221 vs 103-138 at BLOCK_N 32, prefill
+255 with spills vs 194-218), so at most two 4-warp programs fit on an SM. Per-tile rows read
+[BLOCK_N, D] float32 of the table per tile, from L2/L1 (every sequence and head shares it); which is
+faster is a GPU question (`benchmarks/tune_cq.py --rope-split both`).
 
 Decode-only steps split each sequence's keys over NUM_SEGMENTS programs (flash-decoding) and a second
 kernel merges the partial softmaxes, so a small batch still fills the GPU. Everything the kernels need
@@ -81,6 +89,7 @@ def _cq_attention_kernel(
     IEEE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     ABLATE: tl.constexpr,
+    ROPE_SPLIT: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     if HEAD_MAJOR:  # grid (q blocks, segments, kv heads): co-running programs share a head's codebooks
@@ -112,7 +121,7 @@ def _cq_attention_kernel(
     vcb = vcb_ptr + i_kvh * (GV * 256 * CV)
     o_d = tl.arange(0, D)
     o_nt = tl.arange(0, BLOCK_N)
-    if HAS_ROPE:
+    if HAS_ROPE and ROPE_SPLIT:
         # A key at position P + n is rotated as R(P) R(n): R(n) for the tile's local offsets n is
         # loaded once here; R(-P) is applied to the (few) query rows per tile instead of to the keys.
         m_nt = o_nt < rope_rows
@@ -141,7 +150,16 @@ def _cq_attention_kernel(
         else:
             b_k = _gather_half(p_slot, m_n, kcb, 0, GK, CK, BLOCK_N).to(tl.float32)
             k1, k2 = tl.split(tl.reshape(b_k, (BLOCK_N, HALF, 2)))
-        if HAS_ROPE and not (ABLATE & 4):
+        if HAS_ROPE and not (ABLATE & 4) and not ROPE_SPLIT:
+            # this tile's own rows: loaded per tile, so they are not live across the loop
+            p_ck = cos_sin_ptr + o_n[:, None] * stride_cs + o_i[None, :]
+            cos_k = tl.load(p_ck, mask=m_n[:, None], other=1.0)
+            sin_k = tl.load(p_ck + HALF, mask=m_n[:, None], other=0.0)
+            qr1 = b_q1.to(dt)
+            qr2 = b_q2.to(dt)
+            r1 = (k1 * cos_k - k2 * sin_k).to(dt)
+            r2 = (k2 * cos_k + k1 * sin_k).to(dt)
+        elif HAS_ROPE and not (ABLATE & 4):
             p_cs0 = cos_sin_ptr + t * BLOCK_N * stride_cs
             cos_p = tl.load(p_cs0 + o_i)[None, :]
             sin_p = tl.load(p_cs0 + HALF + o_i)[None, :]
@@ -200,12 +218,14 @@ def paged_attention(
     num_stages: int | None = None,
     block_m: int | None = None,
     head_major: bool = True,
+    rope_split: bool = False,
     _ablate: int = 0,
 ) -> torch.Tensor:
     """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
     queries query_start_loc[s]:[s+1], its last tokens. Codebooks may be float32 or the model dtype
     (what the tensor-core products run in). Requires 8-bit codes, a power-of-two head_dim and (with
-    RoPE) rotary_dim == head_dim. `max_query_len` picks the decode (split) or prefill tiling."""
+    RoPE) rotary_dim == head_dim. `max_query_len` picks the decode (split) or prefill tiling;
+    `rope_split` the register-heavy R(P) R(n) rotation (a tuning option, see the module docstring)."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -268,6 +288,7 @@ def paged_attention(
         IEEE=query.dtype == torch.float32,
         HEAD_MAJOR=head_major,
         ABLATE=_ablate,
+        ROPE_SPLIT=rope_split,
         num_warps=num_warps or 4,
         num_stages=num_stages or (3 if decode else 1),
     )
