@@ -93,7 +93,7 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
     c = dict(
         G=g, BLOCK_Q=1 if decode else max(1, block_m // g), BLOCK_M=block_m, HALF=d // 2,
         CK=fmt.key.channels, GK=d // fmt.key.channels, CV=fmt.value.channels, GV=d // fmt.value.channels,
-        IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or (64 if decode else 32), NUM_SEGMENTS=segments,
+        IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or 32, NUM_SEGMENTS=segments,
         IEEE=False, HEAD_MAJOR=True, ABLATE=0, ROPE_SPLIT=args.rope_split,
     )  # fmt: skip
     out_t = "*fp32" if segments > 1 else "*bf16"
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--q-heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--block-n", type=int, default=None, help="key tile (default: the kernel's, 64 decode / 32 prefill)")
+    p.add_argument("--block-n", type=int, default=None, help="key tile (default: the kernel's, 32)")
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=None)
     p.add_argument("--rope-split", action="store_true", help="the R(P) R(n) rotation (paged_attention's rope_split)")

@@ -66,7 +66,7 @@ def main() -> None:
                     extra += [{"block_m": 128, "num_warps": 8}, {"block_m": 128, "num_warps": 4}]
                     grid = [(32, 4, 1, 1, e) for e in extra]
                 else:
-                    grid = [(64, 4, 3, seg, e) for e in extra for seg in (None, 8)]
+                    grid = [(32, 4, 3, seg, e) for e in extra for seg in (None, 8)]
             elif kind == "decode":
                 grid = [(*c, e) for e in splits for c in itertools.product([32, 64, 128], [4, 8], [2, 3], [None, 16])]
             else:

@@ -245,7 +245,7 @@ def paged_attention(
         return out
     decode = max_query_len <= 1
     plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, block_m)
-    block_n = block_n or (64 if decode else 32)
+    block_n = block_n or 32  # decode at 64: twice the registers and shared memory (kernel_resources.py)
     nq = plan.num_query_blocks(t, num_seqs)
     grid = (nq, plan.num_segments, hkv) if head_major else (nq, hkv, plan.num_segments)
     _cq_attention_kernel[grid](
