@@ -47,11 +47,13 @@ def main() -> None:
         "--rope-split", choices=("off", "on", "both"), default="off",
         help="RoPE as R(P) R(n) (fewer table reads, ~100 more registers) instead of per-tile table rows",
     )  # fmt: skip
+    p.add_argument("--k-parts", default="2", help="comma list: key tile RoPE pairs in this many parts (k_parts)")
     args = p.parse_args()
     shapes = [("decode", 64, 32768, 1), ("decode", 16, 4096, 1), ("decode", 1, 32768, 1), ("prefill", 1, 8192, 8192)]
     if args.ablate:
         shapes = [shapes[0], shapes[3]]
-    splits = [{"rope_split": v} for v in {"off": [False], "on": [True], "both": [False, True]}[args.rope_split]]
+    split_opts = {"off": [False], "on": [True], "both": [False, True]}[args.rope_split]
+    variants = [{"rope_split": v, "k_parts": int(k)} for v in split_opts for k in args.k_parts.split(",")]
     rows = []
     for fmt_name in args.formats.split(","):
         for kind, batch, ctx, q_len in shapes:
@@ -62,15 +64,16 @@ def main() -> None:
             )  # fmt: skip
             if args.ablate:  # (block_n, warps, stages, segments, extra): 1 = no K gathers, 2 = no V, 4 = no RoPE
                 extra = [{"_ablate": a} for a in (0, 1, 2, 3, 4, 7)] + [{"head_major": False}, {"rope_split": True}]
+                extra += [{"k_parts": k} for k in (1, 4)]
                 if kind == "prefill":
                     extra += [{"block_m": 128, "num_warps": 8}, {"block_m": 128, "num_warps": 4}]
                     grid = [(32, 4, 1, 1, e) for e in extra]
                 else:
                     grid = [(32, 4, 3, seg, e) for e in extra for seg in (None, 8)]
             elif kind == "decode":
-                grid = [(*c, e) for e in splits for c in itertools.product([32, 64, 128], [4, 8], [2, 3], [None, 16])]
+                grid = [(*c, e) for e in variants for c in itertools.product([32, 64, 128], [4, 8], [2, 3], [None, 16])]
             else:
-                grid = [(*c, e) for e in splits for c in itertools.product([16, 32, 64], [4, 8], [1, 2], [1])]
+                grid = [(*c, e) for e in variants for c in itertools.product([16, 32, 64], [4, 8], [1, 2], [1])]
             best = None
             for bn, nw, ns, seg, extra in grid:
                 row = {"format": fmt_name, "kind": kind, "batch": batch, "context": ctx, "block_n": bn,
