@@ -94,7 +94,7 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
         G=g, BLOCK_Q=1 if decode else max(1, block_m // g), BLOCK_M=block_m, HALF=d // 2,
         CK=fmt.key.channels, GK=d // fmt.key.channels, CV=fmt.value.channels, GV=d // fmt.value.channels,
         IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or 32, NUM_SEGMENTS=segments,
-        IEEE=False, HEAD_MAJOR=True, ABLATE=0, ROPE_SPLIT=args.rope_split, K_PARTS=args.k_parts,
+        IEEE=False, HEAD_MAJOR=True, ABLATE=0, ROPE_SPLIT=args.rope_split, K_PARTS=args.k_parts or (2 if decode else 4),
     )  # fmt: skip
     out_t = "*fp32" if segments > 1 else "*bf16"
     ptr = dict(
@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=None)
     p.add_argument("--rope-split", action="store_true", help="the R(P) R(n) rotation (paged_attention's rope_split)")
-    p.add_argument("--k-parts", type=int, default=2, help="RoPE pairs in this many parts per key tile (k_parts)")
+    p.add_argument("--k-parts", type=int, default=None, help="key tile parts (default: 2 decode / 4 prefill)")
     args = p.parse_args()
     shape = f"head_dim {args.head_dim}, {args.q_heads}/{args.kv_heads} heads"
     print(f"sm_{args.arch}, triton {triton.__version__}, {shape}")

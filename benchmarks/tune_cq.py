@@ -47,13 +47,13 @@ def main() -> None:
         "--rope-split", choices=("off", "on", "both"), default="off",
         help="RoPE as R(P) R(n) (fewer table reads, ~100 more registers) instead of per-tile table rows",
     )  # fmt: skip
-    p.add_argument("--k-parts", default="2", help="comma list: key tile RoPE pairs in this many parts (k_parts)")
+    p.add_argument("--k-parts", default="0", help="comma list of k_parts (key tile in parts of RoPE pairs); 0: default")
     args = p.parse_args()
     shapes = [("decode", 64, 32768, 1), ("decode", 16, 4096, 1), ("decode", 1, 32768, 1), ("prefill", 1, 8192, 8192)]
     if args.ablate:
         shapes = [shapes[0], shapes[3]]
     split_opts = {"off": [False], "on": [True], "both": [False, True]}[args.rope_split]
-    variants = [{"rope_split": v, "k_parts": int(k)} for v in split_opts for k in args.k_parts.split(",")]
+    variants = [{"rope_split": v, "k_parts": int(k) or None} for v in split_opts for k in args.k_parts.split(",")]
     rows = []
     for fmt_name in args.formats.split(","):
         for kind, batch, ctx, q_len in shapes:
@@ -64,7 +64,7 @@ def main() -> None:
             )  # fmt: skip
             if args.ablate:  # (block_n, warps, stages, segments, extra): 1 = no K gathers, 2 = no V, 4 = no RoPE
                 extra = [{"_ablate": a} for a in (0, 1, 2, 3, 4, 7)] + [{"head_major": False}, {"rope_split": True}]
-                extra += [{"k_parts": k} for k in (1, 4)]
+                extra += [{"k_parts": k} for k in (1, 2, 4)]
                 if kind == "prefill":
                     extra += [{"block_m": 128, "num_warps": 8}, {"block_m": 128, "num_warps": 4}]
                     grid = [(32, 4, 1, 1, e) for e in extra]

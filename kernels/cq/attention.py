@@ -16,8 +16,8 @@ per thread (sm_90, `benchmarks/kernel_resources.py`: decode 207-221 vs 103-138 a
 255 with spills vs 194-218), so at most two 4-warp programs fit on an SM. Per-tile rows read
 [BLOCK_N, D] float32 of the table per tile, from L2/L1 (every sequence and head shares it); which is
 faster is a GPU question (`benchmarks/tune_cq.py --rope-split both`). K_PARTS splits a key tile's RoPE
-pairs into parts that are gathered, rotated and multiplied in turn (2 by default: decode 103-138 ->
-104-108 registers, four programs per SM for every format; prefill cq1/cq_k4v1 at three).
+pairs into parts that are gathered, rotated and multiplied in turn (decode 2: 103-138 -> 104-108
+registers, four programs per SM for every format; prefill 4: 194-218 -> 153-197).
 
 Decode-only steps split each sequence's keys over NUM_SEGMENTS programs (flash-decoding) and a second
 kernel merges the partial softmaxes, so a small batch still fills the GPU. Everything the kernels need
@@ -241,7 +241,7 @@ def paged_attention(
     block_m: int | None = None,
     head_major: bool = True,
     rope_split: bool = False,
-    k_parts: int = 2,
+    k_parts: int | None = None,
     _ablate: int = 0,
 ) -> torch.Tensor:
     """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
@@ -249,9 +249,9 @@ def paged_attention(
     (what the tensor-core products run in). Requires 8-bit codes, a power-of-two head_dim and (with
     RoPE) rotary_dim == head_dim. `max_query_len` picks the decode (split) or prefill tiling;
     `rope_split` the register-heavy R(P) R(n) rotation (a tuning option, see the module docstring);
-    `k_parts` (a power of two) splits each key tile's RoPE pairs into parts gathered, rotated and
-    multiplied one after another, so fewer float32 values are live (capped so a part holds >= 16 pairs,
-    what a tensor-core product needs, and whole centroids)."""
+    `k_parts` (a power of two; default 2 decode, 4 prefill) splits each key tile's RoPE pairs into
+    parts gathered, rotated and multiplied one after another, so fewer float32 values are live (capped
+    so a part holds >= 16 pairs, what a tensor-core product needs, and whole centroids)."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -269,9 +269,10 @@ def paged_attention(
         out = torch.empty(t, hq, d, dtype=query.dtype, device=query.device)
     if t == 0:
         return out
-    assert k_parts >= 1 and k_parts & (k_parts - 1) == 0, "k_parts must be a power of two"
-    k_parts = max(1, min(k_parts, (d // 2) // max(16, ck)))
     decode = max_query_len <= 1
+    k_parts = k_parts or (2 if decode else 4)  # kernel_resources.py: 4 spills in cq2 decode
+    assert k_parts & (k_parts - 1) == 0, "k_parts must be a power of two"
+    k_parts = max(1, min(k_parts, (d // 2) // max(16, ck)))
     plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, block_m)
     block_n = block_n or 32  # decode at 64: twice the registers and shared memory (kernel_resources.py)
     nq = plan.num_query_blocks(t, num_seqs)
