@@ -12,12 +12,12 @@ RoPE, two ways (ROPE_SPLIT): by default each tile loads its keys' own cos/sin ro
 does); nothing RoPE-sized stays live across tiles and the query rows are never re-rotated. ROPE_SPLIT
 rotates as R(P) R(n) instead: R(n) for the tile offsets n held in registers for the whole loop and
 R(-P) applied to the query rows per tile, which reads fewer table bytes but costs ~100 more registers
-per thread (sm_90, `benchmarks/kernel_resources.py`: decode 207-221 vs 103-138 at BLOCK_N 32, prefill
-255 with spills vs 194-218), so at most two 4-warp programs fit on an SM. Per-tile rows read
-[BLOCK_N, D] float32 of the table per tile, from L2/L1 (every sequence and head shares it); which is
-faster is a GPU question (`benchmarks/tune_cq.py --rope-split both`). K_PARTS splits a key tile's RoPE
-pairs into parts that are gathered, rotated and multiplied in turn (decode 2: 103-138 -> 104-108
-registers, four programs per SM for every format; prefill 4: 194-218 -> 153-197).
+per thread (sm_90, `benchmarks/kernel_resources.py`, whole tiles: decode 207-221 vs 103-138 at
+BLOCK_N 32, prefill 255 with spills vs 194-218). Per-tile rows read [BLOCK_N, D] float32 of the table
+per tile, from L2/L1 (every sequence and head shares it); which is faster is a GPU question
+(`benchmarks/tune_cq.py --rope-split both`). K_PARTS splits a key tile's RoPE pairs into parts that
+are gathered, rotated and multiplied in turn, so less of the tile is live at once (decode 2: 104-108
+registers, four programs per SM for every format; prefill 4: 153-197, three for all but cq4).
 
 Decode-only steps split each sequence's keys over NUM_SEGMENTS programs (flash-decoding) and a second
 kernel merges the partial softmaxes, so a small batch still fills the GPU. Everything the kernels need
