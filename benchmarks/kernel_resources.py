@@ -23,13 +23,39 @@ from vllm_cq.formats import get_format
 from vllm_cq.kernels.cq import attention, write
 
 
-def compile_aot(fn: Any, pointers: dict[str, str], constexprs: dict[str, Any], floats: set[str], arch: int, **opts):
-    """Compile `fn` for sm_<arch> with the given pointer element types and constexprs (other args i32)."""
-    sig = {}
-    for name in fn.arg_names:
+def compile_aot(
+    fn: Any,
+    pointers: dict[str, str],
+    constexprs: dict[str, Any],
+    floats: set[str],
+    arch: int,
+    ints: dict[str, int] | None = None,
+    **opts: Any,
+) -> Any:
+    """Compile `fn` for sm_<arch> with the given pointer element types and constexprs (other args i32).
+
+    Specialized as the JIT launcher would: pointers 16-byte aligned (torch allocations are) and the
+    integers in `ints` whose representative value is a multiple of 16 marked so. Without these hints
+    Triton cannot prove a centroid's C coordinates are aligned, splits every vector load into scalar
+    ones with a 64-bit address each, and the register count no longer describes the kernel that runs.
+    """
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
         sig[name] = "constexpr" if name in constexprs else pointers.get(name, "fp32" if name in floats else "i32")
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+        if name in pointers or (ints or {}).get(name, 1) % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    constants = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constants, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def programs_per_sm(res: dict[str, int], num_warps: int) -> int:
+    """Resident programs per Hopper SM as registers (64K, allocated per warp in units of 256) and shared
+    memory (228 KB; cuobjdump's static SHARED is the 1 KB reserved per program) allow, at most 64 warps."""
+    per_warp = -(-max(res["reg"], 1) * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * num_warps)
+    by_smem = 233472 // (res["dynamic_shared"] + max(res["shared"], 1024))
+    return min(by_regs, by_smem, 64 // num_warps)
 
 
 def resources(kernel: Any) -> dict[str, int]:
@@ -46,6 +72,20 @@ def resources(kernel: Any) -> dict[str, int]:
     return res
 
 
+def launch_ints(fmt_name: str, decode: bool, args: argparse.Namespace) -> dict[str, int]:
+    """Integer arguments as a launch on the benchmark shape passes them (decode batch 64 at 32K, one 8K
+    prefill; q/k/v views of a fused qkv tensor), for the JIT's multiple-of-16 specialization."""
+    fmt, d, hq, hkv, page = get_format(fmt_name), args.head_dim, args.q_heads, args.kv_heads, 16
+    slot, row = fmt.slot_bytes(d), (hq + 2 * hkv) * d
+    return dict(
+        num_seqs=64 if decode else 1, stride_qt=row, stride_qh=d, stride_ot=0 if decode else hq * d,
+        stride_oh=0 if decode else d, stride_cb=hkv * page * slot, stride_ch=page * slot, stride_co=slot,
+        stride_bt=32768 // page, stride_cs=d, rope_rows=131072, block_size=page, v_offset=fmt.key_bytes(d),
+        num_tokens=64 if decode else 8192, search_steps=7 if decode else 1, stride_kn=row, stride_kh=d,
+        stride_vn=row, stride_vh=d,
+    )  # fmt: skip
+
+
 def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> dict[str, Any]:
     fmt, d, g = get_format(fmt_name), args.head_dim, args.q_heads // args.kv_heads
     segments = 16 if decode else 1
@@ -53,8 +93,8 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
     c = dict(
         G=g, BLOCK_Q=1 if decode else max(1, block_m // g), BLOCK_M=block_m, HALF=d // 2,
         CK=fmt.key.channels, GK=d // fmt.key.channels, CV=fmt.value.channels, GV=d // fmt.value.channels,
-        IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or (64 if decode else 32), NUM_SEGMENTS=segments,
-        IEEE=False, HEAD_MAJOR=True, ABLATE=0,
+        IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or 32, NUM_SEGMENTS=segments,
+        IEEE=False, HEAD_MAJOR=True, ABLATE=0, ROPE_SPLIT=args.rope_split, K_PARTS=args.k_parts or (2 if decode else 4),
     )  # fmt: skip
     out_t = "*fp32" if segments > 1 else "*bf16"
     ptr = dict(
@@ -63,8 +103,9 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
     )  # fmt: skip
     stages = args.num_stages or (3 if decode else 1)
     k = compile_aot(
-        attention._cq_attention_kernel, ptr, c, {"qk_scale"}, args.arch, num_warps=args.num_warps, num_stages=stages
-    )
+        attention._cq_attention_kernel, ptr, c, {"qk_scale"}, args.arch, ints=launch_ints(fmt_name, decode, args),
+        num_warps=args.num_warps, num_stages=stages,
+    )  # fmt: skip
     return dict(kernel="attention", kind="decode" if decode else "prefill", block_n=c["BLOCK_N"], **resources(k))
 
 
@@ -78,7 +119,8 @@ def write_kernel(fmt_name: str, args: argparse.Namespace) -> dict[str, Any]:
         k_ptr="*bf16", v_ptr="*bf16", kcb_ptr="*fp32", vcb_ptr="*fp32", cache_ptr="*u8", slot_ptr="*i64",
         qsl_ptr="*i32", seq_lens_ptr="*i32", cos_sin_ptr="*fp32",
     )  # fmt: skip
-    k = compile_aot(write._write_kv_kernel, ptr, c, set(), args.arch, num_warps=4)
+    ints = launch_ints(fmt_name, True, args)
+    k = compile_aot(write._write_kv_kernel, ptr, c, set(), args.arch, ints=ints, num_warps=4)
     return dict(kernel="write", kind="", block_n=None, **resources(k))
 
 
@@ -89,19 +131,21 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--q-heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--block-n", type=int, default=None, help="key tile (default: the kernel's, 64 decode / 32 prefill)")
+    p.add_argument("--block-n", type=int, default=None, help="key tile (default: the kernel's, 32)")
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=None)
+    p.add_argument("--rope-split", action="store_true", help="the R(P) R(n) rotation (paged_attention's rope_split)")
+    p.add_argument("--k-parts", type=int, default=None, help="key tile parts (default: 2 decode / 4 prefill)")
     args = p.parse_args()
     shape = f"head_dim {args.head_dim}, {args.q_heads}/{args.kv_heads} heads"
     print(f"sm_{args.arch}, triton {triton.__version__}, {shape}")
-    print("| format | kernel | kind | key tile | registers | spill bytes | dynamic smem |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | kernel | kind | key tile | registers | spill bytes | dynamic smem | programs/SM |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.formats.split(","):
         for r in (attention_kernel(name, True, args), attention_kernel(name, False, args), write_kernel(name, args)):
             print(
                 f"| {name} | {r['kernel']} | {r['kind']} | {r['block_n'] or ''} | {r['reg']} | {r['stack']} "
-                f"| {r['dynamic_shared']} |"
+                f"| {r['dynamic_shared']} | {programs_per_sm(r, args.num_warps if r['kernel'] == 'attention' else 4)} |"
             )
 
 

@@ -43,10 +43,17 @@ def main() -> None:
     p.add_argument("--formats", default="cq1")
     p.add_argument("--out", default=None)
     p.add_argument("--ablate", action="store_true", help="time the kernel with parts switched off instead")
+    p.add_argument(
+        "--rope-split", choices=("off", "on", "both"), default="off",
+        help="RoPE as R(P) R(n) (fewer table reads, ~100 more registers) instead of per-tile table rows",
+    )  # fmt: skip
+    p.add_argument("--k-parts", default="0", help="comma list of k_parts (key tile in parts of RoPE pairs); 0: default")
     args = p.parse_args()
     shapes = [("decode", 64, 32768, 1), ("decode", 16, 4096, 1), ("decode", 1, 32768, 1), ("prefill", 1, 8192, 8192)]
     if args.ablate:
         shapes = [shapes[0], shapes[3]]
+    split_opts = {"off": [False], "on": [True], "both": [False, True]}[args.rope_split]
+    variants = [{"rope_split": v, "k_parts": int(k) or None} for v in split_opts for k in args.k_parts.split(",")]
     rows = []
     for fmt_name in args.formats.split(","):
         for kind, batch, ctx, q_len in shapes:
@@ -56,16 +63,17 @@ def main() -> None:
                 q_len, out=torch.empty_like(q),
             )  # fmt: skip
             if args.ablate:  # (block_n, warps, stages, segments, extra): 1 = no K gathers, 2 = no V, 4 = no RoPE
-                extra = [{"_ablate": a} for a in (0, 1, 2, 3, 4, 7)] + [{"head_major": False}]
+                extra = [{"_ablate": a} for a in (0, 1, 2, 3, 4, 7)] + [{"head_major": False}, {"rope_split": True}]
+                extra += [{"k_parts": k} for k in (1, 2, 4)]
                 if kind == "prefill":
                     extra += [{"block_m": 128, "num_warps": 8}, {"block_m": 128, "num_warps": 4}]
                     grid = [(32, 4, 1, 1, e) for e in extra]
                 else:
-                    grid = [(64, 4, 3, seg, e) for e in extra for seg in (None, 8)]
+                    grid = [(32, 4, 3, seg, e) for e in extra for seg in (None, 8)]
             elif kind == "decode":
-                grid = [(*c, {}) for c in itertools.product([32, 64, 128], [4, 8], [2, 3], [None, 16])]
+                grid = [(*c, e) for e in variants for c in itertools.product([32, 64, 128], [4, 8], [2, 3], [None, 16])]
             else:
-                grid = [(*c, {}) for c in itertools.product([16, 32, 64], [4, 8], [1, 2], [1])]
+                grid = [(*c, e) for e in variants for c in itertools.product([16, 32, 64], [4, 8], [1, 2], [1])]
             best = None
             for bn, nw, ns, seg, extra in grid:
                 row = {"format": fmt_name, "kind": kind, "batch": batch, "context": ctx, "block_n": bn,

@@ -5,9 +5,19 @@ codebooks. A program owns BLOCK_Q query tokens of one sequence and all G query h
 (GQA heads share every key tile: rows = token x head, BLOCK_M >= 16 so the products run on tensor
 cores). It walks its keys in tiles of BLOCK_N positions: reads each key's code bytes from the paged
 cache, gathers the centroids into registers (never a dequantized cache in memory), rotates pre-RoPE
-keys by their positions (as R(P) R(n): the tile's offsets n once per program, the tile base P on the
-query rows), and keeps an online softmax; values are gathered from the V codebook the same way.
-Channels are handled as the two halves of each RoPE pair (idx1, idx2), which covers NeoX and GPT-J.
+keys by their positions, and keeps an online softmax; values are gathered from the V codebook the same
+way. Channels are handled as the two halves of each RoPE pair (idx1, idx2), which covers NeoX and GPT-J.
+
+RoPE, two ways (ROPE_SPLIT): by default each tile loads its keys' own cos/sin rows (what the reference
+does); nothing RoPE-sized stays live across tiles and the query rows are never re-rotated. ROPE_SPLIT
+rotates as R(P) R(n) instead: R(n) for the tile offsets n held in registers for the whole loop and
+R(-P) applied to the query rows per tile, which reads fewer table bytes but costs ~100 more registers
+per thread (sm_90, `benchmarks/kernel_resources.py`, whole tiles: decode 207-221 vs 103-138 at
+BLOCK_N 32, prefill 255 with spills vs 194-218). Per-tile rows read [BLOCK_N, D] float32 of the table
+per tile, from L2/L1 (every sequence and head shares it); which is faster is a GPU question
+(`benchmarks/tune_cq.py --rope-split both`). K_PARTS splits a key tile's RoPE pairs into parts that
+are gathered, rotated and multiplied in turn, so less of the tile is live at once (decode 2: 104-108
+registers, four programs per SM for every format; prefill 4: 153-197, three for all but cq4).
 
 Decode-only steps split each sequence's keys over NUM_SEGMENTS programs (flash-decoding) and a second
 kernel merges the partial softmaxes, so a small batch still fills the GPU. Everything the kernels need
@@ -38,6 +48,72 @@ def _gather_half(p_slot, m_n, cb_ptr, g0, NG: tl.constexpr, C: tl.constexpr, BLO
     off = ((g0 + o_g)[None, :] * 256 + codes) * C  # [BLOCK_N, NG], multiple of C
     b = tl.load(cb_ptr + off[:, :, None] + tl.arange(0, C)[None, None, :])  # [BLOCK_N, NG, C]
     return tl.reshape(b, (BLOCK_N, NG * C))
+
+
+@triton.jit
+def _qk_part(
+    b_s, p_q, m_row, p_slot, m_n, o_n, t, kcb, cos_sin_ptr, stride_cs, rope_rows, c: tl.constexpr,
+    PAIRS: tl.constexpr, HALF: tl.constexpr, CK: tl.constexpr, BLOCK_N: tl.constexpr, IS_NEOX: tl.constexpr,
+    HAS_ROPE: tl.constexpr, ROPE_SPLIT: tl.constexpr, ABLATE: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """b_s + the scores over RoPE pairs [c * PAIRS, (c + 1) * PAIRS) of one key tile: gather, rotate,
+    multiply. A part of the pairs at a time keeps fewer float32 key, cos and sin values live (K_PARTS);
+    the query and R(n) loads are loop-invariant and hoisted out of the key loop by the compiler."""
+    dt = p_q.dtype.element_ty
+    o_i = c * PAIRS + tl.arange(0, PAIRS)
+    if IS_NEOX:  # RoPE pairs (idx1, idx2): channel i with i + D/2 (NeoX) or 2i with 2i + 1 (GPT-J)
+        idx1 = o_i
+        idx2 = o_i + HALF
+    else:
+        idx1 = 2 * o_i
+        idx2 = 2 * o_i + 1
+    b_q1 = tl.load(p_q + idx1[None, :], mask=m_row[:, None], other=0.0).to(tl.float32)
+    b_q2 = tl.load(p_q + idx2[None, :], mask=m_row[:, None], other=0.0).to(tl.float32)
+    if ABLATE & 1:  # profiling only: code bytes instead of centroids (no K gathers)
+        k1 = tl.load(p_slot[:, None] + (idx1 // CK)[None, :], mask=m_n[:, None], other=0).to(tl.float32)
+        k2 = k1
+    elif IS_NEOX:
+        k1 = _gather_half(p_slot, m_n, kcb, c * PAIRS // CK, PAIRS // CK, CK, BLOCK_N).to(tl.float32)
+        k2 = _gather_half(p_slot, m_n, kcb, (HALF + c * PAIRS) // CK, PAIRS // CK, CK, BLOCK_N).to(tl.float32)
+    else:
+        b_k = _gather_half(p_slot, m_n, kcb, c * 2 * PAIRS // CK, 2 * PAIRS // CK, CK, BLOCK_N).to(tl.float32)
+        k1, k2 = tl.split(tl.reshape(b_k, (BLOCK_N, PAIRS, 2)))
+    if HAS_ROPE and not (ABLATE & 4) and not ROPE_SPLIT:
+        # this tile's own rows: loaded per tile, so they are not live across the loop
+        p_ck = cos_sin_ptr + o_n[:, None] * stride_cs + o_i[None, :]
+        cos_k = tl.load(p_ck, mask=m_n[:, None], other=1.0)
+        sin_k = tl.load(p_ck + HALF, mask=m_n[:, None], other=0.0)
+        qr1 = b_q1.to(dt)
+        qr2 = b_q2.to(dt)
+        r1 = (k1 * cos_k - k2 * sin_k).to(dt)
+        r2 = (k2 * cos_k + k1 * sin_k).to(dt)
+    elif HAS_ROPE and not (ABLATE & 4):
+        # R(P) R(n): R(n) for the tile's local offsets n (loop-invariant, so held for the whole loop);
+        # R(-P) for the tile base P applied to the (few) query rows instead of to the keys
+        o_nt = tl.arange(0, BLOCK_N)
+        p_cs = cos_sin_ptr + o_nt[:, None] * stride_cs + o_i[None, :]
+        m_nt = o_nt < rope_rows
+        cos_n = tl.load(p_cs, mask=m_nt[:, None], other=1.0)
+        sin_n = tl.load(p_cs + HALF, mask=m_nt[:, None], other=0.0)
+        p_cs0 = cos_sin_ptr + t * BLOCK_N * stride_cs
+        cos_p = tl.load(p_cs0 + o_i)[None, :]
+        sin_p = tl.load(p_cs0 + HALF + o_i)[None, :]
+        qr1 = (b_q1 * cos_p + b_q2 * sin_p).to(dt)
+        qr2 = (b_q2 * cos_p - b_q1 * sin_p).to(dt)
+        r1 = (k1 * cos_n - k2 * sin_n).to(dt)
+        r2 = (k2 * cos_n + k1 * sin_n).to(dt)
+    else:
+        qr1 = b_q1.to(dt)
+        qr2 = b_q2.to(dt)
+        r1 = tl.where(m_n[:, None], k1, 0.0).to(dt)
+        r2 = tl.where(m_n[:, None], k2, 0.0).to(dt)
+    if IEEE:
+        b_s = tl.dot(qr1, tl.trans(r1), b_s, input_precision="ieee")
+        b_s = tl.dot(qr2, tl.trans(r2), b_s, input_precision="ieee")
+    else:
+        b_s = tl.dot(qr1, tl.trans(r1), b_s)
+        b_s = tl.dot(qr2, tl.trans(r2), b_s)
+    return b_s
 
 
 @triton.jit
@@ -81,6 +157,8 @@ def _cq_attention_kernel(
     IEEE: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     ABLATE: tl.constexpr,
+    ROPE_SPLIT: tl.constexpr,
+    K_PARTS: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     if HEAD_MAJOR:  # grid (q blocks, segments, kv heads): co-running programs share a head's codebooks
@@ -97,28 +175,12 @@ def _cq_attention_kernel(
     ctx = seq_len - q_len
     D: tl.constexpr = 2 * HALF
     tok, head, m_row, q_pos = block_rows(qb, i_kvh, q_len, ctx, G, BLOCK_Q, BLOCK_M)
-    o_i = tl.arange(0, HALF)
-    if IS_NEOX:  # RoPE pairs (idx1, idx2): channel i with i + D/2 (NeoX) or 2i with 2i + 1 (GPT-J)
-        idx1 = o_i
-        idx2 = o_i + HALF
-    else:
-        idx1 = 2 * o_i
-        idx2 = 2 * o_i + 1
     p_q = q_ptr + (q_start + tok).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh
-    b_q1 = tl.load(p_q + idx1[None, :], mask=m_row[:, None], other=0.0).to(tl.float32)
-    b_q2 = tl.load(p_q + idx2[None, :], mask=m_row[:, None], other=0.0).to(tl.float32)
     dt = q_ptr.dtype.element_ty
     kcb = kcb_ptr + i_kvh * (GK * 256 * CK)
     vcb = vcb_ptr + i_kvh * (GV * 256 * CV)
     o_d = tl.arange(0, D)
     o_nt = tl.arange(0, BLOCK_N)
-    if HAS_ROPE:
-        # A key at position P + n is rotated as R(P) R(n): R(n) for the tile's local offsets n is
-        # loaded once here; R(-P) is applied to the (few) query rows per tile instead of to the keys.
-        m_nt = o_nt < rope_rows
-        p_cs = cos_sin_ptr + o_nt[:, None] * stride_cs + o_i[None, :]
-        cos_n = tl.load(p_cs, mask=m_nt[:, None], other=1.0)
-        sin_n = tl.load(p_cs + HALF, mask=m_nt[:, None], other=0.0)
 
     # keys this query block can see, split into segments of whole tiles
     kv_len, t_lo, t_hi = kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q, BLOCK_N, NUM_SEGMENTS)
@@ -132,34 +194,12 @@ def _cq_attention_kernel(
         m_n = o_n < kv_len
         blk = tl.load(p_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
         p_slot = cache_ptr + blk * stride_cb + i_kvh * stride_ch + (o_n % block_size) * stride_co  # [BLOCK_N]
-        if ABLATE & 1:  # profiling only: code bytes instead of centroids (no K gathers)
-            k1 = tl.load(p_slot[:, None] + (o_i // CK)[None, :], mask=m_n[:, None], other=0).to(tl.float32)
-            k2 = k1
-        elif IS_NEOX:
-            k1 = _gather_half(p_slot, m_n, kcb, 0, HALF // CK, CK, BLOCK_N).to(tl.float32)
-            k2 = _gather_half(p_slot, m_n, kcb, HALF // CK, HALF // CK, CK, BLOCK_N).to(tl.float32)
-        else:
-            b_k = _gather_half(p_slot, m_n, kcb, 0, GK, CK, BLOCK_N).to(tl.float32)
-            k1, k2 = tl.split(tl.reshape(b_k, (BLOCK_N, HALF, 2)))
-        if HAS_ROPE and not (ABLATE & 4):
-            p_cs0 = cos_sin_ptr + t * BLOCK_N * stride_cs
-            cos_p = tl.load(p_cs0 + o_i)[None, :]
-            sin_p = tl.load(p_cs0 + HALF + o_i)[None, :]
-            qr1 = (b_q1 * cos_p + b_q2 * sin_p).to(dt)
-            qr2 = (b_q2 * cos_p - b_q1 * sin_p).to(dt)
-            r1 = (k1 * cos_n - k2 * sin_n).to(dt)
-            r2 = (k2 * cos_n + k1 * sin_n).to(dt)
-        else:
-            qr1 = b_q1.to(dt)
-            qr2 = b_q2.to(dt)
-            r1 = tl.where(m_n[:, None], k1, 0.0).to(dt)
-            r2 = tl.where(m_n[:, None], k2, 0.0).to(dt)
-        if IEEE:
-            b_s = tl.dot(qr1, tl.trans(r1), input_precision="ieee")
-            b_s = tl.dot(qr2, tl.trans(r2), b_s, input_precision="ieee")
-        else:
-            b_s = tl.dot(qr1, tl.trans(r1))
-            b_s = tl.dot(qr2, tl.trans(r2), b_s)
+        b_s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for c in tl.static_range(K_PARTS):
+            b_s = _qk_part(
+                b_s, p_q, m_row, p_slot, m_n, o_n, t, kcb, cos_sin_ptr, stride_cs, rope_rows, c, HALF // K_PARTS,
+                HALF, CK, BLOCK_N, IS_NEOX, HAS_ROPE, ROPE_SPLIT, ABLATE, IEEE,
+            )  # fmt: skip
         b_s = b_s * qk_scale
         visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
         b_s = tl.where(visible, b_s, float("-inf"))
@@ -200,12 +240,18 @@ def paged_attention(
     num_stages: int | None = None,
     block_m: int | None = None,
     head_major: bool = True,
+    rope_split: bool = False,
+    k_parts: int | None = None,
     _ablate: int = 0,
 ) -> torch.Tensor:
     """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
     queries query_start_loc[s]:[s+1], its last tokens. Codebooks may be float32 or the model dtype
     (what the tensor-core products run in). Requires 8-bit codes, a power-of-two head_dim and (with
-    RoPE) rotary_dim == head_dim. `max_query_len` picks the decode (split) or prefill tiling."""
+    RoPE) rotary_dim == head_dim. `max_query_len` picks the decode (split) or prefill tiling;
+    `rope_split` the register-heavy R(P) R(n) rotation (a tuning option, see the module docstring);
+    `k_parts` (a power of two; default 2 decode, 4 prefill) splits each key tile's RoPE pairs into
+    parts gathered, rotated and multiplied one after another, so fewer float32 values are live (capped
+    so a part holds >= 16 pairs, what a tensor-core product needs, and whole centroids)."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -224,8 +270,11 @@ def paged_attention(
     if t == 0:
         return out
     decode = max_query_len <= 1
+    k_parts = k_parts or (2 if decode else 4)  # kernel_resources.py: 4 spills in cq2 decode
+    assert k_parts & (k_parts - 1) == 0, "k_parts must be a power of two"
+    k_parts = max(1, min(k_parts, (d // 2) // max(16, ck)))
     plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, block_m)
-    block_n = block_n or (64 if decode else 32)
+    block_n = block_n or 32  # decode at 64: twice the registers and shared memory (kernel_resources.py)
     nq = plan.num_query_blocks(t, num_seqs)
     grid = (nq, plan.num_segments, hkv) if head_major else (nq, hkv, plan.num_segments)
     _cq_attention_kernel[grid](
@@ -268,6 +317,8 @@ def paged_attention(
         IEEE=query.dtype == torch.float32,
         HEAD_MAJOR=head_major,
         ABLATE=_ablate,
+        ROPE_SPLIT=rope_split,
+        K_PARTS=k_parts,
         num_warps=num_warps or 4,
         num_stages=num_stages or (3 if decode else 1),
     )

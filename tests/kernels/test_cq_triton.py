@@ -127,6 +127,33 @@ def test_mixed_prefill_batches_match_reference(seed, fmt_name, hkv, ratio, is_ne
 
 
 @runs_kernels
+@pytest.mark.parametrize(
+    "fmt_name, ratio, is_neox, decode_only",
+    [("cq1", 2, True, True), ("cq_k4v1", 4, False, False)],
+    ids=["cq1-neox-decode", "cq_k4v1-gptj-mixed"],
+)
+def test_rope_split_matches_reference(fmt_name, ratio, is_neox, decode_only):
+    """The R(P) R(n) rotation (a tuning option, not the default) gives the reference's scores too."""
+    seqs = random_batch(200, decode_only=decode_only)
+    check_attention(fmt_name, seqs, 2, ratio, 32, is_neox, True, block_n=16, rope_split=True)
+
+
+@runs_kernels
+@pytest.mark.parametrize("k_parts", [2, 4])
+@pytest.mark.parametrize(
+    "fmt_name, ratio, is_neox, rope_split",
+    [("cq1", 2, True, False), ("cq4", 4, True, False), ("cq_k4v1", 4, False, False), ("cq2", 2, True, True)],
+    ids=["cq1-neox", "cq4-neox", "cq_k4v1-gptj", "cq2-neox-split"],
+)
+def test_key_parts_match_reference(k_parts, fmt_name, ratio, is_neox, rope_split):
+    """Key tiles in 2 or 4 parts of RoPE pairs (head_dim 64 and 128: a part needs >= 16 pairs), decode
+    and mixed batches."""
+    for d, decode_only in ((64, True), (128, False)):
+        seqs = random_batch(300 + k_parts, decode_only=decode_only, max_len=40)
+        check_attention(fmt_name, seqs, 2, ratio, d, is_neox, True, k_parts=k_parts, rope_split=rope_split)
+
+
+@runs_kernels
 def test_attention_padded_batch_leaves_real_rows_exact():
     """CUDA-graph padding: extra sequences with no new tokens or no keys, and padded query rows past
     query_start_loc[-1], must not disturb the real rows (and must not be written)."""
