@@ -10,6 +10,11 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
   triton  vllm.v1.attention.ops.triton_unified_attention.unified_attention (TRITON_ATTN backend):
           2D kernel for prefill and batch > 16, 3D split-softmax kernel for batch <= 16; bf16 and fp8
   cq      vllm_cq.kernels.cq.ops.paged_attention / write_kv_cache per format (cq4, cq2, cq1, cq_k4v1)
+  tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
+  tq-lw   the same KVTQ attention with levelwise="kv" (digits straight into the dots, scales once per
+          level and group; `kernels/kvtq/triton_ops.py`), tq-lw-k / tq-lw-v one side only; opt-in:
+          picked by name (kvtq:levelwise, kvtq1:levelwise-k, ...), backend, `levelwise` or `all`,
+          never by the kv dtype alone; no write rows (same write kernel as tq)
 
 Rows: decode (one new token per sequence) at --contexts x --batches; prefill (one sequence, causal,
 whole prompt new, or only its last --prefill-chunk tokens new); write (store one decode step's new K/V
@@ -71,7 +76,16 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq:cq_k4v2": ("cq", "cq_k4v2"),
     "tq:kvtq": ("tq", "kvtq"),
     "tq:kvtq1": ("tq", "kvtq1"),
+    "kvtq:levelwise": ("tq-lw", "kvtq"),
+    "kvtq1:levelwise": ("tq-lw", "kvtq1"),
+    "kvtq:levelwise-k": ("tq-lw-k", "kvtq"),
+    "kvtq1:levelwise-k": ("tq-lw-k", "kvtq1"),
+    "kvtq:levelwise-v": ("tq-lw-v", "kvtq"),
+    "kvtq1:levelwise-v": ("tq-lw-v", "kvtq1"),
 }
+# KVTQ attention variants (backend -> ops.paged_attention(levelwise=...)); all but "tq" are opt-in
+TQ_LEVELWISE = {"tq": "none", "tq-lw": "kv", "tq-lw-k": "k", "tq-lw-v": "v"}
+OPT_IN = {"tq-lw", "tq-lw-k", "tq-lw-v"}  # not picked by their kv dtype, so `--backends kvtq` stays as it was
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
 
 
@@ -395,12 +409,15 @@ def _cq_fn(inp: Inputs, fmt_name: str, kind: str) -> Callable[[], Any]:
     )
 
 
-def _tq_fn(inp: Inputs, fmt_name: str, kind: str) -> Callable[[], Any]:
+def _tq_fn(inp: Inputs, fmt_name: str, kind: str, levelwise: str = "none") -> Callable[[], Any]:
     """KVTQ (`vllm_cq.kernels.kvtq.ops`): no codebooks, keys stored post-RoPE; random bytes in the
-    cache are valid digits only up to 242 per byte, which does not change the work done."""
+    cache are valid digits only up to 242 per byte, which does not change the work done. `levelwise`
+    other than "none" times the level-wise attention kernel (attention rows only)."""
     from vllm_cq.formats import get_format
     from vllm_cq.kernels.kvtq import ops
 
+    if levelwise != "none" and kind == "write":
+        raise Unsupported("the level-wise variants change attention only; the write is tq's")
     case, dev = inp.case, inp.device
     fmt = get_format(fmt_name)
     name = f"tq-{fmt_name}"
@@ -411,9 +428,10 @@ def _tq_fn(inp: Inputs, fmt_name: str, kind: str) -> Callable[[], Any]:
     if kind == "write":
         return lambda: ops.write_kv_cache(inp.key, inp.value, cache, inp.slot_mapping, fmt)
     out = torch.empty(inp.num_tokens, HQ, HEAD_DIM, dtype=MODEL_DTYPE, device=dev)
+    lw = {} if levelwise == "none" else {"levelwise": levelwise}  # the default call stays the backend's
     return lambda: ops.paged_attention(
         inp.query, cache, fmt, inp.block_table, inp.seq_lens, inp.query_start_loc, SCALE,
-        max_query_len=case.q_len, out=out,
+        max_query_len=case.q_len, out=out, **lw,
     )  # fmt: skip
 
 
@@ -429,8 +447,8 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _triton_fn(inp, kv, kind)
     if backend == "cq":
         return _cq_fn(inp, kv, kind)
-    if backend == "tq":
-        return _tq_fn(inp, kv, kind)
+    if backend in TQ_LEVELWISE:
+        return _tq_fn(inp, kv, kind, TQ_LEVELWISE[backend])
     raise ValueError(backend)
 
 
@@ -697,13 +715,18 @@ def ints(s: str) -> list[int]:
     return out
 
 
+def _names(name: str, b: str, kv: str) -> tuple[str, ...]:
+    """What a --backends entry may say to pick BACKENDS[name]: opt-in variants not their kv dtype."""
+    return (name, b, "levelwise") if b in OPT_IN else (name, b, kv)
+
+
 def select_backends(spec: str) -> list[tuple[str, str]]:
     toks = [t.strip() for t in spec.split(",") if t.strip()]
     out = []
     for name, (b, kv) in BACKENDS.items():
-        if "all" in toks or any(t in (name, b, kv) for t in toks):
+        if "all" in toks or any(t in _names(name, b, kv) for t in toks):
             out.append((b, kv))
-    unknown = [t for t in toks if t != "all" and not any(t in (n, b, kv) for n, (b, kv) in BACKENDS.items())]
+    unknown = [t for t in toks if t != "all" and not any(t in _names(n, b, kv) for n, (b, kv) in BACKENDS.items())]
     if unknown:
         raise SystemExit(f"unknown --backends entries {unknown}; known: {', '.join(BACKENDS)}")
     return out

@@ -1,16 +1,23 @@
-"""Registers, spills and shared memory of the cq Triton kernels, compiled ahead of time for a GPU
-architecture (default sm_90) on any machine, GPU or not: Triton's own compiler and the ptxas and
-cuobjdump it ships. Not a benchmark: it shows occupancy limits before GPU time is spent (an H100/H200
-SM has 64K registers, so 4 warps at 255 registers leave room for two programs).
+"""Registers, spills, shared memory and static SASS instruction counts of the cq and KVTQ Triton
+kernels, compiled ahead of time for a GPU architecture (default sm_90) on any machine, GPU or not:
+Triton's own compiler and the ptxas and cuobjdump it ships. Not a benchmark: it shows occupancy
+limits before GPU time is spent (an H100/H200 SM has 64K registers, so 4 warps at 255 registers
+leave room for two programs). Instruction counts are static (the cubin's SASS, whole kernel and the
+largest loop, i.e. one KV tile of the attention kernels), not executed counts.
 
     python benchmarks/kernel_resources.py                    # Llama-3.1-8B attention shape, all cq formats
     python benchmarks/kernel_resources.py --formats cq1 --block-n 32 --num-warps 8
+    python benchmarks/kernel_resources.py --formats kvtq,kvtq:levelwise,kvtq1,kvtq1:levelwise
+
+KVTQ names take the attention_bench.py suffixes for the kernel's level-wise variants:
+kvtq:levelwise (keys and values), kvtq:levelwise-k, kvtq:levelwise-v.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import tempfile
 from typing import Any
@@ -21,6 +28,9 @@ from triton.compiler import ASTSource
 
 from vllm_cq.formats import get_format
 from vllm_cq.kernels.cq import attention, write
+from vllm_cq.kernels.kvtq import triton_ops as tq
+
+TQ_VARIANTS = {"": "none", "levelwise": "kv", "levelwise-k": "k", "levelwise-v": "v"}  # as in attention_bench
 
 
 def compile_aot(
@@ -69,6 +79,46 @@ def resources(kernel: Any) -> dict[str, int]:
     got = dict(tok.split(":", 1) for tok in fields.split() if ":" in tok)
     res = {k.lower(): int(got.get(k, 0)) for k in ("REG", "STACK", "SHARED")}
     res["dynamic_shared"] = int(kernel.metadata.shared)
+    res.update(sass_counts(kernel))
+    return res
+
+
+SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+SASS_CLASSES = {
+    "mma": ("HMMA", "HGMMA", "IMMA"),
+    "fp32": ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP", "FRND", "MUFU"),
+    "ld_global": ("LDG",),
+    "smem": ("LDS", "STS", "LDSM"),
+    "local": ("LDL", "STL"),
+}
+
+
+def sass_counts(kernel: Any) -> dict[str, int]:
+    """Static SASS instruction counts (NOPs excluded), for the whole kernel and for its largest loop
+    (the span of the longest backward branch): per class in SASS_CLASSES, `instrs` and `loop_*`."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    ins = []  # (address, opcode, operands)
+    for m in SASS_LINE.finditer(out):
+        ins.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    loop = (0, -1)
+    for addr, op, args in ins:
+        tgt = re.search(r"0x([0-9a-f]+)", args) if op == "BRA" else None
+        if tgt and int(tgt.group(1), 16) < addr and addr - int(tgt.group(1), 16) > loop[1] - loop[0]:
+            loop = (int(tgt.group(1), 16), addr)
+
+    def count(sel: list[tuple[int, str, str]]) -> dict[str, int]:
+        ops = [op.split(".")[0] for _, op, _ in sel if not op.startswith("NOP")]
+        c = {"instrs": len(ops)}
+        for name, prefixes in SASS_CLASSES.items():
+            c[name] = sum(op in prefixes for op in ops)
+        return c
+
+    res = count(ins)
+    res.update({f"loop_{k}": v for k, v in count([i for i in ins if loop[0] <= i[0] <= loop[1]]).items()})
     return res
 
 
@@ -109,6 +159,50 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
     return dict(kernel="attention", kind="decode" if decode else "prefill", block_n=c["BLOCK_N"], **resources(k))
 
 
+def tq_attention_kernel(name: str, decode: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """KVTQ attention as `kvtq/triton_ops.paged_attention` launches it (key tile 32, 4 warps, Triton's
+    default 3 stages), `name` = format[:variant]."""
+    fmt_name, _, variant = name.partition(":")
+    fmt, d, g = get_format(fmt_name), args.head_dim, args.q_heads // args.kv_heads
+    lw_k, lw_v = tq.levelwise_sides(TQ_VARIANTS[variant], fmt.key, fmt.value, d)
+    segments = 16 if decode else 1
+    block_m = max(16, triton.next_power_of_2(g)) if decode else max(16, triton.next_power_of_2(g), 64)
+    c = dict(
+        G=g, D=d, LK=fmt.key.levels, GK=fmt.key.group, LV=fmt.value.levels, GV=fmt.value.group,
+        NB=fmt.key.digit_bytes(d), BLOCK_Q=1 if decode else max(1, block_m // g), BLOCK_M=block_m,
+        BLOCK_N=args.block_n or 32, NUM_SEGMENTS=segments, IEEE=False, LEVELWISE_K=lw_k, LEVELWISE_V=lw_v,
+    )  # fmt: skip
+    ptr = dict(
+        q_ptr="*bf16", out_ptr="*fp32" if segments > 1 else "*bf16", ml_ptr="*fp32", cache_ptr="*u8",
+        block_table_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32",
+    )  # fmt: skip
+    k = compile_aot(
+        tq._tq_attention_kernel, ptr, c, {"qk_scale"}, args.arch, num_warps=args.num_warps,
+        num_stages=args.num_stages or 3,
+    )  # fmt: skip
+    return dict(kernel="attention", kind="decode" if decode else "prefill", block_n=c["BLOCK_N"], **resources(k))
+
+
+def tq_write_kernel(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    fmt, d = get_format(name.partition(":")[0]), args.head_dim
+    nb = fmt.key.digit_bytes(d)
+    c = dict(
+        D=d, LK=fmt.key.levels, GK=fmt.key.group, LV=fmt.value.levels, GV=fmt.value.group, NB=nb,
+        NB_PAD=triton.next_power_of_2(nb),
+    )  # fmt: skip
+    ptr = dict(k_ptr="*bf16", v_ptr="*bf16", cache_ptr="*u8", slot_ptr="*i64")
+    k = compile_aot(tq._write_kernel, ptr, c, set(), args.arch, num_warps=4)
+    return dict(kernel="write", kind="", block_n=None, **resources(k))
+
+
+def kernels_of(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Decode and prefill attention, and the write (not for level-wise names: the write is shared)."""
+    if get_format(name.partition(":")[0]).family == "tq":
+        rows = [tq_attention_kernel(name, True, args), tq_attention_kernel(name, False, args)]
+        return rows + ([] if ":" in name else [tq_write_kernel(name, args)])
+    return [attention_kernel(name, True, args), attention_kernel(name, False, args), write_kernel(name, args)]
+
+
 def write_kernel(fmt_name: str, args: argparse.Namespace) -> dict[str, Any]:
     fmt, d = get_format(fmt_name), args.head_dim
     c = dict(
@@ -139,13 +233,25 @@ def main() -> None:
     args = p.parse_args()
     shape = f"head_dim {args.head_dim}, {args.q_heads}/{args.kv_heads} heads"
     print(f"sm_{args.arch}, triton {triton.__version__}, {shape}")
-    print("| format | kernel | kind | key tile | registers | spill bytes | dynamic smem | programs/SM |")
-    print("|---|---|---|---|---|---|---|---|")
+    cls = list(SASS_CLASSES)
+    print(
+        "| format | kernel | kind | key tile | registers | spill bytes | dynamic smem | programs/SM | SASS instrs | "
+        + " | ".join(cls)
+        + " | loop instrs | "
+        + " | ".join(f"loop {c}" for c in cls)
+        + " |"
+    )
+    print("|---" * (10 + 2 * len(cls)) + "|")
     for name in args.formats.split(","):
-        for r in (attention_kernel(name, True, args), attention_kernel(name, False, args), write_kernel(name, args)):
+        for r in kernels_of(name, args):
             print(
                 f"| {name} | {r['kernel']} | {r['kind']} | {r['block_n'] or ''} | {r['reg']} | {r['stack']} "
-                f"| {r['dynamic_shared']} | {programs_per_sm(r, args.num_warps if r['kernel'] == 'attention' else 4)} |"
+                f"| {r['dynamic_shared']} | {programs_per_sm(r, args.num_warps if r['kernel'] == 'attention' else 4)} "
+                f"| {r['instrs']} | "
+                + " | ".join(str(r[c]) for c in cls)
+                + f" | {r['loop_instrs']} | "
+                + " | ".join(str(r[f"loop_{c}"]) for c in cls)
+                + " |"
             )
 
 

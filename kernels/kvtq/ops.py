@@ -33,8 +33,12 @@ def paged_attention(
     scale: float,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
+    levelwise: str = "none",
 ) -> torch.Tensor:
-    """Causal attention over the KVTQ paged cache, into `out` when given (else query's dtype)."""
+    """Causal attention over the KVTQ paged cache, into `out` when given (else query's dtype).
+    `levelwise` selects the Triton kernel's level-wise sides ("none", "k", "v", "kv"; see
+    `triton_ops`) for benchmarks; the vLLM backend keeps the default, and the reference path computes
+    the same attention either way."""
     d = query.shape[-1]
     if not (triton_enabled(query.device) and d & (d - 1) == 0 and d >= 16):
         res = naive.paged_attention(query, kv_cache, fmt, block_table, seq_lens, query_start_loc, scale)
@@ -43,4 +47,7 @@ def paged_attention(
 
     if max_query_len is None:
         max_query_len = max_query_len_of(query_start_loc)
-    return triton_attention(query, kv_cache, fmt, block_table, seq_lens, query_start_loc, scale, max_query_len, out=out)
+    return triton_attention(
+        query, kv_cache, fmt, block_table, seq_lens, query_start_loc, scale, max_query_len, out=out,
+        levelwise=levelwise,
+    )  # fmt: skip

@@ -145,18 +145,69 @@ def test_write_kernel_matches_reference(fmt_name, heads, d):
     assert rel_err(gk, wk) < 1e-3
 
 
-@runs_kernels
-@pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("decode, segments", [(True, 1), (True, 4), (False, None)])
-@pytest.mark.parametrize("fmt_name, hkv, ratio", [("kvtq", 2, 4), ("kvtq1", 1, 3)])
-def test_attention_kernel_matches_reference(seed, decode, segments, fmt_name, hkv, ratio):
+def check_kernel(fmt_name, seqs, hkv, ratio, d, dtype=torch.float32, tol=1e-4, **kw):
+    """Triton attention vs the reference on a cache the reference wrote (free slots poisoned)."""
     from vllm_cq.kernels.kvtq import triton_ops
 
-    fmt, d, bs = get_format(fmt_name), 32, 16
-    seqs = random_batch(seed + (0 if decode else 50), decode_only=decode)
+    fmt, bs = get_format(fmt_name), 16
     cache, table, seq_lens, qsl = fill(fmt, seqs, hkv, d, bs)
     q = torch.randn(int(qsl[-1]), hkv * ratio, d)
     want = naive.paged_attention(q, cache, fmt, table, seq_lens, qsl, d**-0.5)
-    args = [t.to(DEVICE) for t in (q, cache)] + [fmt] + [t.to(DEVICE) for t in (table, seq_lens, qsl)]
-    got = triton_ops.paged_attention(*args, d**-0.5, max(ql for _, ql in seqs), num_segments=segments, block_n=16)
-    assert rel_err(got.float().cpu(), want) < 1e-4, seqs
+    args = [t.to(DEVICE) for t in (q.to(dtype), cache)] + [fmt] + [t.to(DEVICE) for t in (table, seq_lens, qsl)]
+    got = triton_ops.paged_attention(*args, d**-0.5, max(ql for _, ql in seqs), **kw)
+    assert got.dtype == dtype
+    err = rel_err(got.float().cpu(), want)
+    assert err < tol, (err, seqs)
+
+
+@runs_kernels
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("decode, segments", [(True, 1), (True, 4), (False, None)])
+@pytest.mark.parametrize(
+    "fmt_name, hkv, ratio, d", [("kvtq", 2, 4, 32), ("kvtq1", 1, 3, 32), ("kvtq", 1, 8, 128), ("kvtq1", 2, 2, 64)]
+)
+@pytest.mark.parametrize("levelwise", ["none", "kv"])
+def test_attention_kernel_matches_reference(seed, decode, segments, fmt_name, hkv, ratio, d, levelwise):
+    """Tile-rebuilding and level-wise kernels; head_dim 64 and 128 give 2 and 4 groups per head, so
+    the level-wise batched dots run over several groups."""
+    seqs = random_batch(seed + (0 if decode else 50), decode_only=decode)
+    check_kernel(fmt_name, seqs, hkv, ratio, d, num_segments=segments, block_n=16, levelwise=levelwise)
+
+
+@runs_kernels
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("levelwise", ["k", "v"])
+def test_one_side_levelwise_matches_reference(case, levelwise):
+    """Each side's switch alone (the other side rebuilding its tile), over the reference cases."""
+    check_kernel("kvtq", CASES[case], 2, 4, 64, block_n=16, levelwise=levelwise)
+
+
+# Triton 3.9's interpreter returns garbage from a bf16 tl.dot (numpy has no bf16): GPU only there.
+BF16 = pytest.param(
+    torch.bfloat16, id="bf16", marks=pytest.mark.skipif(INTERPRETED, reason="interpreter bf16 dot is wrong")
+)
+
+
+@runs_kernels
+@pytest.mark.parametrize("levelwise", ["none", "kv"])
+@pytest.mark.parametrize("dtype", [BF16, pytest.param(torch.float16, id="fp16")])
+def test_attention_kernel_half_precision(levelwise, dtype):
+    """Model-dtype queries take the tensor-core (non-IEEE) dots; digits are exact in both dtypes, so
+    the tolerance is half precision's (as in test_cq_triton)."""
+    seqs = random_batch(7, decode_only=False)
+    check_kernel("kvtq", seqs, 2, 4, 128, dtype=dtype, tol=2e-2, levelwise=levelwise)
+
+
+@reference_only
+def test_levelwise_mode_is_checked():
+    from vllm_cq.kernels.kvtq.triton_ops import levelwise_sides
+
+    fmt = get_format("kvtq")
+    assert levelwise_sides("none", fmt.key, fmt.value, 128) == (False, False)
+    assert levelwise_sides("kv", fmt.key, fmt.value, 128) == (True, True)
+    with pytest.raises(ValueError):
+        levelwise_sides("levelwise", fmt.key, fmt.value, 128)
+    g8, g32 = TernarySpec(2, group=8), TernarySpec(2, group=32)  # 8 channels: below a tensor-core tile
+    assert levelwise_sides("v", g8, g32, 64) == (False, True)
+    with pytest.raises(ValueError):
+        levelwise_sides("k", g8, g32, 64)
