@@ -24,11 +24,12 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
 from typing import Any
+
+from vllm_cq.child import TIMEOUT_RC, run_logged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKLOADS = {"128x4096+512": (128, 4096, 512), "96x8192+256": (96, 8192, 256)}
@@ -161,7 +162,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
 
 def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, int]], engine: dict) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from vllm_cq.capacity import dump_stacks_from_env
+    from vllm_cq.child import dump_stacks_from_env
 
     dump_stacks_from_env()  # VLLM_CQ_STACK_DUMP_S: a start or step that hangs says where, in the engine log
     from vllm import LLM, SamplingParams
@@ -256,8 +257,6 @@ def ensure_codebooks(model: str, fmt: str) -> str | None:
 def run_child(args: argparse.Namespace, fmt: str, log_path: str, timeout: float) -> tuple[int, str]:
     """Run the dtype's engine in a subprocess; its output goes to log_path, its '[fmt] ...' progress
     lines are echoed. Returns (rc, last lines worth showing); rc 124 on timeout."""
-    import threading
-
     cmd = [sys.executable, os.path.abspath(__file__), args.model, "--one", fmt, "--out", args.out]
     cmd += ["--workloads", ",".join(args.workload_names), "--engine", json.dumps(args.engine_user)]
     cmd += ["--tag", args.tag or "", "--warmup", args.warmup_str]
@@ -266,44 +265,19 @@ def run_child(args: argparse.Namespace, fmt: str, log_path: str, timeout: float)
     tail: list[str] = []
     with open(log_path, "a") as log:
         log.write(f"\n==== {datetime.datetime.now().isoformat(timespec='seconds')} {' '.join(cmd)}\n")
-        log.flush()
-        # Own session: on timeout the whole group goes (vLLM's engine core is a grandchild holding GPU memory).
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
-        def pump() -> None:
-            assert p.stdout is not None
-            for ln in p.stdout:
-                log.write(ln)
-                log.flush()
-                if ln.startswith("["):
-                    print("  " + ln.rstrip(), flush=True)
-                if ln.startswith("[") or "Error" in ln or "error:" in ln:
-                    tail.append(ln.rstrip())
-                    del tail[:-30]
+    def echo(ln: str) -> bool:
+        if ln.startswith("["):
+            print("  " + ln.rstrip(), flush=True)
+        if ln.startswith("[") or "Error" in ln or "error:" in ln:
+            tail.append(ln.rstrip())
+            del tail[:-30]
+        return False  # every line also goes to the log
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(p)
-            rc = 124
-        reader.join(timeout=10)
+    # own session: on timeout the whole group goes (vLLM's engine core is a grandchild holding GPU memory)
+    rc = run_logged(cmd, log_path, timeout, on_line=echo, mode="a")
     msg = "\n".join(tail[-8:])
-    return rc, (f"timed out after {timeout:.0f} s\n{msg}" if rc == 124 else msg)
-
-
-def _kill_group(p: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(p.pid, sig)  # the group this script started (start_new_session): only its own processes
-        except ProcessLookupError:
-            return
-        try:
-            p.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    return rc, (f"timed out after {timeout:.0f} s\n{msg}" if rc == TIMEOUT_RC else msg)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -50,6 +50,9 @@ def main() -> None:
         result["rows"].append(r)
         with open(path, "w") as f:  # rewritten after every format: a cut-short run keeps its rows
             json.dump(result, f, indent=2)
+        if "error" in r:
+            print(f"{r['kv_cache_dtype']:>8}: failed ({r['error']})", flush=True)
+            continue
         dt, tok, fac, nb, sec = (
             r["kv_cache_dtype"],
             r["kv_cache_tokens"],

@@ -10,23 +10,17 @@ over the first one. On CPU set VLLM_CPU_KVCACHE_SPACE (GiB) so every engine gets
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import os
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
+from vllm_cq.child import TIMEOUT_RC, dump_stacks_from_env, run_logged
 
-def dump_stacks_from_env() -> None:
-    """VLLM_CQ_STACK_DUMP_S=N: print every thread's stack to stderr every N seconds, so an engine
-    start or step that hangs says where (with VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core is in
-    this process). Used by the capacity and e2e benchmark children."""
-    dump = float(os.environ.get("VLLM_CQ_STACK_DUMP_S", "0") or 0)
-    if dump > 0:
-        faulthandler.dump_traceback_later(dump, repeat=True, file=sys.stderr)
+RESULT = "VLLM_CQ_CAPACITY "  # prefix of the child's result line (vLLM logs to the same stdout)
 
 
 def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict[str, Any]:
@@ -53,33 +47,45 @@ def iter_measure(
     model: str, formats: list[str], engine: dict[str, Any], timeout: float = 900, log_dir: str | None = None
 ) -> Iterator[dict]:
     """Capacity per format, each in a fresh subprocess, yielded as soon as it is known (with `factor`
-    relative to the first format), so a run cut short keeps what it measured. With `log_dir`, each
-    engine's log goes to LOG_DIR/capacity-FORMAT.log as it runs (kept when a start hangs or fails)."""
+    relative to the first format measured), so a run cut short keeps what it measured. Each engine's
+    output goes to LOG_DIR/capacity-FORMAT.log as it runs (a temporary directory without `log_dir`),
+    kept when a start hangs or fails. A format that fails or outlasts `timeout` yields a row with
+    `error` (its engine's process group stopped) and the next format still runs."""
     first = None
+    log_dir = log_dir or tempfile.mkdtemp(prefix="vllm-cq-capacity-")
+    os.makedirs(log_dir, exist_ok=True)
     for fmt in formats:
         cmd = [sys.executable, "-m", "vllm_cq.capacity", model, "--one", fmt, "--engine", json.dumps(engine)]
+        log_path = os.path.join(log_dir, f"capacity-{fmt}.log")
+        rows: list[str] = []
+
+        def keep(line: str, rows: list[str] = rows) -> bool:
+            if line.startswith(RESULT):
+                rows.append(line[len(RESULT) :])
+                return True
+            return False
+
         t0 = time.perf_counter()
-        if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            log_path = os.path.join(log_dir, f"capacity-{fmt}.log")
-            with open(log_path, "w") as log:
-                out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, timeout=timeout)
-            err = f"see {log_path}"
-        else:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            err = out.stderr[-4000:]
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-        if out.returncode != 0 or not lines:
-            raise RuntimeError(f"capacity run for {fmt} failed (rc {out.returncode}):\n{err}")
-        row = json.loads(lines[-1])
+        rc = run_logged(cmd, log_path, timeout, on_line=keep)
+        seconds = round(time.perf_counter() - t0, 1)
+        if rc != 0 or not rows:
+            why = f"timed out after {timeout:.0f} s" if rc == TIMEOUT_RC else f"exit code {rc}"
+            yield {"kv_cache_dtype": fmt, "error": f"{why}, see {log_path}", "engine_seconds": seconds}
+            continue
+        row = json.loads(rows[-1])
         first = first or row["kv_cache_tokens"]
         row["factor"] = row["kv_cache_tokens"] / first
-        row["engine_seconds"] = round(time.perf_counter() - t0, 1)
+        row["engine_seconds"] = seconds
         yield row
 
 
 def measure(model: str, formats: list[str], engine: dict[str, Any], timeout: float = 900) -> list[dict]:
-    return list(iter_measure(model, formats, engine, timeout))
+    """Every format's row; raises if one failed (its log path is in the message)."""
+    rows = list(iter_measure(model, formats, engine, timeout))
+    bad = [f"{r['kv_cache_dtype']}: {r['error']}" for r in rows if "error" in r]
+    if bad:
+        raise RuntimeError("capacity run failed for " + "; ".join(bad))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     engine = json.loads(args.engine)
     if args.one:
-        print(json.dumps(measure_one(args.model, args.one, engine)), flush=True)
+        print(RESULT + json.dumps(measure_one(args.model, args.one, engine)), flush=True)
         return 0
-    for r in measure(args.model, args.formats.split(","), engine):
-        print(f"{r['kv_cache_dtype']:>10}: {r['kv_cache_tokens']:>12,} tokens ({r['factor']:.2f}x)")
-    return 0
+    failed = False
+    for r in iter_measure(args.model, args.formats.split(","), engine):
+        if "error" in r:
+            failed = True
+            print(f"{r['kv_cache_dtype']:>10}: failed ({r['error']})")
+        else:
+            print(f"{r['kv_cache_dtype']:>10}: {r['kv_cache_tokens']:>12,} tokens ({r['factor']:.2f}x)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ import datetime as dt
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vllm_cq.child import TIMEOUT_RC, dump_stacks_from_env, run_logged
 from vllm_cq.eval import passkey, ppl, report
 
 PROGRESS = "@@vllm-cq-eval "
@@ -134,6 +133,7 @@ def run_child(job_path: str, fmt: str, result_path: str) -> int:
     with open(job_path, encoding="utf-8") as f:
         job = json.load(f)
     t0 = time.perf_counter()
+    dump_stacks_from_env()  # VLLM_CQ_STACK_DUMP_S: a start that hangs says where, in the format's log
     _say(stage="starting engine")
     import vllm
     from vllm import LLM
@@ -238,29 +238,20 @@ def run_format(
     cmd = [sys.executable, "-m", "vllm_cq.eval.runner", "--child", fmt, job_path, result_path]
     t0 = time.perf_counter()
     done = 0
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, errors="replace"
-        )
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
-        if timer:
-            timer.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith(PROGRESS):
-                    msg = json.loads(line[len(PROGRESS) :])
-                    if "advance" in msg:
-                        bar.update(msg["advance"])
-                        done += msg["advance"]
-                    if "stage" in msg:
-                        bar.set_postfix_str(f"{fmt}: {msg['stage']}")
-                else:
-                    log.write(line)
-            rc = proc.wait()
-        finally:
-            if timer:
-                timer.cancel()
+
+    def progress(line: str) -> bool:
+        nonlocal done
+        if not line.startswith(PROGRESS):
+            return False
+        msg = json.loads(line[len(PROGRESS) :])
+        if "advance" in msg:
+            bar.update(msg["advance"])
+            done += msg["advance"]
+        if "stage" in msg:
+            bar.set_postfix_str(f"{fmt}: {msg['stage']}")
+        return True
+
+    rc = run_logged(cmd, log_path, timeout, env=env, on_line=progress)
     seconds = round(time.perf_counter() - t0, 1)
     if rc == 0 and os.path.isfile(result_path):
         with open(result_path, encoding="utf-8") as f:
@@ -269,7 +260,7 @@ def run_format(
         return row
     with open(log_path, encoding="utf-8", errors="replace") as f:
         tail = f.read()[-6000:]
-    why = "timed out" if timeout and seconds >= timeout else f"exit code {rc}"
+    why = f"timed out after {timeout:.0f} s" if rc == TIMEOUT_RC and timeout else f"exit code {rc}"
     return {"format": fmt, "error": f"{why}: {_error_line(tail)}", "log": log_path, "seconds": seconds, "_done": done}
 
 

@@ -1,0 +1,91 @@
+"""Run one engine child process with its output in a log file and a timeout that really stops it.
+
+The eval, capacity and e2e harnesses start one vLLM engine per KV-cache format in a fresh process.
+vLLM's engine core is a grandchild that inherits the child's stdout, so killing only the child at a
+timeout leaves the grandchild holding the pipe open (the parent then blocks reading it until the
+grandchild exits) and holding GPU memory (the next format's engine then fails or stalls). Seen on the
+H200 on 2026-12-01: a 150 s eval timeout blocked for the rest of a 480 s call, and its log, block-
+buffered in the killed parent, came back empty. So the child runs in its own session, the whole group
+is stopped on timeout, and every line is written to the log as it arrives.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+TIMEOUT_RC = 124
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGINT, then SIGTERM, then SIGKILL to the process group `proc` leads (started with
+    start_new_session, so the group is this child and its descendants only)."""
+    for sig, wait in ((signal.SIGINT, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_logged(
+    cmd: Sequence[str],
+    log_path: str,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    on_line: Callable[[str], bool] | None = None,
+    mode: str = "w",
+) -> int:
+    """Run `cmd` (stdout and stderr together) writing each line to `log_path` as it arrives, except
+    lines `on_line` returns True for (consumed, e.g. progress messages). Returns the exit code, or
+    TIMEOUT_RC (124) when `timeout` seconds passed and the child's process group was stopped."""
+    with open(log_path, mode, encoding="utf-8", errors="replace", buffering=1) as log:
+        proc = subprocess.Popen(
+            list(cmd),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            env=env,
+            start_new_session=True,
+        )
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if on_line is None or not on_line(line):
+                    try:
+                        log.write(line)
+                    except ValueError:  # log closed: the reader outlived its join below
+                        return
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            rc = TIMEOUT_RC
+        # a descendant that left the group (its own session) could still hold the pipe: do not wait on it
+        reader.join(timeout=10)
+        if rc == TIMEOUT_RC:
+            log.write(f"\n[vllm-cq] stopped after {timeout:.0f} s (timeout)\n")
+    return rc
+
+
+def dump_stacks_from_env() -> None:
+    """In a child: VLLM_CQ_STACK_DUMP_S=N prints every thread's stack to stderr (the log) every N
+    seconds, so an engine start or step that hangs says where (with VLLM_ENABLE_V1_MULTIPROCESSING=0
+    the engine core runs in the child itself)."""
+    dump = float(os.environ.get("VLLM_CQ_STACK_DUMP_S", "0") or 0)
+    if dump > 0:
+        faulthandler.dump_traceback_later(dump, repeat=True, file=sys.stderr)
