@@ -16,6 +16,8 @@
 # stack dumps every 30 s and the engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a start
 # that stalls says where in its log (2026-12-01: cq engines of SmolLM2 and of the 8B shape did not start
 # within 140-320 s on the H200; the tiny-model ones start in 6-27 s; cause not found yet):
+#   bash scripts/gpu_session.sh startdiag  # FIRST: 8B-shape cq1 engine start with vLLM's engine core forked / spawned /
+#                                          # in-process (benchmarks/start_diag.py), stack dumps every 30 s (~5 min)
 #   bash scripts/gpu_session.sh q1         # quality part 1 (after stage_quality.sh's two calls): SmolLM2, calibrate
 #                                          # (~4 min on the H200), compose, eval auto,cq1 (state in /tmp/vllm-cq)
 #   bash scripts/gpu_session.sh q2         # quality part 2: eval cq4,cq_k4v2,cq_k4v1
@@ -155,6 +157,15 @@ case "${1:-tests}" in
     python3 -m vllm_cq.cli eval $M --merge $OUT/w/eval-[abc].json --out $OUT/quality-smollm2-gpu.json
     for f in calib0 eval0 eval1 eval2; do echo "== $f"; grep -vE " (INFO|DEBUG|WARNING) " "$OUT/w/$f.log" | tail -12 | cut -c1-220; done
     pack quality
+    ;;
+  startdiag)
+    mkdir -p "$OUT/w"; python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
+    for mode in ${MODES:-fork spawn inproc}; do
+      VLLM_CQ_STACK_DUMP_S=30 timeout 150 python3 benchmarks/start_diag.py $M8B --kv-cache-dtype cq1 --mode $mode \
+        --engine "$EAGER" > "$OUT/w/start-$mode.log" 2>&1; echo "$mode rc=$?"; grep -h START_DIAG "$OUT/w/start-$mode.log"
+      grep -vE " (INFO|DEBUG|WARNING) " "$OUT/w/start-$mode.log" | grep -E "File|Thread|Error" | tail -12 | cut -c1-200
+    done
+    pack startdiag
     ;;
   q1|q2|q3)
     export Q=/tmp/quality M=/tmp/models/smollm2 VLLM_CQ_STACK_DUMP_S=30 VLLM_ENABLE_V1_MULTIPROCESSING=0

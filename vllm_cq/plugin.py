@@ -22,6 +22,9 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    from vllm_cq.child import dump_stacks_from_env
+
+    dump_stacks_from_env()  # VLLM_CQ_STACK_DUMP_S: every vLLM process (engine core, workers) says where it waits
     try:
         from vllm_cq.integration import compat
 
