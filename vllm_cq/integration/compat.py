@@ -18,6 +18,11 @@ Patches (target; why; lines; removable when):
   is allocated; both; when vLLM offers plugins a config-validation hook.
 - P6 `Attention.get_kv_cache_spec`: page size = slot bytes (0.32 asks the backend's `customize_spec`
   instead); 0.26 only.
+- P5 also sets `VLLM_WORKER_MULTIPROC_METHOD=spawn` for plugin dtypes on CUDA unless the user set it:
+  on an H200 (2026-11-23 and 2026-12-01) every cq engine of a real model shape whose engine core vLLM
+  forked stalled in its start (140-320 s, no error), and every start that worked had it spawned or
+  in-process; cause not yet found (`benchmarks/start_diag.py` tells the cases apart). Removable when a
+  forked start is verified.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import sys
 from typing import Any, Literal, get_args
 
@@ -162,6 +168,8 @@ def _patch_platform() -> None:
         cc = vllm_config.cache_config
         if cc is not None and is_plugin_dtype(cc.cache_dtype) and vllm_config.model_config is not None:
             cbs = validate_vllm_config(vllm_config)
+            if platform_is_cuda():
+                prefer_spawned_engine_core()
             logger.info(
                 "vllm-cq: %s KV cache (%s)%s",
                 cc.cache_dtype,
@@ -253,6 +261,15 @@ def platform_is_cuda() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cuda())
+
+
+def prefer_spawned_engine_core() -> None:
+    """Have vLLM spawn (not fork) its engine-core and worker processes, unless the user chose (see P5
+    in the module docstring). Runs in the front-end process before vLLM starts the engine core; vLLM
+    reads the variable when it starts a process."""
+    if "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ:
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        logger.info("vllm-cq: engine processes are spawned, not forked (set VLLM_WORKER_MULTIPROC_METHOD to choose)")
 
 
 def current_vllm_config() -> Any:
