@@ -12,6 +12,7 @@ which kernels write and attend) is in `families.py`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -212,3 +213,30 @@ for _name in format_names():
 
 def backend_path(fmt_name: str) -> str:
     return f"{__name__}.{_class_name(fmt_name)}"
+
+
+@functools.cache
+def window_backend(fmt_name: str) -> type[CQAttentionBackend]:
+    """The backend of a cq layer's recent-window shadow (`compat` P7): pages of the model dtype,
+    [blocks, kv_heads, block_size, K | V], as vLLM's own SlidingWindowSpec sizes them. Its metadata is
+    the window group's block table and slot mapping; the cq layer's impl reads it (`compat.window_step`)."""
+    base = BACKENDS[fmt_name]
+
+    class Window(base):  # type: ignore[valid-type, misc]
+        @classmethod
+        def customize_spec(cls, spec: Any) -> Any:
+            return spec
+
+        @classmethod
+        def supports_kv_cache_dtype(cls, kv_cache_dtype: str | None) -> bool:
+            return True
+
+        @classmethod
+        def get_kv_cache_shape(
+            cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype_str: str = "auto"
+        ) -> tuple[int, ...]:
+            return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+    Window.__name__ = Window.__qualname__ = base.__name__.replace("AttentionBackend", "WindowBackend")
+    globals()[Window.__name__] = Window  # importable by name, like the format backends
+    return Window

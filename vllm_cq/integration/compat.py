@@ -18,6 +18,12 @@ Patches (target; why; lines; removable when):
   is allocated; both; when vLLM offers plugins a config-validation hook.
 - P6 `Attention.get_kv_cache_spec`: page size = slot bytes (0.32 asks the backend's `customize_spec`
   instead); 0.26 only.
+- P7 `Attention.__init__` / `Attention.get_kv_cache_spec`: with `cq_recent_window` W > 0, each cq layer
+  registers a shadow layer `<name>.cq_window` (vLLM's own SlidingWindowSpec(W) in the model dtype), so
+  vLLM's hybrid allocator keeps the last W tokens of every sequence in a second KV-cache group, frees
+  older window blocks, counts the bytes, and handles chunked prefill and prefix caching; the cq spec's
+  block grows so both groups' pages hold the same bytes (docs/design/recent-window.md); both lines
+  (verified on 0.32 only: refused on CUDA for now); when vLLM lets one layer own two cache groups.
 - P5 also sets `VLLM_WORKER_MULTIPROC_METHOD=spawn` for plugin dtypes on CUDA unless the user set it:
   on an H200 (2026-11-23 and 2026-12-01) every cq engine of a real model shape whose engine core vLLM
   forked stalled in its start (140-320 s, no error), and every start that worked had it spawned or
@@ -254,6 +260,110 @@ def supported_kv_cache_layouts() -> Any:
     return (KVCacheLayout.LBHNC,)
 
 
+# --- P7: recent window (a shadow sliding-window layer per cq layer) ---------------------------------
+
+WINDOW_SUFFIX = ".cq_window"
+
+
+def _patch_window_layers() -> None:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    if getattr(Attention, "_vllm_cq_window_patched", False):
+        return
+    orig_init = Attention.__init__
+    orig_spec = Attention.get_kv_cache_spec  # P6's on 0.26 (installed first)
+
+    @functools.wraps(orig_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        orig_init(self, *args, **kwargs)
+        _attach_window(self)
+
+    def get_kv_cache_spec(self: Any, vllm_config: Any) -> Any:
+        spec = orig_spec(self, vllm_config)
+        win = getattr(self, "_vllm_cq_window", None)
+        if spec is not None and win is not None:
+            spec = dataclasses.replace(spec, block_size=win.cq_block_size)
+        return spec
+
+    Attention.__init__ = __init__
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+    Attention._vllm_cq_window_patched = True
+
+
+def _attach_window(layer: Any) -> None:
+    """Register `layer`'s window shadow in vLLM's static forward context (where every runner finds the
+    layers that own KV cache) when a cq recent window is configured."""
+    from vllm_cq.integration.config import window_block_sizes, window_tokens
+
+    if not is_plugin_dtype(getattr(layer, "kv_cache_dtype", None)):
+        return  # auto / fp8 layers, and --kv-cache-dtype-skip-layers' layers
+    vc = current_vllm_config()
+    w = window_tokens(vc)
+    if not w:
+        return
+    dtype = vc.model_config.dtype
+    cq_block, win_block = window_block_sizes(layer.kv_cache_dtype, layer.head_size, dtype.itemsize)
+    shadow = _window_layer_class()(layer, w, win_block, cq_block, dtype)
+    ctx = vc.compilation_config.static_forward_context
+    if shadow.layer_name in ctx:
+        raise ValueError(f"Duplicate layer name: {shadow.layer_name}")
+    ctx[shadow.layer_name] = shadow
+    layer._vllm_cq_window = shadow
+
+
+@functools.cache
+def _window_layer_class() -> type:
+    """An attention-like layer that only owns KV cache: the window's bf16 pages of one cq layer. It is not
+    part of the model (never called); the cq layer writes and reads its cache."""
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    class CQWindowLayer(AttentionLayerBase):
+        def __init__(self, owner: Any, window: int, block_size: int, cq_block_size: int, dtype: torch.dtype):
+            self.layer_name = owner.layer_name + WINDOW_SUFFIX
+            self.owner_fmt = owner.kv_cache_dtype
+            self.num_heads = owner.num_heads
+            self.num_kv_heads = owner.num_kv_heads
+            self.head_size = owner.head_size
+            self.impl = owner.impl
+            self.attn_type = owner.attn_type
+            self.kv_sharing_target_layer_name = None
+            self.window, self.block_size, self.cq_block_size, self.dtype = window, block_size, cq_block_size, dtype
+            self.kv_cache = torch.tensor([])
+
+        def get_attn_backend(self) -> Any:
+            from vllm_cq.integration.backend import window_backend
+
+            return window_backend(self.owner_fmt)
+
+        def get_kv_cache_spec(self, vllm_config: Any) -> Any:
+            return SlidingWindowSpec(
+                block_size=self.block_size,
+                num_kv_heads=self.num_kv_heads,
+                head_size=self.head_size,
+                dtype=self.dtype,
+                sliding_window=self.window,
+            )
+
+    return CQWindowLayer
+
+
+def window_step(layer: Any) -> tuple[torch.Tensor, Any] | None:
+    """(window cache, this step's window metadata: block table and slot mapping of the window's KV-cache
+    group) for a cq layer with a recent window; None without one, or outside a model step."""
+    shadow = getattr(layer, "_vllm_cq_window", None)
+    if shadow is None:
+        return None
+    from vllm.forward_context import get_forward_context
+
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):  # micro-batches: one dict each
+        md = md[0]
+    if not isinstance(md, dict) or md.get(shadow.layer_name) is None:
+        return None
+    return shadow.kv_cache, md[shadow.layer_name]
+
+
 # --- small accessors the backend uses ----------------------------------------------------------------
 
 
@@ -358,4 +468,5 @@ def install() -> None:
     _patch_platform()
     if is_v026():
         _patch_kv_cache_spec_026()
+    _patch_window_layers()
     _installed = True

@@ -19,6 +19,32 @@ from vllm_cq.support import check_architecture
 
 ENV_CODEBOOKS = "VLLM_CQ_CODEBOOKS"
 ADDITIONAL_CONFIG_KEY = "cq_codebooks"
+WINDOW_KEY = "cq_recent_window"
+WINDOW_MIN_BLOCK = 16  # tokens per window block; the cq block is this times the bytes ratio
+
+
+def window_tokens(vllm_config: Any) -> int:
+    """W from --additional-config '{"cq_recent_window": W}': the last W tokens of each sequence are kept
+    and attended in the model dtype, older ones over codes; 0 (the default) = no window."""
+    extra = getattr(vllm_config, "additional_config", None)
+    w = extra.get(WINDOW_KEY, 0) if isinstance(extra, dict) else 0
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        raise CQConfigError(f'additional_config["{WINDOW_KEY}"] must be an integer >= 0 (tokens), got {w!r}')
+    return w
+
+
+def window_block_sizes(fmt_name: str, head_dim: int, dtype_bytes: int) -> tuple[int, int]:
+    """(cq block, window block) in tokens, so that a cq page and a window page hold the same bytes:
+    vLLM's hybrid allocator shares one block pool between the two KV-cache groups and needs equal pages.
+    Formats whose model-dtype token is not a whole number of their slots are refused for now."""
+    slot = get_format(fmt_name).slot_bytes(head_dim)
+    full = 2 * head_dim * dtype_bytes
+    if full % slot:
+        raise CQConfigError(
+            f"{WINDOW_KEY} is not supported with --kv-cache-dtype {fmt_name} yet: a {full}-byte model-dtype "
+            f"token is not a whole number of {slot}-byte {fmt_name} slots (use cq1, cq2 or cq4)"
+        )
+    return WINDOW_MIN_BLOCK * (full // slot), WINDOW_MIN_BLOCK
 
 
 def resolve_codebook_path(fmt_name: str, additional_config: Any, model: str) -> str:
@@ -91,6 +117,16 @@ def unsupported_features(vllm_config: Any) -> list[str]:
             and os.environ.get("VLLM_CQ_ALLOW_SKIP_LAYERS_ON_CUDA") != "1",  # diagnosis only
         ),
     ]
+    if window_tokens(vllm_config):
+        checks += [
+            # the window's Triton path is not built yet (docs/design/recent-window.md, step 4)
+            (f"{WINDOW_KEY} on CUDA", compat.platform_is_cuda()),
+            (f"{WINDOW_KEY} with --kv-cache-dtype-skip-layers", bool(getattr(cc, "kv_cache_dtype_skip_layers", None))),
+            (
+                f"{WINDOW_KEY} with --disable-hybrid-kv-cache-manager (the window is a second KV-cache group)",
+                getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", None) is True,
+            ),
+        ]
     return [name for name, bad in checks if bad]
 
 
@@ -113,6 +149,8 @@ def validate_vllm_config(vllm_config: Any) -> CodebookSet | None:
     ident = model_identity(vllm_config)
     check_architecture(ident.architecture)
     fmt.check_head_dim(ident.head_dim)
+    if window_tokens(vllm_config):
+        window_block_sizes(dtype, ident.head_dim, vllm_config.model_config.dtype.itemsize)
     if not fmt.needs_codebook:
         return None
     path = resolve_codebook_path(dtype, vllm_config.additional_config, str(vllm_config.model_config.model))
