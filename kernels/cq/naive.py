@@ -153,6 +153,9 @@ def _sequence_kv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized keys (rotated by position when `cos_sin_cache` is given) and values [n, H, D] of
     one sequence's positions 0..n-1, found through its block table row."""
+    if n == 0:  # a recent window covering every key: nothing over codes (dequantize can't reshape 0 rows)
+        empty = torch.empty(0, kv_cache.shape[1], head_dim, dtype=torch.float32, device=kv_cache.device)
+        return empty, empty
     block_size = kv_cache.shape[2]
     pos = torch.arange(n, device=kv_cache.device)
     slots = block_row[pos // block_size].long() * block_size + pos % block_size

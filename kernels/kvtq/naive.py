@@ -101,6 +101,9 @@ def _sequence_kv(
     kv_cache: torch.Tensor, block_row: torch.Tensor, n: int, fmt: KVFormat, d: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantized keys and values [n, Hkv, D] of one sequence's positions 0..n-1 (block table row)."""
+    if n == 0:  # a recent window covering every key: nothing over digits (dequantize can't reshape 0 rows)
+        empty = torch.empty(0, kv_cache.shape[1], d, dtype=torch.float32, device=kv_cache.device)
+        return empty, empty
     block_size = kv_cache.shape[2]
     kb = fmt.key_bytes(d)
     pos = torch.arange(n, device=kv_cache.device)
