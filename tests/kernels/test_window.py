@@ -65,7 +65,7 @@ class Batch:
             self.v.append(v.to(win_dtype).float())
             pos = torch.arange(L)
             self._write_codes(k, v, slots_of(self.table, s, pos, bs_codes), s)
-            start = code_and_window_ranges(L, ql, W)[1]
+            start = max(0, L - ql - W + 1)  # the first query's window; older entries stay NaN
             live = torch.arange(nwin[s]) >= start // bs_win  # older blocks stay the null block
             wtable[s, : nwin[s]] = torch.where(live, wperm[at : at + nwin[s]], 0).int()
             at += nwin[s]
