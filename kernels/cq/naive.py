@@ -21,6 +21,7 @@ import torch
 from vllm_cq.formats import CQSpec, KVFormat
 from vllm_cq.kernels.dense import attend_last_queries
 from vllm_cq.kernels.rope import apply_rope
+from vllm_cq.kernels.window import WindowCache, attend_with_window, code_and_window_ranges
 
 # Distances computed at once in `encode` (elements). 2**24 floats = 64 MiB, so encoding a
 # 32K x 8 x 128 tensor against 256 centroids per group streams instead of needing 4 GiB.
@@ -139,6 +140,31 @@ def gather_kv(
     return keys, values
 
 
+def _sequence_kv(
+    kv_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    n: int,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    fmt: KVFormat,
+    head_dim: int,
+    cos_sin_cache: torch.Tensor | None,
+    is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized keys (rotated by position when `cos_sin_cache` is given) and values [n, H, D] of
+    one sequence's positions 0..n-1, found through its block table row."""
+    if n == 0:  # a recent window covering every key: nothing over codes (dequantize can't reshape 0 rows)
+        empty = torch.empty(0, kv_cache.shape[1], head_dim, dtype=torch.float32, device=kv_cache.device)
+        return empty, empty
+    block_size = kv_cache.shape[2]
+    pos = torch.arange(n, device=kv_cache.device)
+    slots = block_row[pos // block_size].long() * block_size + pos % block_size
+    k, v = gather_kv(kv_cache, slots, k_codebook, v_codebook, fmt, head_dim)
+    if cos_sin_cache is not None:
+        k = apply_rope(k, pos, cos_sin_cache, is_neox)
+    return k, v
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -152,28 +178,33 @@ def paged_attention(
     cos_sin_cache: torch.Tensor | None = None,
     is_neox: bool = True,
     causal: bool = True,
+    window: WindowCache | None = None,
 ) -> torch.Tensor:
     """Attention of query [T, Hq, D] over the CQ-coded paged cache, vLLM-style varlen batch.
 
     Sequence s owns queries query_start_loc[s]:query_start_loc[s+1], which are its *last* tokens
     (positions seq_lens[s] - q_len ...); its keys are positions 0..seq_lens[s]-1, found through
     block_table[s]. Query head h reads kv head h // (Hq / Hkv) (GQA). With `cos_sin_cache`, keys
-    are stored pre-RoPE and each is rotated by its position after lookup. Returns float32 [T, Hq, D].
+    are stored pre-RoPE and each is rotated by its position after lookup. With a recent `window`
+    (causal only), query i reads keys i - W < j <= i exactly from the window cache and only older
+    keys from the codes, one softmax (`vllm_cq.kernels.window`). Returns float32 [T, Hq, D].
     """
     T, Hq, D = query.shape
-    _, Hkv, block_size, _ = kv_cache.shape
+    Hkv = kv_cache.shape[1]
     assert Hq % Hkv == 0, "query heads must be a multiple of kv heads"
+    assert window is None or causal, "a recent window is defined for causal attention only"
     out = torch.zeros(T, Hq, D, dtype=torch.float32, device=query.device)
     for s in range(seq_lens.shape[0]):
         L = int(seq_lens[s])
         q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
         if q1 == q0:
             continue
-        pos = torch.arange(L, device=query.device)
-        slots = block_table[s, pos // block_size].long() * block_size + pos % block_size
-        k, v = gather_kv(kv_cache, slots, k_codebook, v_codebook, fmt, D)
-        if cos_sin_cache is not None:
-            k = apply_rope(k, pos, cos_sin_cache, is_neox)
+        if window is not None:
+            n_old, _ = code_and_window_ranges(L, q1 - q0, window.W)
+            k, v = _sequence_kv(kv_cache, block_table[s], n_old, k_codebook, v_codebook, fmt, D, cos_sin_cache, is_neox)
+            out[q0:q1] = attend_with_window(query[q0:q1], k, v, window, s, L, scale)
+            continue
+        k, v = _sequence_kv(kv_cache, block_table[s], L, k_codebook, v_codebook, fmt, D, cos_sin_cache, is_neox)
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # [L, Hq, D]
         v = v.repeat_interleave(Hq // Hkv, dim=1)
         out[q0:q1] = attend_last_queries(query[q0:q1], k, v, scale, causal)

@@ -11,7 +11,8 @@ import torch
 
 from vllm_cq.formats import KVFormat
 from vllm_cq.kernels.cq import naive
-from vllm_cq.kernels.dispatch import into_out, max_query_len_of, triton_enabled
+from vllm_cq.kernels.dispatch import WINDOW_NOT_IN_TRITON, into_out, max_query_len_of, triton_enabled
+from vllm_cq.kernels.window import WindowCache
 
 
 def token_seq_and_positions(
@@ -81,19 +82,23 @@ def paged_attention(
     out: torch.Tensor | None = None,
     k_codebook_attn: torch.Tensor | None = None,
     v_codebook_attn: torch.Tensor | None = None,
+    window: WindowCache | None = None,
 ) -> torch.Tensor:
     """Same contract as `naive.paged_attention` (causal), written into `out` when given (else a new
     tensor in query's dtype). `max_query_len` (vLLM's, host-side) picks the decode or prefill tiling;
     `*_codebook_attn` are the codebooks in the model dtype for the tensor-core path (default: as given).
+    A recent `window` runs on the reference only for now (the Triton kernels refuse it).
     """
     d = query.shape[-1]
     triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0 and d >= 32
     if not triton_ok or (cos_sin_cache is not None and cos_sin_cache.shape[1] != d):
         res = naive.paged_attention(
             query, kv_cache, k_codebook, v_codebook, fmt, block_table, seq_lens, query_start_loc, scale,
-            cos_sin_cache, is_neox,
+            cos_sin_cache, is_neox, window=window,
         )  # fmt: skip
         return into_out(res, out, query.dtype)
+    if window is not None:
+        raise NotImplementedError(WINDOW_NOT_IN_TRITON)
     from vllm_cq.kernels.cq.attention import paged_attention as triton_paged_attention
 
     if max_query_len is None:

@@ -17,6 +17,7 @@ import torch
 
 from vllm_cq.formats import KVFormat, TernarySpec
 from vllm_cq.kernels.dense import attend_last_queries
+from vllm_cq.kernels.window import WindowCache, attend_with_window, code_and_window_ranges
 
 POW3 = (1, 3, 9, 27, 81)
 
@@ -96,6 +97,21 @@ def write_kv_cache(
     kv_cache[blocks, :, offsets, kb:] = quantize(value[valid], fmt.value)
 
 
+def _sequence_kv(
+    kv_cache: torch.Tensor, block_row: torch.Tensor, n: int, fmt: KVFormat, d: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized keys and values [n, Hkv, D] of one sequence's positions 0..n-1 (block table row)."""
+    if n == 0:  # a recent window covering every key: nothing over digits (dequantize can't reshape 0 rows)
+        empty = torch.empty(0, kv_cache.shape[1], d, dtype=torch.float32, device=kv_cache.device)
+        return empty, empty
+    block_size = kv_cache.shape[2]
+    kb = fmt.key_bytes(d)
+    pos = torch.arange(n, device=kv_cache.device)
+    slots = block_row[pos // block_size].long() * block_size + pos % block_size
+    flat = kv_cache[slots // block_size, :, slots % block_size]  # [n, Hkv, slot]
+    return dequantize(flat[..., :kb], fmt.key, d), dequantize(flat[..., kb:], fmt.value, d)
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -104,22 +120,27 @@ def paged_attention(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    window: WindowCache | None = None,
 ) -> torch.Tensor:
     """Causal attention of query [T, Hq, D] over the KVTQ paged cache (vLLM varlen batch: sequence s
-    owns queries query_start_loc[s]:[s+1], its last tokens). Returns float32 [T, Hq, D]."""
+    owns queries query_start_loc[s]:[s+1], its last tokens). With a recent `window`, query i reads
+    keys i - W < j <= i exactly from the window cache and only older keys from the digits, one
+    softmax (`vllm_cq.kernels.window`). Returns float32 [T, Hq, D]."""
     t_all, hq, d = query.shape
-    _, hkv, block_size, _ = kv_cache.shape
-    kb = fmt.key_bytes(d)
+    hkv = kv_cache.shape[1]
     out = torch.zeros(t_all, hq, d, dtype=torch.float32, device=query.device)
     for s in range(seq_lens.shape[0]):
         n = int(seq_lens[s])
         q0, q1 = int(query_start_loc[s]), int(query_start_loc[s + 1])
         if q1 == q0:
             continue
-        pos = torch.arange(n, device=query.device)
-        slots = block_table[s, pos // block_size].long() * block_size + pos % block_size
-        flat = kv_cache[slots // block_size, :, slots % block_size]  # [n, Hkv, slot]
-        k = dequantize(flat[..., :kb], fmt.key, d).repeat_interleave(hq // hkv, dim=1)
-        v = dequantize(flat[..., kb:], fmt.value, d).repeat_interleave(hq // hkv, dim=1)
+        if window is not None:
+            n_old, _ = code_and_window_ranges(n, q1 - q0, window.W)
+            k, v = _sequence_kv(kv_cache, block_table[s], n_old, fmt, d)
+            out[q0:q1] = attend_with_window(query[q0:q1], k, v, window, s, n, scale)
+            continue
+        k, v = _sequence_kv(kv_cache, block_table[s], n, fmt, d)
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
         out[q0:q1] = attend_last_queries(query[q0:q1], k, v, scale)
     return out
