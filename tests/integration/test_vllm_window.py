@@ -5,10 +5,19 @@ of equal bytes; bad settings are refused before the engine allocates anything.""
 from __future__ import annotations
 
 import gc
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.integration.conftest import ENGINE
+from vllm_cq.codebooks import default_codebook_path, load_codebooks
+from vllm_cq.kernels.cq import naive
+
+# two prompts longer than the window, in several chunks of 64 tokens (chunked prefill across the window)
+PROMPT_IDS = [[(7 * i + 3) % 500 + 1 for i in range(300)], [(11 * i + 5) % 500 + 1 for i in range(170)]]
 
 
 def start(model: str, dtype: str, **kw):
@@ -57,3 +66,96 @@ def test_bad_window_settings_are_refused(cq_model, fmt, extra, msg):
 def test_window_with_skip_layers_is_refused(cq_model):
     with pytest.raises(Exception, match="cq_recent_window with --kv-cache-dtype-skip-layers"):
         start(cq_model, "cq1", additional_config={"cq_recent_window": 64}, kv_cache_dtype_skip_layers=["0"])
+
+
+def _fakequant():
+    """benchmarks/quality/fakequant.py: its recent-window attention for transformers is the reference."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "quality" / "fakequant.py"
+    spec = importlib.util.spec_from_file_location("fakequant_window_ref", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@torch.no_grad()
+def windowed_reference(model_dir: str, fmt: str, window: int | None) -> list[torch.Tensor]:
+    """Prompt logprobs from transformers where key/value j is exact for query i when i - j < window and
+    otherwise its codes' centroids (same codebooks, pre-RoPE keys); window None = no quantization."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    handles = []
+    if window is not None:
+        cbs = load_codebooks(default_codebook_path(model_dir, fmt))
+
+        def coder(cb):
+            return lambda x: naive.decode(naive.encode(x.reshape(x.shape[0], -1), cb), cb).reshape(x.shape)
+
+        quantizers = [(coder(k), coder(v)) for k, v in zip(cbs.keys, cbs.values, strict=True)]
+        handles = _fakequant().install_window(model, quantizers, window)
+    outs = []
+    try:
+        for ids in PROMPT_IDS:
+            t = torch.tensor([ids])
+            logp = model(input_ids=t).logits[0].log_softmax(-1)
+            outs.append(logp[:-1].gather(-1, t[0, 1:, None])[:, 0])
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def prompt_logprobs(llm) -> tuple[list[torch.Tensor], list]:
+    from vllm import SamplingParams
+
+    outs = llm.generate(
+        [{"prompt_token_ids": ids} for ids in PROMPT_IDS],
+        SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0),
+    )
+    got = [torch.tensor([next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]) for o in outs]
+    return got, outs
+
+
+def max_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def test_window_logprobs_match_the_windowed_reference_and_prefix_hits(cq_model):
+    """cq4 with W = 32, prefilled in chunks of 64 tokens: prompt logprobs match transformers attending
+    keys/values i - j < 32 exactly and older ones over the same codes; a prefix-cache hit (a whole cq
+    block of 128 tokens) gives the same tokens and logprobs."""
+    llm = start(cq_model, "cq4", additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64)
+    try:
+        got, outs = prompt_logprobs(llm)
+        ref_w = windowed_reference(cq_model, "cq4", 32)
+        ref_codes = windowed_reference(cq_model, "cq4", 0)  # W = 0: every key/value over codes
+        ref_exact = windowed_reference(cq_model, "cq4", None)
+        err = max_err(got, ref_w)
+        # stated tolerance as for the window-less cq4 test: 2e-3 nats per token (float32)
+        assert err < 2e-3, (err, max_err(got, ref_codes), max_err(got, ref_exact))
+        assert max_err(got, ref_codes) > 10 * err and max_err(got, ref_exact) > 10 * err
+        # prefix caching (requests without prompt logprobs: vLLM recomputes prompts that ask for them)
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=16, temperature=0)
+        prompts = [{"prompt_token_ids": ids} for ids in PROMPT_IDS]
+        miss = llm.generate(prompts, sp)
+        hit = llm.generate(prompts, sp)
+        assert (hit[0].num_cached_tokens or 0) >= 128, hit[0].num_cached_tokens
+        assert [o.outputs[0].token_ids for o in hit] == [o.outputs[0].token_ids for o in miss]
+        assert [o.outputs[0].token_ids[:4] for o in miss] == [o.outputs[0].token_ids for o in outs]
+    finally:
+        del llm
+        gc.collect()
+
+
+def test_window_covering_every_token_is_exact_attention(cq_model):
+    """W >= max_model_len: no key is read from the codes, so logprobs equal the unquantized model's."""
+    llm = start(cq_model, "cq1", additional_config={"cq_recent_window": 1024})
+    try:
+        got, _ = prompt_logprobs(llm)
+        assert max_err(got, windowed_reference(cq_model, "cq1", None)) < 1e-3
+    finally:
+        del llm
+        gc.collect()

@@ -348,9 +348,9 @@ def _window_layer_class() -> type:
     return CQWindowLayer
 
 
-def window_step(layer: Any) -> tuple[torch.Tensor, Any] | None:
-    """(window cache, this step's window metadata: block table and slot mapping of the window's KV-cache
-    group) for a cq layer with a recent window; None without one, or outside a model step."""
+def window_step(layer: Any) -> tuple[int, torch.Tensor, Any] | None:
+    """(W, window cache, this step's window metadata: the window KV-cache group's block table and slot
+    mapping) for a cq layer with a recent window; None without one, or outside a model step."""
     shadow = getattr(layer, "_vllm_cq_window", None)
     if shadow is None:
         return None
@@ -361,7 +361,8 @@ def window_step(layer: Any) -> tuple[torch.Tensor, Any] | None:
         md = md[0]
     if not isinstance(md, dict) or md.get(shadow.layer_name) is None:
         return None
-    return shadow.kv_cache, md[shadow.layer_name]
+    kv = shadow.kv_cache
+    return shadow.window, (kv[0] if isinstance(kv, list) else kv), md[shadow.layer_name]
 
 
 # --- small accessors the backend uses ----------------------------------------------------------------

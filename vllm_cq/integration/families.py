@@ -18,6 +18,7 @@ from vllm_cq.integration import compat
 from vllm_cq.integration.config import kv_head_range, load_checked, model_identity, resolve_codebook_path
 from vllm_cq.kernels.cq import ops as cq_ops
 from vllm_cq.kernels.kvtq import ops as tq_ops
+from vllm_cq.kernels.window import WindowCache
 
 
 class Step(Protocol):
@@ -87,12 +88,18 @@ class CQFamily:
         )  # fmt: skip
 
     def attend(
-        self, st: CQLayerState, query: torch.Tensor, kv_cache: torch.Tensor, md: Step, out: torch.Tensor
+        self,
+        st: CQLayerState,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: Step,
+        out: torch.Tensor,
+        window: WindowCache | None = None,
     ) -> None:
         cq_ops.paged_attention(
             query, kv_cache, st.k_codebook, st.v_codebook, self.fmt, md.block_table, md.seq_lens,
             md.query_start_loc, self.scale, st.cos_sin_cache, st.is_neox, max_query_len=md.max_query_len,
-            out=out, k_codebook_attn=st.k_codebook_attn, v_codebook_attn=st.v_codebook_attn,
+            out=out, k_codebook_attn=st.k_codebook_attn, v_codebook_attn=st.v_codebook_attn, window=window,
         )  # fmt: skip
 
 
@@ -110,10 +117,18 @@ class TernaryFamily:
     def write(self, st: None, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, md: Step) -> None:
         tq_ops.write_kv_cache(key, value, kv_cache, md.slot_mapping, self.fmt)
 
-    def attend(self, st: None, query: torch.Tensor, kv_cache: torch.Tensor, md: Step, out: torch.Tensor) -> None:
+    def attend(
+        self,
+        st: None,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        md: Step,
+        out: torch.Tensor,
+        window: WindowCache | None = None,
+    ) -> None:
         tq_ops.paged_attention(
             query, kv_cache, self.fmt, md.block_table, md.seq_lens, md.query_start_loc, self.scale,
-            max_query_len=md.max_query_len, out=out,
+            max_query_len=md.max_query_len, out=out, window=window,
         )  # fmt: skip
 
 
