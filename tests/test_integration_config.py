@@ -48,3 +48,17 @@ def test_kv_head_range_matches_vllm_split(world, total, expected):
 def test_kv_head_range_refuses_uneven_splits():
     with pytest.raises(CQConfigError):
         kv_head_range(0, 3, 8)
+
+
+def test_window_capacity_at_8k():
+    """cq1, head_dim 128, bf16, W = 128 at 8K tokens: 32 code blocks of 256 + 9 window blocks of 16 per
+    sequence, i.e. the window keeps 32/41 = 78% of the window-less tokens."""
+    from vllm_cq.capacity import window_capacity
+    from vllm_cq.integration.config import window_block_sizes
+
+    cq_block, win_block = window_block_sizes("cq1", 128, 2)
+    assert (cq_block, win_block) == (256, 16)
+    assert window_block_sizes("cq4", 128, 2) == (64, 16) and window_block_sizes("cq2", 128, 2) == (128, 16)
+    cap = window_capacity(41 * 100, 8192, 128, cq_block, win_block)
+    assert cap["kv_cache_tokens"] == 100 * 8192
+    assert cap["kv_cache_tokens_without_window"] == 41 * 100 * 256

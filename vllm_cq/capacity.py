@@ -23,15 +23,34 @@ from vllm_cq.child import TIMEOUT_RC, dump_stacks_from_env, run_logged
 RESULT = "VLLM_CQ_CAPACITY "  # prefix of the child's result line (vLLM logs to the same stdout)
 
 
+def window_capacity(num_blocks: int, max_model_len: int, window: int, cq_block: int, window_block: int) -> dict:
+    """Tokens a recent window leaves for codes, at max_model_len. The window's pages come out of the same
+    block pool as the codes: a sequence of L tokens holds cdiv(L, cq_block) code blocks plus, in the steady
+    state, cdiv(W - 1, window_block) + 1 window blocks (vLLM frees older ones). vLLM's own logged figure
+    reserves W - 1 + max_num_batched_tokens window tokens per request (what a prefilling request may hold
+    at once) and so reads far lower."""
+    per_seq = -(-max_model_len // cq_block) + -(-(window - 1) // window_block) + 1
+    seqs = num_blocks // per_seq
+    return {
+        "recent_window": window,
+        "cq_block_size": cq_block,
+        "window_block_size": window_block,
+        "kv_cache_tokens_without_window": num_blocks * cq_block,
+        "kv_cache_tokens": seqs * max_model_len,  # with the window, whole max_model_len sequences
+    }
+
+
 def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict[str, Any]:
     """Start one engine and read vLLM's own capacity numbers (call in a fresh process; stack dumps
-    with VLLM_CQ_STACK_DUMP_S, see `dump_stacks_from_env`)."""
+    with VLLM_CQ_STACK_DUMP_S, see `dump_stacks_from_env`). With a cq recent window, `kv_cache_tokens`
+    is `window_capacity`'s figure (blocks are shared by codes and window)."""
     dump_stacks_from_env()
     from vllm import LLM
 
     llm = LLM(model, kv_cache_dtype=kv_cache_dtype, **engine)
-    cc = llm.llm_engine.vllm_config.cache_config
-    return {
+    vc = llm.llm_engine.vllm_config
+    cc = vc.cache_config
+    row = {
         "kv_cache_dtype": kv_cache_dtype,
         "num_blocks": int(cc.num_gpu_blocks),
         "block_size": int(cc.block_size),
@@ -41,6 +60,17 @@ def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict
         "kv_cache_tokens": int(cc.num_gpu_blocks * cc.block_size),
         "vllm_reported_tokens": int(cc.kv_cache_size_tokens or 0),
     }
+    from vllm_cq.formats import is_plugin_dtype
+
+    if is_plugin_dtype(kv_cache_dtype):
+        from vllm_cq.integration.config import window_block_sizes, window_tokens
+
+        w = window_tokens(vc)
+        if w:
+            head_dim = vc.model_config.get_head_size()
+            cq_block, win_block = window_block_sizes(kv_cache_dtype, head_dim, vc.model_config.dtype.itemsize)
+            row.update(window_capacity(row["num_blocks"], vc.model_config.max_model_len, w, cq_block, win_block))
+    return row
 
 
 def iter_measure(
