@@ -48,10 +48,15 @@ def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict
     from vllm import LLM
 
     llm = LLM(model, kv_cache_dtype=kv_cache_dtype, **engine)
-    vc = llm.llm_engine.vllm_config
+    return {"kv_cache_dtype": kv_cache_dtype, **engine_capacity(llm.llm_engine.vllm_config, kv_cache_dtype)}
+
+
+def engine_capacity(vllm_config: Any, kv_cache_dtype: str) -> dict[str, Any]:
+    """A started engine's KV capacity from its config: vLLM's block count and logged size, and the tokens
+    they hold (`window_capacity`'s figure with a cq recent window, whose pages share the pool)."""
+    vc = vllm_config
     cc = vc.cache_config
     row = {
-        "kv_cache_dtype": kv_cache_dtype,
         "num_blocks": int(cc.num_gpu_blocks),
         "block_size": int(cc.block_size),
         # blocks x block size: what the scheduler can hold. vLLM's logged "KV cache size" is

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vllm_cq.capacity import engine_capacity
 from vllm_cq.child import TIMEOUT_RC, dump_stacks_from_env, run_logged
 from vllm_cq.eval import passkey, ppl, report
 
@@ -77,16 +78,28 @@ def needed_model_len(cfg: EvalConfig) -> int:
     return need
 
 
-def engine_kwargs(fmt: str, engine: dict[str, Any], codebooks: str | None) -> dict[str, Any]:
+def split_label(label: str) -> tuple[str, int]:
+    """A format label: a kv_cache_dtype, or `FMT+wN` for a cq dtype with a recent window of N exact
+    tokens (`cq_recent_window`), e.g. `cq1+w128`."""
+    m = re.fullmatch(r"(.+)\+w(\d+)", label)
+    return (m.group(1), int(m.group(2))) if m else (label, 0)
+
+
+def engine_kwargs(label: str, engine: dict[str, Any], codebooks: str | None) -> dict[str, Any]:
     """LLM(...) arguments for one format: the user's, the format as kv_cache_dtype, and the codebook
     directory or file as additional_config for formats that use codebooks only (cq; not auto, fp8 or
     the codebook-free plugin formats)."""
     from vllm_cq.formats import get_format, is_plugin_dtype
 
+    fmt, window = split_label(label)
     kw = dict(engine)
     kw["kv_cache_dtype"] = fmt
     if codebooks and is_plugin_dtype(fmt) and get_format(fmt).needs_codebook:
         kw["additional_config"] = {**(kw.get("additional_config") or {}), "cq_codebooks": os.path.abspath(codebooks)}
+    if window:
+        if not is_plugin_dtype(fmt):
+            raise ValueError(f"{label}: a recent window needs a vllm-cq kv_cache_dtype")
+        kw["additional_config"] = {**(kw.get("additional_config") or {}), "cq_recent_window": window}
     return kw
 
 
@@ -140,14 +153,11 @@ def run_child(job_path: str, fmt: str, result_path: str) -> int:
 
     llm = LLM(job["model"], **engine_kwargs(fmt, job["engine"], job["codebooks"]))
     vc = llm.llm_engine.vllm_config
-    cc = vc.cache_config
+    dtype, _ = split_label(fmt)
     row: dict[str, Any] = {
         "format": fmt,
-        "bits_per_channel": bits_per_channel(fmt, vc.model_config.dtype),
-        "kv_cache_tokens": int(cc.num_gpu_blocks * cc.block_size),  # vLLM's logged size rounds to requests
-        "vllm_reported_tokens": int(cc.kv_cache_size_tokens or 0),
-        "num_blocks": int(cc.num_gpu_blocks),
-        "block_size": int(cc.block_size),
+        "bits_per_channel": bits_per_channel(dtype, vc.model_config.dtype),
+        **engine_capacity(vc, dtype),
         "model_dtype": str(vc.model_config.dtype).removeprefix("torch."),
         "max_model_len": int(vc.model_config.max_model_len),
         "engine_seconds": round(time.perf_counter() - t0, 1),
@@ -167,7 +177,7 @@ def run_child(job_path: str, fmt: str, result_path: str) -> int:
             ppl=ppl.perplexity(nll, n),
             ppl_nll=nll,
             ppl_tokens=n,
-            ppl_path=PPL_PATH_CQ if is_plugin_dtype(fmt) else PPL_PATH_OTHER,
+            ppl_path=PPL_PATH_CQ if is_plugin_dtype(dtype) else PPL_PATH_OTHER,
             ppl_seconds=round(time.perf_counter() - t, 1),
         )
     if "passkey" in job["tasks"]:
