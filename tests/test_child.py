@@ -64,3 +64,9 @@ def test_exit_code_and_all_lines(tmp_path):
     rc = run_logged([sys.executable, "-c", code], str(log))
     assert rc == 3
     assert sorted(log.read_text().split()) == ["a", "b"]
+
+
+def test_a_child_exiting_124_without_a_timeout_is_not_a_timeout(tmp_path):
+    log = tmp_path / "rc124.log"
+    assert run_logged([sys.executable, "-c", "import sys; print('x'); sys.exit(124)"], str(log)) == 124
+    assert log.read_text().split() == ["x"]

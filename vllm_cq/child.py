@@ -70,14 +70,15 @@ def run_logged(
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
+        timed_out = False
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_group(proc)
-            rc = TIMEOUT_RC
+            rc, timed_out = TIMEOUT_RC, True
         # a descendant that left the group (its own session) could still hold the pipe: do not wait on it
         reader.join(timeout=10)
-        if rc == TIMEOUT_RC:
+        if timed_out:
             log.write(f"\n[vllm-cq] stopped after {timeout:.0f} s (timeout)\n")
     return rc
 
