@@ -130,15 +130,16 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
             return output
         md = attn_metadata
         n, h, hkv, d = md.num_actual_tokens, self.num_heads, self.num_kv_heads, self.head_size
+        new_kv = None if key is None or value is None else (key[:n].view(n, hkv, d), value[:n].view(n, hkv, d))
         window = None
         win = compat.window_step(layer)
         if win is not None:  # recent window: this step's K/V exact in the window group's pages too
             w, win_cache, win_md = win
-            if key is not None and value is not None:
-                write_window(win_cache, key[:n].view(n, hkv, d), value[:n].view(n, hkv, d), win_md.slot_mapping)
+            if new_kv is not None:
+                write_window(win_cache, *new_kv, win_md.slot_mapping)
             window = WindowCache(w, win_cache, win_md.block_table)
-        if key is not None and value is not None:
-            self.family.write(st, key[:n].view(n, hkv, d), value[:n].view(n, hkv, d), kv_cache, md)
+        if new_kv is not None:
+            self.family.write(st, *new_kv, kv_cache, md)
         self.family.attend(st, query[:n].view(n, h, d), kv_cache, md, output.view(-1, h, d)[:n], window=window)
         return output
 
