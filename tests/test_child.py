@@ -70,3 +70,61 @@ def test_a_child_exiting_124_without_a_timeout_is_not_a_timeout(tmp_path):
     log = tmp_path / "rc124.log"
     assert run_logged([sys.executable, "-c", "import sys; print('x'); sys.exit(124)"], str(log)) == 124
     assert log.read_text().split() == ["x"]
+
+
+# arms the dumps, forks (as vLLM does for its engine core), and in the child waits in a named function,
+# then re-arms (as a plugin loading there would): both must work in the forked child
+FORKING = textwrap.dedent(
+    """
+    import os, time
+    from vllm_cq.child import dump_stacks_from_env
+    dump_stacks_from_env()
+    pid = os.fork()
+    if pid == 0:
+        def waiting_in_forked_child():
+            time.sleep(2.6)
+        waiting_in_forked_child()
+        dump_stacks_from_env()
+        print("child re-armed", flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print("parent done", flush=True)
+    """
+)
+
+
+def test_stack_dumps_reach_a_forked_child_and_rearm_there(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "VLLM_CQ_STACK_DUMP_S": "1"}
+    out = subprocess.run([sys.executable, "-c", FORKING], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "child re-armed" in out.stdout and "parent done" in out.stdout
+    assert "waiting_in_forked_child" in out.stderr  # the child's watchdog dumped its stack
+
+
+def test_sigusr1_dumps_stacks_and_the_process_goes_on(tmp_path):
+    import signal
+    import subprocess
+
+    script = textwrap.dedent(
+        """
+        import time
+        from vllm_cq.child import dump_stacks_from_env
+        dump_stacks_from_env()
+        def waiting_for_the_signal():
+            print("ready", flush=True)
+            time.sleep(3)
+        waiting_for_the_signal()
+        print("still alive", flush=True)
+        """
+    )
+    env = {**os.environ, "VLLM_CQ_STACK_DUMP_S": "600"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "still alive" in out
+    assert "waiting_for_the_signal" in err

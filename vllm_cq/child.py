@@ -83,10 +83,32 @@ def run_logged(
     return rc
 
 
+_dump_every: float = 0.0
+
+
+def _arm_dump() -> None:
+    faulthandler.dump_traceback_later(_dump_every, repeat=True, file=sys.stderr)
+
+
 def dump_stacks_from_env() -> None:
     """In a child: VLLM_CQ_STACK_DUMP_S=N prints every thread's stack to stderr (the log) every N
-    seconds, so an engine start or step that hangs says where (with VLLM_ENABLE_V1_MULTIPROCESSING=0
-    the engine core runs in the child itself)."""
+    seconds, and on SIGUSR1, so an engine start or step that hangs says where.
+
+    The periodic dump runs in a watchdog thread, which a fork does not copy: vLLM forks its engine
+    core by default, and the plugin is not loaded again there (its loaded flag is copied). So the
+    watchdog is stopped before every fork and started again on both sides. Without that the forked
+    engine core never dumps, and would block for good the first time it re-armed or cancelled the
+    dump (the thread it waits for does not exist in the child). The SIGUSR1 handler survives forks.
+    """
+    global _dump_every
     dump = float(os.environ.get("VLLM_CQ_STACK_DUMP_S", "0") or 0)
-    if dump > 0:
-        faulthandler.dump_traceback_later(dump, repeat=True, file=sys.stderr)
+    if dump <= 0:
+        return
+    first = _dump_every == 0.0
+    _dump_every = dump
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    _arm_dump()
+    if first:
+        os.register_at_fork(
+            before=faulthandler.cancel_dump_traceback_later, after_in_parent=_arm_dump, after_in_child=_arm_dump
+        )
