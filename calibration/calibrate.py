@@ -3,12 +3,14 @@
 from vllm_cq.calibration import CalibrationConfig, calibrate_model
 cbs, report = calibrate_model("path/to/model", "calib.txt", CalibrationConfig(format="cq1"))
 save_codebooks("model/cq1.safetensors", cbs)
+
+`calibrate_formats` fits several formats from one collection pass (`vllm-cq calibrate --format cq4,cq2,cq1`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import torch
@@ -97,32 +99,49 @@ def calibrate_model(
     model_path: str, text_path: str, cfg: CalibrationConfig, progress: bool = True
 ) -> tuple[CodebookSet, list[LayerReport]]:
     """Load a local HF model and text file, collect statistics, fit and describe the codebooks."""
+    return calibrate_formats(model_path, text_path, cfg, [cfg.format], progress)[cfg.format]
+
+
+def calibrate_formats(
+    model_path: str, text_path: str, cfg: CalibrationConfig, formats: list[str], progress: bool = True
+) -> dict[str, tuple[CodebookSet, list[LayerReport]]]:
+    """Codebooks for several formats from one collection pass (cfg.format is replaced by each name).
+
+    The forward/backward pass that collects keys, values and Fisher weights does not depend on the
+    format and is most of the time on a CPU (and a third of it on the H200), so fitting cq4, cq2 and
+    cq1 from one pass is the cheap way to get all three.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cfgs = {f: replace(cfg, format=f) for f in dict.fromkeys(formats)}  # validates every name up front
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype))
     model.to(cfg.device)
     model_id = ModelIdentity.from_hf_config(model.config, name=str(model_path))
-    get_format(cfg.format).check_head_dim(model_id.head_dim)
-    with open(text_path, encoding="utf-8") as f:
-        ids = torch.tensor(tok(f.read(), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    for f in cfgs:
+        get_format(f).check_head_dim(model_id.head_dim)
+    with open(text_path, encoding="utf-8") as fh:
+        ids = torch.tensor(tok(fh.read(), add_special_tokens=False)["input_ids"], dtype=torch.long)
     batches = token_batches(ids, cfg.num_seqs, cfg.seq_len, cfg.batch_size)
     stats = collect(model, batches, num_batches=len(batches), progress=progress)
     del model
-    t1 = time.perf_counter()
-    cbs, report = fit_codebooks(stats, model_id, cfg, progress)
-    t2 = time.perf_counter()
-    cbs.calibration = {
-        **asdict(cfg),
-        "text": str(text_path),
-        "tokens": sum(b.numel() for b in batches),
-        "collect_seconds": round(t1 - t0, 2),
-        "kmeans_seconds": round(t2 - t1, 2),
-        "mean_key_error": sum(r.key_error for r in report) / len(report),
-        "mean_value_error": sum(r.value_error for r in report) / len(report),
-    }
-    return cbs, report
+    collect_seconds = time.perf_counter() - t0
+    out = {}
+    for f, fcfg in cfgs.items():
+        t1 = time.perf_counter()
+        cbs, report = fit_codebooks(stats, model_id, fcfg, progress)
+        cbs.calibration = {
+            **asdict(fcfg),
+            "text": str(text_path),
+            "tokens": sum(b.numel() for b in batches),
+            "collect_seconds": round(collect_seconds, 2),
+            "kmeans_seconds": round(time.perf_counter() - t1, 2),
+            "mean_key_error": sum(r.key_error for r in report) / len(report),
+            "mean_value_error": sum(r.value_error for r in report) / len(report),
+        }
+        out[f] = (cbs, report)
+    return out
 
 
 def format_report(report: list[LayerReport]) -> str:

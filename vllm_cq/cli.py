@@ -27,11 +27,15 @@ def cmd_formats(_args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from vllm_cq.calibration.calibrate import CalibrationConfig, calibrate_model, format_report
+    from vllm_cq.calibration.calibrate import CalibrationConfig, calibrate_formats, format_report
     from vllm_cq.codebooks import load_codebooks, save_codebooks
+    from vllm_cq.errors import CQConfigError
 
+    formats = _csv(args.format)
+    if args.out and len(formats) > 1:
+        raise CQConfigError("--out names one file; with several formats each goes to MODEL/vllm-cq/FORMAT.safetensors")
     cfg = CalibrationConfig(
-        format=args.format,
+        format=formats[0],
         num_seqs=args.num_seqs,
         seq_len=args.seq_len,
         iters=args.iters,
@@ -40,16 +44,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
     )
-    out = args.out or default_codebook_path(args.model, args.format)
-    cbs, report = calibrate_model(args.model, args.text, cfg, progress=not args.quiet)
-    save_codebooks(out, cbs)
-    load_codebooks(out, fmt=args.format, model=cbs.model)  # what we wrote must load
-    c = cbs.calibration
-    print(format_report(report))
-    print(
-        f"{args.format}: {c['tokens']} tokens, {cbs.num_layers} layers, collect {c['collect_seconds']} s, "
-        f"k-means {c['kmeans_seconds']} s on {cfg.device}, weighting {cfg.weighting} -> {out}"
-    )
+    results = calibrate_formats(args.model, args.text, cfg, formats, progress=not args.quiet)
+    for fmt, (cbs, report) in results.items():
+        out = args.out or default_codebook_path(args.model, fmt)
+        save_codebooks(out, cbs)
+        load_codebooks(out, fmt=fmt, model=cbs.model)  # what we wrote must load
+        c = cbs.calibration
+        print(format_report(report))
+        print(
+            f"{fmt}: {c['tokens']} tokens, {cbs.num_layers} layers, collect {c['collect_seconds']} s "
+            f"(once for {', '.join(results)}), k-means {c['kmeans_seconds']} s on {cfg.device}, "
+            f"weighting {cfg.weighting} -> {out}"
+        )
     return 0
 
 
@@ -172,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("calibrate", help="fit CQ codebooks for a local HF model on a local text file")
     c.add_argument("model", help="local Hugging Face model directory")
-    c.add_argument("--format", default="cq1", help="cq4, cq2, cq1, cq_k4v2, cq_k4v1 (default cq1)")
+    c.add_argument(
+        "--format",
+        default="cq1",
+        help="cq4, cq2, cq1, cq_k4v2, cq_k4v1 (default cq1); several, comma-separated, share one collection pass",
+    )
     c.add_argument("--text", required=True, help="calibration text file (UTF-8)")
     c.add_argument("--num-seqs", type=int, default=16)
     c.add_argument("--seq-len", type=int, default=2048)

@@ -111,3 +111,32 @@ def test_cli_errors_are_one_line(tiny_llama, calib_text, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "vllm_cq.cli", "formats"], capture_output=True, text=True, check=True)
     assert "| cq1 | 8c8b | 8c8b | 1 | 32 | 16.0x |" in out.stdout
+
+
+def test_cli_calibrates_several_formats_from_one_collection(tiny_llama, calib_text, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import vllm_cq.calibration.calibrate as cal
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama, model_dir, ignore=shutil.ignore_patterns("vllm-cq"))
+    calls = []
+    real_collect = cal.collect
+    monkeypatch.setattr(cal, "collect", lambda *a, **k: calls.append(1) or real_collect(*a, **k))
+    common = f"--text {calib_text} --num-seqs 2 --seq-len 128 --iters 3 --quiet".split()
+    assert main(["calibrate", str(model_dir), "--format", "cq4,cq1", *common]) == 0
+    assert len(calls) == 1
+    assert "collect" in capsys.readouterr().out
+    from transformers import AutoConfig
+
+    ident = ModelIdentity.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    both = {f: load_codebooks(model_dir / "vllm-cq" / f"{f}.safetensors", fmt=f, model=ident) for f in ("cq4", "cq1")}
+    # the same codebooks as a calibration of that format alone
+    alone = tmp_path / "cq1-alone.safetensors"
+    assert main(["calibrate", str(model_dir), "--format", "cq1", *common, "--out", str(alone)]) == 0
+    single = load_codebooks(alone, fmt="cq1", model=ident)
+    for a, b in zip(both["cq1"].keys + both["cq1"].values, single.keys + single.values, strict=True):
+        torch.testing.assert_close(a, b)
+    assert both["cq4"].keys[0].shape == (64, 256, 2) and both["cq1"].keys[0].shape == (16, 256, 8)
+    assert main(["calibrate", str(model_dir), "--format", "cq4,cq1", *common, "--out", str(alone)]) == 2
+    assert "--out names one file" in capsys.readouterr().err
