@@ -49,6 +49,23 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def is_python(pid: int) -> bool:
+    try:
+        return "python" in os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return False
+
+
+def catches_sigusr1(pid: int) -> bool:
+    """Whether the process has a SIGUSR1 handler (the plugin's stack dump); the default action kills."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            caught = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(caught >> (signal.SIGUSR1 - 1) & 1)
+
+
 def py_spy() -> str | None:
     found = shutil.which("py-spy")
     if found:
@@ -67,14 +84,14 @@ def snapshot(root: int, spy: str | None) -> None:
         r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True)
         print(f"gpu: {r.stdout.strip()}", flush=True)
     for pid in descendants(root):
-        cmd = cmdline(pid)
-        if "python" not in cmd:
+        if not is_python(pid):
             continue
-        print(f"--- pid {pid}: {cmd[:200]!r}", flush=True)
+        print(f"--- pid {pid}: {cmdline(pid)[:200]!r}", flush=True)
+        r = None
         if spy:
             r = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
             print((r.stdout + r.stderr).rstrip(), flush=True)
-        else:
+        if (r is None or r.returncode != 0) and catches_sigusr1(pid):
             try:
                 os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:

@@ -162,7 +162,8 @@ case "${1:-tests}" in
     # default (the plugin's choice: spawn) first; if it starts, fork (vLLM's own default) for the stall's stacks,
     # else in-process. Stacks of every Python process at 40 s and near the limit (py-spy from .gpu-stage/tools).
     mkdir -p "$OUT/w"; python3 benchmarks/dummy_codebooks.py $M8B --formats ${DIAG_FORMAT:-cq1} > /dev/null
-    ls .gpu-stage/tools/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index --target /tmp/site .gpu-stage/tools/*.whl
+    ls .gpu-stage/tools/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index --target /tmp/pyspy .gpu-stage/tools/*.whl
+    export PATH=/tmp/pyspy/bin:$PATH; command -v py-spy || echo "no py-spy: SIGUSR1 stack dumps only" 
     diag() {  # diag MODE LIMIT_S
       local mode=$1 limit=$2 pid watch rc
       VLLM_CQ_STACK_DUMP_S=${DIAG_DUMP_S:-60} timeout "$limit" python3 benchmarks/start_diag.py $M8B \
