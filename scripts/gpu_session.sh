@@ -195,8 +195,8 @@ case "${1:-tests}" in
       # (or carried in .gpu-stage/codebooks or CB_DIR, fitted with the same recipe on the CPU, which saves ~3 device minutes)
       if ls ${CB_DIR:-.gpu-stage/codebooks}/cq[124].safetensors > /dev/null 2>&1; then
         mkdir -p $CB && cp ${CB_DIR:-.gpu-stage/codebooks}/cq[124].safetensors $CB/
-      else for f in cq4 cq2 cq1; do /usr/bin/time -f "calibrate $f %e s" python3 -m vllm_cq.cli calibrate $M --format $f \
-        --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | tail -2; done; fi
+      else /usr/bin/time -f "calibrate cq4,cq2,cq1 %e s" python3 -m vllm_cq.cli calibrate $M --format cq4,cq2,cq1 \
+        --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | grep -E "^cq|calibrate"; fi
       python3 -m vllm_cq.cli compose --format cq_k4v2 --keys $CB/cq4.safetensors --values $CB/cq2.safetensors
       python3 -m vllm_cq.cli compose --format cq_k4v1 --keys $CB/cq4.safetensors --values $CB/cq1.safetensors
       FORMATS=${Q1_FORMATS:-auto,cq1}
