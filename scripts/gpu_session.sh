@@ -183,7 +183,7 @@ case "${1:-tests}" in
     pack startdiag
     ;;
   q1|q2|q3)
-    export Q=/tmp/quality M=/tmp/models/smollm2 VLLM_CQ_STACK_DUMP_S=30 VLLM_ENABLE_V1_MULTIPROCESSING=0
+    export Q=/tmp/quality M=/tmp/models/smollm2 VLLM_CQ_STACK_DUMP_S=${VLLM_CQ_STACK_DUMP_S:-0} VLLM_ENABLE_V1_MULTIPROCESSING=0
     CB=$M/vllm-cq; mkdir -p "$OUT/w"
     EVAL="--text $Q/test.txt --passkey-lengths 1024,2048,4096,8192 --passkey-keys 4 --timeout ${EVAL_TIMEOUT:-150} --quiet"
     EVAL="$EVAL --batch 64 --no-plot --engine {\"enforce_eager\":true,\"gpu_memory_utilization\":0.5}"
