@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vllm_cq.codebooks import default_codebook_path
@@ -62,3 +64,54 @@ def test_window_capacity_at_8k():
     cap = window_capacity(41 * 100, 8192, 128, cq_block, win_block)
     assert cap["kv_cache_tokens"] == 100 * 8192
     assert cap["kv_cache_tokens_without_window"] == 41 * 100 * 256
+
+
+# loads codebooks of the Llama-3.1-8B shape (as config validation does in the process that then forks
+# vLLM's engine core), forks, and runs a parallel CPU op in the child, as the engine core does
+FORK_AFTER_LOAD = """
+import os, sys, torch
+from vllm_cq.codebooks import ModelIdentity
+from vllm_cq.integration.config import load_checked
+load_checked(sys.argv[1], "cq1", ModelIdentity(**eval(sys.argv[2])))
+pid = os.fork()
+if pid == 0:
+    torch.zeros(20_000_000).fill_(1.0)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child exited", status, flush=True)
+"""
+
+
+def test_a_fork_after_loading_codebooks_does_not_hang(tmp_path):
+    """GNU OpenMP hangs a forked child whose parent ran a parallel region (the forked cq engine cores
+    of 2026-12-01 on the H200); loading codebooks must not start torch's thread pool."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one intra-op thread: no parallel region either way")
+    from dataclasses import asdict
+
+    from vllm_cq.codebooks import CodebookSet, ModelIdentity, save_codebooks
+    from vllm_cq.formats import get_format
+
+    fmt = get_format("cq1")
+    ident = ModelIdentity("LlamaForCausalLM", 2, 8, 128, 500000.0, 128)  # the 8B shape's heads
+    shape = fmt.key.codebook_shape(ident.num_kv_heads, ident.head_dim)
+    layers = [torch.randn(shape) for _ in range(2)]
+    save_codebooks(tmp_path / "cq1.safetensors", CodebookSet(fmt, ident, layers, [t.clone() for t in layers]))
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", FORK_AFTER_LOAD, str(tmp_path / "cq1.safetensors"), repr(asdict(ident))],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the forked child hung in a parallel CPU op after codebooks were loaded")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "child exited 0" in out.stdout

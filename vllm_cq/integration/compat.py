@@ -24,11 +24,14 @@ Patches (target; why; lines; removable when):
   older window blocks, counts the bytes, and handles chunked prefill and prefix caching; the cq spec's
   block grows so both groups' pages hold the same bytes (docs/design/recent-window.md); both lines
   (verified on 0.32 only: refused on CUDA for now); when vLLM lets one layer own two cache groups.
-- P5 also sets `VLLM_WORKER_MULTIPROC_METHOD=spawn` for plugin dtypes on CUDA unless the user set it:
-  on an H200 (2026-11-23 and 2026-12-01) every cq engine of a real model shape whose engine core vLLM
-  forked stalled in its start (140-320 s, no error), and every start that worked had it spawned or
-  in-process; cause not yet found (`benchmarks/start_diag.py` tells the cases apart). Removable when a
-  forked start is verified.
+- P5 also sets `VLLM_WORKER_MULTIPROC_METHOD=spawn` for plugin dtypes on CUDA unless the user set it
+  (vLLM's CPU platform always does). On the H200 every forked cq engine core of a real model shape
+  hung in its start. py-spy (2026-12-01) showed it waiting in libgomp inside a CPU `fill_`: checking
+  the codebooks had started torch's OpenMP pool in the parent, and GNU OpenMP is not fork-safe.
+  `config.load_checked` now runs single-threaded (tested: a forked child no longer hangs). The spawn
+  default stays until a forked start is verified on a GPU. A spawned cq start of the 8B shape took
+  67 s, as the eight engines of that session did. Spawn needs the usual `if __name__ == "__main__":`
+  guard in scripts.
 """
 
 from __future__ import annotations

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 from vllm_cq.codebooks import CodebookSet, ModelIdentity, default_codebook_path, load_codebooks
 from vllm_cq.errors import CodebookError, CQConfigError
@@ -75,9 +79,30 @@ def resolve_codebook_path(fmt_name: str, additional_config: Any, model: str) -> 
 
 
 @functools.lru_cache(maxsize=8)
+@contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Run torch's CPU ops inline, without starting its OpenMP thread pool.
+
+    Config validation runs in the process that then forks vLLM's engine core (vLLM's default when CUDA
+    is not initialized yet). GNU OpenMP is not fork-safe: once the parent has run one parallel region,
+    the child's first parallel region waits forever for pool threads that the fork did not copy. On the
+    H200 (2026-12-01) every forked cq engine core of a real model shape hung in a CPU `fill_` in
+    libgomp this way, because checking codebooks of that size (isfinite, dtype copies) had gone
+    parallel in the parent; tiny models' codebooks stay under the parallel grain size, so they started.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load_checked(path: str, fmt_name: str, model: ModelIdentity) -> CodebookSet:
-    """Load once per process; the file must match the format and the model."""
-    return load_codebooks(path, fmt=fmt_name, model=model)
+    """Load once per process; the file must match the format and the model. Single-threaded, so that
+    a process that forks afterwards (vLLM's engine core) inherits no OpenMP pool."""
+    with single_threaded_torch():
+        return load_codebooks(path, fmt=fmt_name, model=model)
 
 
 def unsupported_features(vllm_config: Any) -> list[str]:
