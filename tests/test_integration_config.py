@@ -66,13 +66,42 @@ def test_window_capacity_at_8k():
     assert cap["kv_cache_tokens_without_window"] == 41 * 100 * 256
 
 
-# loads codebooks of the Llama-3.1-8B shape (as config validation does in the process that then forks
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype_bytes", [2, 4])
+def test_window_blocks_give_equal_pages_for_every_format(head_dim, dtype_bytes):
+    """The cq page (cq block x slot bytes) equals the window page (window block x model-dtype bytes of
+    K and V); both blocks are multiples of 16 and as small as that allows; window blocks over 256 tokens
+    are refused (KVTQ at head_dim 128) with one clear error."""
+    import math
+
+    from vllm_cq.formats import format_names, get_format
+    from vllm_cq.integration.config import window_block_sizes
+
+    full = 2 * head_dim * dtype_bytes
+    accepted = []
+    for name in format_names():
+        slot = get_format(name).slot_bytes(head_dim)
+        try:
+            cq_block, win_block = window_block_sizes(name, head_dim, dtype_bytes)
+        except CQConfigError as e:
+            assert name.startswith("kvtq") and head_dim == 128 and "window blocks of" in str(e)
+            continue
+        accepted.append(name)
+        assert cq_block * slot == win_block * full
+        assert cq_block % 16 == 0 and win_block % 16 == 0 and win_block <= 256
+        assert math.gcd(cq_block // 16, win_block // 16) == 1  # no smaller pair of multiples of 16
+    assert {"cq1", "cq2", "cq4", "cq_k4v1", "cq_k4v2"} <= set(accepted)
+    assert window_block_sizes("cq_k4v1", head_dim, 2) == (512, 80)
+    assert window_block_sizes("cq_k4v2", head_dim, 2) == (256, 48)
+
+
+# loads codebooks of the Llama-3.1-8B shape (as config validation does, in the process that then forks
 # vLLM's engine core), forks, and runs a parallel CPU op in the child, as the engine core does
 FORK_AFTER_LOAD = """
 import os, sys, torch
 from vllm_cq.codebooks import ModelIdentity
-from vllm_cq.integration.config import load_checked
-load_checked(sys.argv[1], "cq1", ModelIdentity(**eval(sys.argv[2])))
+from vllm_cq.integration.config import load_before_fork
+load_before_fork(sys.argv[1], "cq1", ModelIdentity(**eval(sys.argv[2])))
 pid = os.fork()
 if pid == 0:
     torch.zeros(20_000_000).fill_(1.0)

@@ -28,7 +28,7 @@ Patches (target; why; lines; removable when):
   (vLLM's CPU platform always does). On the H200 every forked cq engine core of a real model shape
   hung in its start. py-spy (2026-12-01) showed it waiting in libgomp inside a CPU `fill_`: checking
   the codebooks had started torch's OpenMP pool in the parent, and GNU OpenMP is not fork-safe.
-  `config.load_checked` now runs single-threaded (tested: a forked child no longer hangs). The spawn
+  `config.load_before_fork` now runs single-threaded (tested: a forked child no longer hangs). The spawn
   default stays until a forked start is verified on a GPU. A spawned cq start of the 8B shape took
   67 s, as the eight engines of that session did. Spawn needs the usual `if __name__ == "__main__":`
   guard in scripts.

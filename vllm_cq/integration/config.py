@@ -8,9 +8,8 @@ before the engine starts; workers repeat the (cached) codebook load for their ow
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,7 +23,8 @@ from vllm_cq.support import check_architecture
 ENV_CODEBOOKS = "VLLM_CQ_CODEBOOKS"
 ADDITIONAL_CONFIG_KEY = "cq_codebooks"
 WINDOW_KEY = "cq_recent_window"
-WINDOW_MIN_BLOCK = 16  # tokens per window block; the cq block is this times the bytes ratio
+WINDOW_MIN_BLOCK = 16  # window and cq blocks are multiples of this many tokens
+WINDOW_MAX_BLOCK = 256  # larger window blocks would hold far more model-dtype tokens than a window needs
 
 
 def window_tokens(vllm_config: Any) -> int:
@@ -40,15 +40,25 @@ def window_tokens(vllm_config: Any) -> int:
 def window_block_sizes(fmt_name: str, head_dim: int, dtype_bytes: int) -> tuple[int, int]:
     """(cq block, window block) in tokens, so that a cq page and a window page hold the same bytes:
     vLLM's hybrid allocator shares one block pool between the two KV-cache groups and needs equal pages.
-    Formats whose model-dtype token is not a whole number of their slots are refused for now."""
+
+    The smallest pair of multiples of 16 tokens whose pages match: cq1 at head_dim 128 in bf16 is
+    (256, 16), one 512-byte token being 16 slots of 32 bytes. When a token is not a whole number of
+    slots the window block grows too: cq_k4v1 (80-byte slots) gets (512, 80), and cq_k4v2 (96-byte
+    slots) gets (256, 48). vLLM then aligns prefix-cache hits to the least common multiple of the two
+    blocks, 2,560 tokens for cq_k4v1. A pair whose window block would exceed WINDOW_MAX_BLOCK tokens
+    is refused: each sequence holds at least two window blocks in the model dtype.
+    """
     slot = get_format(fmt_name).slot_bytes(head_dim)
     full = 2 * head_dim * dtype_bytes
-    if full % slot:
+    g = math.gcd(full, slot)
+    cq_block, win_block = WINDOW_MIN_BLOCK * (full // g), WINDOW_MIN_BLOCK * (slot // g)
+    if win_block > WINDOW_MAX_BLOCK:
         raise CQConfigError(
-            f"{WINDOW_KEY} is not supported with --kv-cache-dtype {fmt_name} yet: a {full}-byte model-dtype "
-            f"token is not a whole number of {slot}-byte {fmt_name} slots (use cq1, cq2 or cq4)"
+            f"{WINDOW_KEY} is not supported with --kv-cache-dtype {fmt_name} at head_dim {head_dim} yet: pages "
+            f"of equal bytes for {slot}-byte slots and {full}-byte model-dtype tokens need window blocks of "
+            f"{win_block} tokens (at most {WINDOW_MAX_BLOCK}); use a cq format"
         )
-    return WINDOW_MIN_BLOCK * (full // slot), WINDOW_MIN_BLOCK
+    return cq_block, win_block
 
 
 def resolve_codebook_path(fmt_name: str, additional_config: Any, model: str) -> str:
@@ -79,9 +89,13 @@ def resolve_codebook_path(fmt_name: str, additional_config: Any, model: str) -> 
 
 
 @functools.lru_cache(maxsize=8)
-@contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """Run torch's CPU ops inline, without starting its OpenMP thread pool.
+def load_checked(path: str, fmt_name: str, model: ModelIdentity) -> CodebookSet:
+    """Load once per process; the file must match the format and the model."""
+    return load_codebooks(path, fmt=fmt_name, model=model)
+
+
+def load_before_fork(path: str, fmt_name: str, model: ModelIdentity) -> CodebookSet:
+    """`load_checked` with torch's CPU ops run inline, without starting its OpenMP thread pool.
 
     Config validation runs in the process that then forks vLLM's engine core (vLLM's default when CUDA
     is not initialized yet). GNU OpenMP is not fork-safe: once the parent has run one parallel region,
@@ -93,16 +107,9 @@ def single_threaded_torch() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        return load_checked(path, fmt_name, model)
     finally:
         torch.set_num_threads(threads)
-
-
-def load_checked(path: str, fmt_name: str, model: ModelIdentity) -> CodebookSet:
-    """Load once per process; the file must match the format and the model. Single-threaded, so that
-    a process that forks afterwards (vLLM's engine core) inherits no OpenMP pool."""
-    with single_threaded_torch():
-        return load_codebooks(path, fmt=fmt_name, model=model)
 
 
 def unsupported_features(vllm_config: Any) -> list[str]:
@@ -179,7 +186,7 @@ def validate_vllm_config(vllm_config: Any) -> CodebookSet | None:
     if not fmt.needs_codebook:
         return None
     path = resolve_codebook_path(dtype, vllm_config.additional_config, str(vllm_config.model_config.model))
-    return load_checked(path, dtype, ident)
+    return load_before_fork(path, dtype, ident)
 
 
 def kv_head_range(rank: int, world: int, total_kv_heads: int) -> tuple[int, int]:
