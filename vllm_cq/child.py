@@ -99,6 +99,10 @@ def dump_stacks_from_env() -> None:
     watchdog is stopped before every fork and started again on both sides. Without that the forked
     engine core never dumps, and would block for good the first time it re-armed or cancelled the
     dump (the thread it waits for does not exist in the child). The SIGUSR1 handler survives forks.
+
+    A diagnostic, not for measurement runs: faulthandler reads other threads' frames without the GIL,
+    and on the H200 (2026-12-01) a periodic dump during tokenization crashed an eval child (SIGSEGV).
+    `benchmarks/stack_watch.py` (py-spy from outside) is the safe way to see a stall.
     """
     global _dump_every
     dump = float(os.environ.get("VLLM_CQ_STACK_DUMP_S", "0") or 0)
