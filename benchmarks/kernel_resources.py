@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vllm_cq.formats import get_format
+from vllm_cq.kernels import window_triton
 from vllm_cq.kernels.cq import attention, write
 from vllm_cq.kernels.kvtq import triton_ops as tq
 
@@ -195,6 +196,28 @@ def tq_write_kernel(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return dict(kernel="write", kind="", block_n=None, **resources(k))
 
 
+def window_kernel(decode: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """The recent window's exact part plus the merge of the code part's 16 (decode) or 2 segments."""
+    d, g = args.head_dim, args.q_heads // args.kv_heads
+    block_m = max(16, triton.next_power_of_2(g)) if decode else 64
+    c = dict(
+        G=g, BLOCK_Q=1 if decode else max(1, block_m // g), BLOCK_M=block_m, D=d, BLOCK_N=args.block_n or 32,
+        NUM_SEGMENTS=16 if decode else 2, IEEE=False,
+    )  # fmt: skip
+    ptr = dict(
+        q_ptr="*bf16", out_ptr="*bf16", part_ptr="*fp32", ml_ptr="*fp32", win_ptr="*bf16", wbt_ptr="*i32",
+        seq_lens_ptr="*i32", qsl_ptr="*i32",
+    )  # fmt: skip
+    hkv, page = args.kv_heads, 16
+    ints = dict(
+        num_seqs=64 if decode else 1, stride_qt=(args.q_heads + 2 * hkv) * d, stride_qh=d, stride_ot=args.q_heads * d,
+        stride_oh=d, stride_wb=hkv * page * 2 * d, stride_wh=page * 2 * d, stride_wo=2 * d, stride_wbt=32768 // page,
+        W=128, win_block_size=page,
+    )  # fmt: skip
+    k = compile_aot(window_triton._window_merge_kernel, ptr, c, {"qk_scale"}, args.arch, ints=ints, num_warps=4)
+    return dict(kernel="window", kind="decode" if decode else "prefill", block_n=c["BLOCK_N"], **resources(k))
+
+
 def kernels_of(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Decode and prefill attention, and the write (not for level-wise names: the write is shared)."""
     if get_format(name.partition(":")[0]).family == "tq":
@@ -242,17 +265,18 @@ def main() -> None:
         + " |"
     )
     print("|---" * (10 + 2 * len(cls)) + "|")
-    for name in args.formats.split(","):
-        for r in kernels_of(name, args):
-            print(
-                f"| {name} | {r['kernel']} | {r['kind']} | {r['block_n'] or ''} | {r['reg']} | {r['stack']} "
-                f"| {r['dynamic_shared']} | {programs_per_sm(r, args.num_warps if r['kernel'] == 'attention' else 4)} "
-                f"| {r['instrs']} | "
-                + " | ".join(str(r[c]) for c in cls)
-                + f" | {r['loop_instrs']} | "
-                + " | ".join(str(r[f"loop_{c}"]) for c in cls)
-                + " |"
-            )
+    rows = [(name, r) for name in args.formats.split(",") for r in kernels_of(name, args)]
+    rows += [("(any)", window_kernel(decode, args)) for decode in (True, False)]
+    for name, r in rows:
+        print(
+            f"| {name} | {r['kernel']} | {r['kind']} | {r['block_n'] or ''} | {r['reg']} | {r['stack']} "
+            f"| {r['dynamic_shared']} | {programs_per_sm(r, args.num_warps if r['kernel'] == 'attention' else 4)} "
+            f"| {r['instrs']} | "
+            + " | ".join(str(r[c]) for c in cls)
+            + f" | {r['loop_instrs']} | "
+            + " | ".join(str(r[f"loop_{c}"]) for c in cls)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -114,9 +114,12 @@ def block_rows(qb, i_kvh, q_len, ctx, G: tl.constexpr, BLOCK_Q: tl.constexpr, BL
 
 
 @triton.jit
-def kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEGMENTS: tl.constexpr):
-    """Keys a query block can see (causal) and this segment's share of their tiles [t_lo, t_hi)."""
-    kv_len = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
+def kv_tile_range(
+    seq_len, ctx, qb, i_seg, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SEGMENTS: tl.constexpr, win
+):  # fmt: skip
+    """Keys a query block can see (causal; with a recent window of `win` tokens, only those at least
+    `win` older than its last query) and this segment's share of their tiles [t_lo, t_hi)."""
+    kv_len = tl.maximum(tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q) - win, 0)
     num_tiles = tl.cdiv(kv_len, BLOCK_N)
     per_seg = tl.cdiv(num_tiles, NUM_SEGMENTS)
     t_lo = i_seg * per_seg
@@ -184,7 +187,10 @@ def plan_launch(
     max_query_len: int,
     num_segments: int | None = None,
     block_m: int | None = None,
+    min_segments: int = 1,
 ) -> LaunchPlan:
+    """The tiling of one call; `min_segments` 2 forces split-KV partials (the recent window merges
+    its own part with them, `window_triton.attend_window_and_merge`)."""
     t, hq, d = query.shape
     g = hq // num_kv_heads
     if max_query_len <= 1:
@@ -195,6 +201,7 @@ def plan_launch(
     if num_segments is None:
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
         num_segments = num_segments_for(num_seqs, num_kv_heads, max_query_len, sms)
+    num_segments = max(num_segments, min_segments)
     if num_segments == 1:
         return LaunchPlan(block_q, block_m, 1, out, out, out.stride(0), out.stride(1))
     target = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=query.device)

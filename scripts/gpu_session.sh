@@ -22,6 +22,8 @@
 #                                          # (~4 min on the H200), compose, eval auto,cq1 (state in /tmp/vllm-cq)
 #   bash scripts/gpu_session.sh q2         # quality part 2: eval cq4,cq_k4v2,cq_k4v1
 #   bash scripts/gpu_session.sh q3         # quality part 3: eval cq2,kvtq,kvtq1, merge the three parts
+#   bash scripts/gpu_session.sh window     # recent window on CUDA: Triton window kernels vs reference, vLLM window tests
+#   bash scripts/gpu_session.sh q4         # quality with the window (cq_k4v1+w128, ...), after q1 and `window`
 #   bash scripts/gpu_session.sh cap1       # 8B-shape capacity cq4,cq2,kvtq,kvtq1 (auto: 903,488 on 2026-11-23)
 #   bash scripts/gpu_session.sh bench1     # kernel grid (write kernel, kvtq variants) + e2e cq1
 #   bash scripts/gpu_session.sh quality    # issue 10's full table on SmolLM2 (after scripts/stage_quality.sh's two
@@ -182,7 +184,17 @@ case "${1:-tests}" in
     if diag default "${DIAG_LIMIT:-200}"; then [ -n "${DIAG_FORK:-1}" ] && diag fork 110; else diag inproc 150; fi
     pack startdiag
     ;;
-  q1|q2|q3)
+  window)
+    # the recent window on CUDA (design step 4): the Triton kernels against the reference at GPU speed, then
+    # the vLLM window tests with the CUDA refusal lifted for verification (VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1)
+    mkdir -p "$OUT/w"
+    timeout 200 python3 -m pytest -q tests/kernels/test_window.py tests/kernels/test_cq_triton.py -k "window" \
+      2>&1 | tee "$OUT/w/window-kernels.log" | tail -4
+    VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 timeout 300 python3 -m pytest -q -x --tb=long tests/integration/test_vllm_window.py \
+      > "$OUT/w/window-vllm.log" 2>&1; echo "vllm window tests rc=$?"; grep -E "^E |passed|failed" "$OUT/w/window-vllm.log" | head -12
+    pack window
+    ;;
+  q1|q2|q3|q4)
     export Q=/tmp/quality M=/tmp/models/smollm2 VLLM_CQ_STACK_DUMP_S=${VLLM_CQ_STACK_DUMP_S:-0} VLLM_ENABLE_V1_MULTIPROCESSING=0
     CB=$M/vllm-cq; mkdir -p "$OUT/w"
     EVAL="--text $Q/test.txt --passkey-lengths 1024,2048,4096,8192 --passkey-keys 4 --timeout ${EVAL_TIMEOUT:-150} --quiet"
@@ -202,8 +214,11 @@ case "${1:-tests}" in
       FORMATS=${Q1_FORMATS:-auto,cq1}
     elif [ "$1" = q2 ]; then
       FORMATS=${Q2_FORMATS:-cq4,cq_k4v2,cq_k4v1}
-    else
+    elif [ "$1" = q3 ]; then
       FORMATS=${Q3_FORMATS:-cq2,kvtq,kvtq1}
+    else  # the recent window through vLLM on CUDA (after `window` passed; the refusal lifted for verification)
+      export VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1
+      FORMATS=${Q4_FORMATS:-cq_k4v1+w128,cq1+w128,cq2+w128,cq_k4v2+w128}
     fi
     python3 -m vllm_cq.cli eval $M --formats $FORMATS $EVAL --out $STATE/eval-$1.json --log-dir $OUT/w/logs-$1 \
       2>&1 | tee $OUT/w/eval-$1.log | grep -vE " (INFO|DEBUG|WARNING) " | tail -25 | cut -c1-220

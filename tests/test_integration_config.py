@@ -144,3 +144,34 @@ def test_a_fork_after_loading_codebooks_does_not_hang(tmp_path):
         pytest.fail("the forked child hung in a parallel CPU op after codebooks were loaded")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "child exited 0" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("dtype", "allow", "refused"),
+    [("cq1", None, True), ("cq1", "1", False), ("cq_k4v1", "1", False), ("kvtq", "1", True)],
+)
+def test_window_on_cuda_is_refused_unless_verifying_cq(dtype, allow, refused, monkeypatch):
+    """On CUDA the window stays refused (its Triton path has not run on a GPU yet) unless
+    VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 asks for it to verify a cq format; KVTQ has no window kernel."""
+    from types import SimpleNamespace
+
+    from vllm_cq.integration import compat
+    from vllm_cq.integration.config import unsupported_features
+
+    monkeypatch.setattr(compat, "platform_is_cuda", lambda: True)
+    if allow is None:
+        monkeypatch.delenv("VLLM_CQ_ALLOW_WINDOW_ON_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_CQ_ALLOW_WINDOW_ON_CUDA", allow)
+    mc = SimpleNamespace(hf_text_config=SimpleNamespace(), get_sliding_window=lambda: None)
+    cfg = SimpleNamespace(
+        model_config=mc,
+        cache_config=SimpleNamespace(cache_dtype=dtype),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+        scheduler_config=SimpleNamespace(),
+        speculative_config=None,
+        additional_config={"cq_recent_window": 128},
+    )
+    assert ("cq_recent_window on CUDA" in unsupported_features(cfg)) is refused
+    cfg.additional_config = {}
+    assert unsupported_features(cfg) == []

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 
 from vllm_cq.kernels.varlen import block_rows, kv_tile_range, plan_launch, query_block, softmax_step, store_rows
+from vllm_cq.kernels.window import WindowCache
+from vllm_cq.kernels.window_triton import attend_window_and_merge
 
 LOG2E = 1.4426950408889634
 
@@ -142,6 +144,7 @@ def _cq_attention_kernel(
     qk_scale,  # softmax scale * log2(e)
     block_size,
     v_offset,
+    win,  # recent window W (0: none): keys j <= i - W only, the window kernel attends the rest
     G: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -183,7 +186,7 @@ def _cq_attention_kernel(
     o_nt = tl.arange(0, BLOCK_N)
 
     # keys this query block can see, split into segments of whole tiles
-    kv_len, t_lo, t_hi = kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q, BLOCK_N, NUM_SEGMENTS)
+    kv_len, t_lo, t_hi = kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q, BLOCK_N, NUM_SEGMENTS, win)
 
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
@@ -201,7 +204,7 @@ def _cq_attention_kernel(
                 HALF, CK, BLOCK_N, IS_NEOX, HAS_ROPE, ROPE_SPLIT, ABLATE, IEEE,
             )  # fmt: skip
         b_s = b_s * qk_scale
-        visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None])
+        visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None] - win)
         b_s = tl.where(visible, b_s, float("-inf"))
         b_p, b_alpha, b_m, b_l = softmax_step(b_s, b_m, b_l)
         if ABLATE & 2:  # profiling only: no V gathers
@@ -242,6 +245,7 @@ def paged_attention(
     head_major: bool = True,
     rope_split: bool = False,
     k_parts: int | None = None,
+    window: WindowCache | None = None,
     _ablate: int = 0,
 ) -> torch.Tensor:
     """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
@@ -251,7 +255,8 @@ def paged_attention(
     `rope_split` the register-heavy R(P) R(n) rotation (a tuning option, see the module docstring);
     `k_parts` (a power of two; default 2 decode, 4 prefill) splits each key tile's RoPE pairs into
     parts gathered, rotated and multiplied one after another, so fewer float32 values are live (capped
-    so a part holds >= 16 pairs, what a tensor-core product needs, and whole centroids)."""
+    so a part holds >= 16 pairs, what a tensor-core product needs, and whole centroids). With a recent
+    `window` the codes cover keys j <= i - W and `window_triton` adds the exact window, one softmax."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -273,7 +278,7 @@ def paged_attention(
     k_parts = k_parts or (2 if decode else 4)  # kernel_resources.py: 4 spills in cq2 decode
     assert k_parts & (k_parts - 1) == 0, "k_parts must be a power of two"
     k_parts = max(1, min(k_parts, (d // 2) // max(16, ck)))
-    plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, block_m)
+    plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, block_m, 2 if window else 1)
     block_n = block_n or 32  # decode at 64: twice the registers and shared memory (kernel_resources.py)
     nq = plan.num_query_blocks(t, num_seqs)
     grid = (nq, plan.num_segments, hkv) if head_major else (nq, hkv, plan.num_segments)
@@ -302,6 +307,7 @@ def paged_attention(
         float(scale) * LOG2E,
         kv_cache.shape[2],
         key_bytes,
+        window.W if window is not None else 0,
         G=hq // hkv,
         BLOCK_Q=plan.block_q,
         BLOCK_M=plan.block_m,
@@ -322,4 +328,6 @@ def paged_attention(
         num_warps=num_warps or 4,
         num_stages=num_stages or (3 if decode else 1),
     )
+    if window is not None:
+        return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale, block_n)
     return plan.finish(out, query_start_loc)

@@ -11,7 +11,7 @@ import torch
 
 from vllm_cq.formats import KVFormat
 from vllm_cq.kernels.cq import naive
-from vllm_cq.kernels.dispatch import WINDOW_NOT_IN_TRITON, into_out, max_query_len_of, triton_enabled
+from vllm_cq.kernels.dispatch import into_out, max_query_len_of, triton_enabled
 from vllm_cq.kernels.window import WindowCache
 
 
@@ -87,7 +87,8 @@ def paged_attention(
     """Same contract as `naive.paged_attention` (causal), written into `out` when given (else a new
     tensor in query's dtype). `max_query_len` (vLLM's, host-side) picks the decode or prefill tiling;
     `*_codebook_attn` are the codebooks in the model dtype for the tensor-core path (default: as given).
-    A recent `window` runs on the reference only for now (the Triton kernels refuse it).
+    A recent `window` (keys i - W < j <= i exact) runs in both; vLLM's CUDA path still refuses it
+    until the kernels are verified on a GPU (`config.unsupported_features`).
     """
     d = query.shape[-1]
     triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0 and d >= 32
@@ -97,8 +98,6 @@ def paged_attention(
             cos_sin_cache, is_neox, window=window,
         )  # fmt: skip
         return into_out(res, out, query.dtype)
-    if window is not None:
-        raise NotImplementedError(WINDOW_NOT_IN_TRITON)
     from vllm_cq.kernels.cq.attention import paged_attention as triton_paged_attention
 
     if max_query_len is None:
@@ -117,4 +116,5 @@ def paged_attention(
         is_neox,
         max_query_len,
         out=out,
+        window=window,
     )

@@ -274,7 +274,7 @@ def _tq_attention_kernel(
         o_d = tl.arange(0, D)
         b_q = tl.load(q_ptr + q_row[:, None] + o_d[None, :], mask=m_row[:, None], other=0.0)
     dt = q_ptr.dtype.element_ty
-    kv_len, t_lo, t_hi = kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q, BLOCK_N, NUM_SEGMENTS)
+    kv_len, t_lo, t_hi = kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q, BLOCK_N, NUM_SEGMENTS, 0)
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     if LEVELWISE_V:  # [NGV, BLOCK_M, GV], laid out as [BLOCK_M, D] at the store

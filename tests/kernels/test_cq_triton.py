@@ -253,3 +253,35 @@ def test_ops_dispatch_round_trip_post_rope_keys():
     got = ops.paged_attention(q, cache, kcb, vcb, fmt, table, seq_lens, qsl, d**-0.5, rope)
     assert (cache.cpu() == ref_cache).float().mean() > 0.999
     assert rel_err(got.cpu(), want) < 1e-3
+
+
+WINDOW_CASES = [
+    # (format, (code block, window block), W, mode, (kv heads, query heads per kv head))
+    ("cq1", (64, 16), 1, "decode", (2, 1)),
+    ("cq1", (64, 16), 15, "chunked", (1, 4)),
+    ("cq1", (32, 16), 16, "decode", (2, 3)),
+    ("cq_k4v1", (64, 16), 35, "chunked", (2, 3)),
+    ("cq_k4v1", (32, 16), 10**6, "chunked", (1, 4)),
+    ("cq1", (64, 16), 10**6, "decode", (2, 1)),
+]
+
+
+@runs_kernels
+@pytest.mark.parametrize("fmt_name, blocks, W, mode, gqa", WINDOW_CASES, ids=[str(c) for c in WINDOW_CASES])
+def test_window_kernel_matches_reference(fmt_name, blocks, W, mode, gqa):
+    """Recent window on the Triton path (codes bounded by j <= i - W, the exact window from its own pages,
+    one softmax over both) against the reference, on batches whose window cache holds NaN wherever
+    vLLM would not keep entries: page boundaries of both block sizes, odd lengths, decode and chunked
+    prefill, GQA, W from 1 to past every sequence."""
+    from tests.kernels.test_window import Batch, random_seqs
+
+    seqs = random_seqs(random.Random(W + len(mode)), mode, *blocks)
+    b = Batch(fmt_name, seqs, gqa[0], gqa[1], blocks[0], blocks[1], W)
+    want = b.attend(b.window)
+    max_q = max(q for _, q in seqs)
+    got = attn_mod.paged_attention(
+        b.q, b.cache, b.kcb, b.vcb, b.fmt.key_bytes(32), b.table, b.seq_lens, b.qsl, b.scale, b.rope, True,
+        max_q, window=b.window, block_n=16,
+    )  # fmt: skip
+    assert not got.isnan().any()
+    assert rel_err(got, want) < 1e-4, (rel_err(got, want), seqs)

@@ -224,7 +224,7 @@ def test_window_cache_is_checked():
 
 
 @pytest.mark.parametrize("fmt_name", FORMATS)
-def test_ops_pass_the_window_to_the_reference(fmt_name, monkeypatch):
+def test_ops_pass_the_window_on(fmt_name, monkeypatch):
     b = Batch(fmt_name, [(40, 1), (30, 6)], 2, 2, 64, 16, W=7)
     want = b.attend(b.window)
     mod = tq_ops if b.family == "tq" else cq_ops
@@ -237,6 +237,18 @@ def test_ops_pass_the_window_to_the_reference(fmt_name, monkeypatch):
         )
 
     assert torch.equal(run(), want)
-    monkeypatch.setattr(mod, "triton_enabled", lambda device: True)  # as on CUDA: refused, not run
-    with pytest.raises(NotImplementedError, match="VLLM_CQ_KERNELS=reference"):
-        run()
+    monkeypatch.setattr(mod, "triton_enabled", lambda device: True)  # as on CUDA
+    if b.family == "tq":  # KVTQ's kernels have no window path: refused, not run
+        with pytest.raises(NotImplementedError, match="VLLM_CQ_KERNELS=reference"):
+            run()
+        return
+    from vllm_cq.kernels.cq import attention
+
+    seen = {}
+
+    def triton_attention(*args, **kw):  # the Triton path gets the window (tests/kernels/test_cq_triton.py runs it)
+        seen.update(kw)
+        return want
+
+    monkeypatch.setattr(attention, "paged_attention", triton_attention)
+    assert torch.equal(run(), want) and seen["window"] is b.window

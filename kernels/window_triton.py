@@ -1,0 +1,171 @@
+"""Triton: the recent window's exact part of attention, merged with the code part's split-KV partials.
+
+With a recent window (kernels/window.py, the reference: `attend_with_window`), a query at position i
+attends keys i - W < j <= i exactly from the window's pages and older keys over codes, one softmax.
+The code kernels run as usual with their keys bounded by j <= i - W and write split-KV partials
+(unnormalized sums and their log2-domain max and sum per segment, `varlen.store_rows`); this kernel
+then computes the window's part per (query block, kv head) from the model-dtype pages with the same
+online softmax, and folds every segment's partial into it before normalizing: the window is one more
+segment, and the merge that decode steps run anyway now also finishes prefill steps.
+
+Window pages: [blocks, kv heads, block size, 2 * D] in the model dtype, K (post-RoPE, as vLLM hands it
+over) then V; the window's own block table. Blocks older than the first query's window may be vLLM's
+null block (garbage), so only positions from that window on are loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vllm_cq.kernels.varlen import LaunchPlan, block_rows, query_block, softmax_step
+from vllm_cq.kernels.window import WindowCache
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _window_merge_kernel(
+    q_ptr,  # [T, Hq, D] post-RoPE queries
+    out_ptr,  # [T, Hq, D]
+    part_ptr,  # float32 [T, Hq, NUM_SEGMENTS, D]: the code part's unnormalized sums
+    ml_ptr,  # float32 [T, Hq, NUM_SEGMENTS, 2]: their running max (log2 domain) and sum
+    win_ptr,  # [blocks_w, Hkv, block_size_w, 2 * D]
+    wbt_ptr,  # [S, max_blocks_w] int32
+    seq_lens_ptr,
+    qsl_ptr,
+    num_seqs,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_wb,
+    stride_wh,
+    stride_wo,
+    stride_wbt,
+    W,
+    qk_scale,  # softmax scale * log2(e)
+    win_block_size,
+    G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    i_kvh = tl.program_id(1)
+    num_q_heads = G * tl.num_programs(1)
+    i_s, q_start, q_len, qb, seq_len = query_block(qsl_ptr, seq_lens_ptr, pid_q, num_seqs, BLOCK_Q)
+    if qb * BLOCK_Q >= q_len:
+        return
+    ctx = seq_len - q_len
+    tok, head, m_row, q_pos = block_rows(qb, i_kvh, q_len, ctx, G, BLOCK_Q, BLOCK_M)
+    row = (q_start + tok).to(tl.int64)
+    o_d = tl.arange(0, D)
+    o_nt = tl.arange(0, BLOCK_N)
+    dt = q_ptr.dtype.element_ty
+    p_q = q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_row[:, None], other=0.0).to(dt)
+
+    # the window of the block's first query on, up to its last query (what vLLM keeps for this step)
+    lo = tl.maximum(ctx + qb * BLOCK_Q - W + 1, 0)
+    hi = tl.minimum(seq_len, ctx + (qb + 1) * BLOCK_Q)
+    b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_M], tl.float32)
+    b_acc = tl.zeros([BLOCK_M, D], tl.float32)
+    p_bt = wbt_ptr + i_s.to(tl.int64) * stride_wbt
+    for t in range(lo // BLOCK_N, tl.cdiv(hi, BLOCK_N)):
+        o_n = t * BLOCK_N + o_nt
+        m_n = (o_n >= lo) & (o_n < hi)
+        blk = tl.load(p_bt + o_n // win_block_size, mask=m_n, other=0).to(tl.int64)
+        p_kv = win_ptr + blk * stride_wb + i_kvh * stride_wh + (o_n % win_block_size) * stride_wo  # [BLOCK_N]
+        b_k = tl.load(p_kv[:, None] + o_d[None, :], mask=m_n[:, None], other=0.0).to(dt)
+        if IEEE:
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_k))
+        b_s = b_s * qk_scale
+        visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None]) & (o_n[None, :] > q_pos[:, None] - W)
+        b_s = tl.where(visible, b_s, float("-inf"))
+        b_p, b_alpha, b_m, b_l = softmax_step(b_s, b_m, b_l)
+        b_v = tl.load(p_kv[:, None] + D + o_d[None, :], mask=m_n[:, None], other=0.0).to(dt)
+        if IEEE:
+            b_acc = tl.dot(b_p.to(dt), b_v, b_acc * b_alpha[:, None], input_precision="ieee")
+        else:
+            b_acc = tl.dot(b_p.to(dt), b_v, b_acc * b_alpha[:, None])
+
+    # fold in the code part's segments (rows without old keys hold max -inf, sum 0 and zeros)
+    for i_seg in tl.static_range(NUM_SEGMENTS):
+        part = (row * num_q_heads + head) * NUM_SEGMENTS + i_seg
+        m_s = tl.load(ml_ptr + part * 2, mask=m_row, other=float("-inf"))
+        l_s = tl.load(ml_ptr + part * 2 + 1, mask=m_row, other=0.0)
+        a_s = tl.load(part_ptr + part[:, None] * D + o_d[None, :], mask=m_row[:, None], other=0.0)
+        m_new = tl.maximum(b_m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        f_old = tl.exp2(b_m - m_safe)
+        f_seg = tl.exp2(m_s - m_safe)
+        b_acc = b_acc * f_old[:, None] + a_s * f_seg[:, None]
+        b_l = b_l * f_old + l_s * f_seg
+        b_m = m_new
+    b_o = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[:, None]
+    p_o = out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + o_d[None, :]
+    tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_row[:, None])
+
+
+def attend_window_and_merge(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    plan: LaunchPlan,
+    window: WindowCache,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    block_n: int = 32,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """out [T, Hq, D] = the window's exact part of attention merged with the code part's partials in
+    `plan` (a split-KV plan: `plan_launch(..., min_segments=2)`); the attention kernels of every family
+    call this instead of `plan.finish` when a recent window is configured."""
+    t, hq, d = query.shape
+    wc = window.kv_cache
+    hkv = wc.shape[1]
+    assert plan.num_segments >= 2, "the window merges split-KV partials"
+    assert wc.shape[3] == 2 * d and wc.stride(3) == 1 and query.stride(2) == 1
+    if t == 0:
+        return out
+    num_seqs = seq_lens.shape[0]
+    grid = (plan.num_query_blocks(t, num_seqs), hkv)
+    _window_merge_kernel[grid](
+        query,
+        out,
+        plan.target,
+        plan.ml,
+        wc,
+        window.block_table,
+        seq_lens,
+        query_start_loc,
+        num_seqs,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        wc.stride(0),
+        wc.stride(1),
+        wc.stride(2),
+        window.block_table.stride(0),
+        window.W,
+        float(scale) * LOG2E,
+        wc.shape[2],
+        G=hq // hkv,
+        BLOCK_Q=plan.block_q,
+        BLOCK_M=plan.block_m,
+        D=d,
+        BLOCK_N=block_n,
+        NUM_SEGMENTS=plan.num_segments,
+        IEEE=query.dtype == torch.float32,
+        num_warps=num_warps,
+    )
+    return out
