@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_cq.kernels.dense import attend_last_queries_windowed
+from vllm_cq.kernels.dispatch import triton_enabled
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,24 @@ def write_window(
 ) -> None:
     """Store key/value [N, Hkv, D] (post-RoPE keys, as vLLM hands them over) exactly into the window
     cache at slot_mapping[n] = block * block_size_w + offset (-1 = skip: padding, or no window slot).
-    The backend calls this for every new token before attending, so a query's own window is present."""
+    The backend calls this for every new token before attending, so a query's own window is present.
+    CUDA tensors take the Triton copy (`window_triton.write_window`: no host sync), others the reference."""
     d = key.shape[-1]
     if window_cache.shape[-1] != 2 * d:
         raise ValueError(f"window cache last dim {window_cache.shape[-1]} != 2 * head_dim {2 * d}")
+    if triton_enabled(key.device) and d & (d - 1) == 0 and key.stride(2) == 1 and value.stride(2) == 1:
+        from vllm_cq.kernels.window_triton import write_window as triton_write_window
+
+        triton_write_window(window_cache, key, value, slot_mapping)
+        return
+    write_window_reference(window_cache, key, value, slot_mapping)
+
+
+def write_window_reference(
+    window_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """`write_window` in plain torch (selecting the valid slots waits for the device)."""
+    d = key.shape[-1]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     bs = window_cache.shape[2]

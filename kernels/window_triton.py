@@ -115,6 +115,64 @@ def _window_merge_kernel(
     tl.store(p_o, b_o.to(out_ptr.dtype.element_ty), mask=m_row[:, None])
 
 
+@triton.jit
+def _write_window_kernel(
+    k_ptr,  # [N, Hkv, D]
+    v_ptr,
+    win_ptr,  # [blocks_w, Hkv, block_size_w, 2 * D]
+    slot_ptr,  # [N] int: block * block_size_w + offset, -1 = skip
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_wb,
+    stride_wh,
+    stride_wo,
+    win_block_size,
+    D: tl.constexpr,
+):
+    """One program per (token, kv head): copy its K and V into the window page (skipped slots: no store)."""
+    i_t = tl.program_id(0)
+    i_h = tl.program_id(1)
+    slot = tl.load(slot_ptr + i_t).to(tl.int64)
+    if slot < 0:
+        return
+    o_d = tl.arange(0, D)
+    p_w = win_ptr + (slot // win_block_size) * stride_wb + i_h * stride_wh + (slot % win_block_size) * stride_wo
+    dt = win_ptr.dtype.element_ty
+    k = tl.load(k_ptr + i_t.to(tl.int64) * stride_kn + i_h * stride_kh + o_d)
+    v = tl.load(v_ptr + i_t.to(tl.int64) * stride_vn + i_h * stride_vh + o_d)
+    tl.store(p_w + o_d, k.to(dt))
+    tl.store(p_w + D + o_d, v.to(dt))
+
+
+def write_window(
+    window_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """`window.write_window` without a host sync (the torch version selects the valid slots, which waits
+    for the GPU), one launch for all new tokens; a power-of-two head_dim."""
+    n, hkv, d = key.shape
+    assert window_cache.shape[-1] == 2 * d and window_cache.stride(3) == 1 and d & (d - 1) == 0
+    assert key.stride(2) == 1 and value.stride(2) == 1
+    if n == 0:
+        return
+    _write_window_kernel[(n, hkv)](
+        key,
+        value,
+        window_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        window_cache.stride(0),
+        window_cache.stride(1),
+        window_cache.stride(2),
+        window_cache.shape[2],
+        D=d,
+    )
+
+
 def attend_window_and_merge(
     query: torch.Tensor,
     out: torch.Tensor,

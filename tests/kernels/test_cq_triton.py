@@ -285,3 +285,23 @@ def test_window_kernel_matches_reference(fmt_name, blocks, W, mode, gqa):
     )  # fmt: skip
     assert not got.isnan().any()
     assert rel_err(got, want) < 1e-4, (rel_err(got, want), seqs)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_window_write_kernel_matches_reference(dtype):
+    """The Triton window copy stores exactly what the torch reference stores, skips slot -1 and leaves
+    every other entry (the NaN null block 0 included) untouched; keys and values may be strided views."""
+    from vllm_cq.kernels.window import write_window_reference
+    from vllm_cq.kernels.window_triton import write_window as triton_write_window
+
+    n, hkv, d, bs = 11, 2, 32, 16
+    qkv = torch.randn(n, 3 * hkv, d)  # views of a fused tensor, as vLLM passes them
+    k, v = qkv[:, hkv : 2 * hkv], qkv[:, 2 * hkv :]
+    slots = torch.tensor([17, -1, 18, 19, 40, -1, 41, 63, 64, 1 * bs + 5, 2 * bs], dtype=torch.int64)
+    want = torch.full((6, hkv, bs, 2 * d), float("nan"), dtype=dtype)
+    got = want.clone()
+    write_window_reference(want, k, v, slots)
+    triton_write_window(got, k, v, slots)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert got[0].isnan().all()
