@@ -128,3 +128,29 @@ def test_sigusr1_dumps_stacks_and_the_process_goes_on(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "still alive" in out
     assert "waiting_for_the_signal" in err
+
+
+# the child starts a grandchild that ignores SIGINT (as a forked engine core blocked in C code does), then
+# waits on it; SIGINT ends the child at once, and the grandchild must still be stopped
+STUBBORN = textwrap.dedent(
+    """
+    import subprocess, sys
+    code = "import signal as s, time; s.signal(s.SIGINT, s.SIG_IGN); print('core up', flush=True); time.sleep(300)"
+    g = subprocess.Popen([sys.executable, "-c", code])
+    print("grandchild", g.pid, flush=True)
+    g.wait()
+    """
+)
+
+
+def test_timeout_stops_a_grandchild_that_ignores_sigint(tmp_path):
+    log = tmp_path / "engine.log"
+    t0 = time.perf_counter()
+    rc = run_logged([sys.executable, "-c", STUBBORN], str(log), timeout=3)
+    assert rc == TIMEOUT_RC and time.perf_counter() - t0 < 60
+    text = log.read_text()
+    pid = int(next(ln for ln in text.splitlines() if ln.startswith("grandchild")).split()[1])
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the grandchild outlived the timeout"

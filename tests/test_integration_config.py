@@ -114,7 +114,6 @@ print("child exited", status, flush=True)
 def test_a_fork_after_loading_codebooks_does_not_hang(tmp_path):
     """GNU OpenMP hangs a forked child whose parent ran a parallel region (the forked cq engine cores
     of 2026-12-01 on the H200); loading codebooks must not start torch's thread pool."""
-    import subprocess
     import sys
 
     import torch
@@ -131,19 +130,15 @@ def test_a_fork_after_loading_codebooks_does_not_hang(tmp_path):
     shape = fmt.key.codebook_shape(ident.num_kv_heads, ident.head_dim)
     layers = [torch.randn(shape) for _ in range(2)]
     save_codebooks(tmp_path / "cq1.safetensors", CodebookSet(fmt, ident, layers, [t.clone() for t in layers]))
+    from vllm_cq.child import TIMEOUT_RC, run_logged
+
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", FORK_AFTER_LOAD, str(tmp_path / "cq1.safetensors"), repr(asdict(ident))],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("the forked child hung in a parallel CPU op after codebooks were loaded")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "child exited 0" in out.stdout
+    log = tmp_path / "fork.log"
+    cmd = [sys.executable, "-c", FORK_AFTER_LOAD, str(tmp_path / "cq1.safetensors"), repr(asdict(ident))]
+    rc = run_logged(cmd, str(log), timeout=60, env=env)  # a hung child's whole process group is stopped
+    out = log.read_text()
+    assert rc != TIMEOUT_RC, "the forked child hung in a parallel CPU op after codebooks were loaded"
+    assert rc == 0 and "child exited 0" in out, out[-2000:]
 
 
 @pytest.mark.parametrize(
