@@ -12,14 +12,14 @@
 #   bash scripts/gpu_session.sh check2     # GPU0: kernel + tiny-model vLLM tests; GPU1: 8B cq1 start (stack dumps), capacity
 #   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks, ablation, 8B capacity; GPU1: e2e cq1, kvtq, auto, fp8
 #   bash scripts/gpu_session.sh tp2        # both GPUs: e2e with tensor_parallel_size=2 (eager), cq1, auto, fp8
-# One-GPU kinds (nvidia-h200), calls after staging, each under 10 minutes. Every engine child runs with
-# stack dumps every 30 s and the engine core in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so a start
-# that stalls says where in its log (2026-12-01: cq engines of SmolLM2 and of the 8B shape did not start
-# within 140-320 s on the H200; the tiny-model ones start in 6-27 s; cause not found yet):
-#   bash scripts/gpu_session.sh startdiag  # FIRST: 8B-shape cq1 engine start with vLLM's engine core forked / spawned /
-#                                          # in-process (benchmarks/start_diag.py), stack dumps every 30 s (~5 min)
-#   bash scripts/gpu_session.sh q1         # quality part 1 (after stage_quality.sh's two calls): SmolLM2, calibrate
-#                                          # (~4 min on the H200), compose, eval auto,cq1 (state in /tmp/vllm-cq)
+# One-GPU kinds (nvidia-h200), calls after staging, each under 10 minutes. Suggested order for the next
+# window (2026-12-01 left: the window's GPU run, kernel timings, a forked start with the OpenMP fix):
+# bench1, window, stage_quality's two calls, q1 (Q1_FORMATS=auto), q4, startdiag.
+#   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
+#                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
+#                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
+#   bash scripts/gpu_session.sh q1         # quality part 1 (after stage_quality.sh's two calls): SmolLM2, one
+#                                          # calibration pass for cq4/cq2/cq1 (~100 s), compose, eval auto,cq1
 #   bash scripts/gpu_session.sh q2         # quality part 2: eval cq4,cq_k4v2,cq_k4v1
 #   bash scripts/gpu_session.sh q3         # quality part 3: eval cq2,kvtq,kvtq1, merge the three parts
 #   bash scripts/gpu_session.sh window     # recent window on CUDA: Triton window kernels vs reference, vLLM window tests
