@@ -7,13 +7,6 @@ import os
 
 import torch
 
-# Until the Triton kernels learn the recent window (design step 4), CUDA callers must opt into the
-# reference explicitly: silently running plain torch on a GPU would look like a hang.
-WINDOW_NOT_IN_TRITON = (
-    "recent window (cq_recent_window): the Triton attention kernels do not support it yet; "
-    "set VLLM_CQ_KERNELS=reference to run the plain-torch reference"
-)
-
 
 def triton_enabled(device: torch.device) -> bool:
     """CUDA tensors take the Triton kernels unless VLLM_CQ_KERNELS=reference (debugging)."""

@@ -188,7 +188,7 @@ case "${1:-tests}" in
     # the recent window on CUDA (design step 4): the Triton kernels against the reference at GPU speed, then
     # the vLLM window tests with the CUDA refusal lifted for verification (VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1)
     mkdir -p "$OUT/w"
-    timeout 200 python3 -m pytest -q tests/kernels/test_window.py tests/kernels/test_cq_triton.py -k "window" \
+    timeout 200 python3 -m pytest -q tests/kernels/test_window.py tests/kernels/test_cq_triton.py tests/kernels/test_kvtq.py -k "window" \
       2>&1 | tee "$OUT/w/window-kernels.log" | tail -4
     VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 timeout 300 python3 -m pytest -q -x --tb=long tests/integration/test_vllm_window.py \
       > "$OUT/w/window-vllm.log" 2>&1; echo "vllm window tests rc=$?"; grep -E "^E |passed|failed" "$OUT/w/window-vllm.log" | head -12

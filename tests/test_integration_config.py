@@ -143,11 +143,11 @@ def test_a_fork_after_loading_codebooks_does_not_hang(tmp_path):
 
 @pytest.mark.parametrize(
     ("dtype", "allow", "refused"),
-    [("cq1", None, True), ("cq1", "1", False), ("cq_k4v1", "1", False), ("kvtq", "1", True)],
+    [("cq1", None, True), ("cq1", "1", False), ("cq_k4v1", "1", False), ("kvtq", None, True), ("kvtq1", "1", False)],
 )
-def test_window_on_cuda_is_refused_unless_verifying_cq(dtype, allow, refused, monkeypatch):
+def test_window_on_cuda_is_refused_unless_verifying(dtype, allow, refused, monkeypatch):
     """On CUDA the window stays refused (its Triton path has not run on a GPU yet) unless
-    VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 asks for it to verify a cq format; KVTQ has no window kernel."""
+    VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 asks for it, to verify it there."""
     from types import SimpleNamespace
 
     from vllm_cq.integration import compat

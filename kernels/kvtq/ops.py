@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from vllm_cq.formats import KVFormat
-from vllm_cq.kernels.dispatch import WINDOW_NOT_IN_TRITON, into_out, max_query_len_of, triton_enabled
+from vllm_cq.kernels.dispatch import into_out, max_query_len_of, triton_enabled
 from vllm_cq.kernels.kvtq import naive
 from vllm_cq.kernels.window import WindowCache
 
@@ -40,18 +40,16 @@ def paged_attention(
     """Causal attention over the KVTQ paged cache, into `out` when given (else query's dtype).
     `levelwise` selects the Triton kernel's level-wise sides ("none", "k", "v", "kv"; see
     `triton_ops`) for benchmarks; the vLLM backend keeps the default, and the reference path computes
-    the same attention either way. A recent `window` runs on the reference only for now."""
+    the same attention either way. A recent `window` (keys i - W < j <= i exact) runs in both."""
     d = query.shape[-1]
     if not (triton_enabled(query.device) and d & (d - 1) == 0 and d >= 16):
         res = naive.paged_attention(query, kv_cache, fmt, block_table, seq_lens, query_start_loc, scale, window)
         return into_out(res, out, query.dtype)
-    if window is not None:
-        raise NotImplementedError(WINDOW_NOT_IN_TRITON)
     from vllm_cq.kernels.kvtq.triton_ops import paged_attention as triton_attention
 
     if max_query_len is None:
         max_query_len = max_query_len_of(query_start_loc)
     return triton_attention(
         query, kv_cache, fmt, block_table, seq_lens, query_start_loc, scale, max_query_len, out=out,
-        levelwise=levelwise,
+        levelwise=levelwise, window=window,
     )  # fmt: skip

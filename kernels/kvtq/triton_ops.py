@@ -35,6 +35,8 @@ import triton.language as tl
 
 from vllm_cq.formats import KVFormat, TernarySpec
 from vllm_cq.kernels.varlen import block_rows, kv_tile_range, plan_launch, query_block, softmax_step, store_rows
+from vllm_cq.kernels.window import WindowCache
+from vllm_cq.kernels.window_triton import attend_window_and_merge
 
 LOG2E = 1.4426950408889634
 
@@ -241,6 +243,7 @@ def _tq_attention_kernel(
     qk_scale,
     block_size,
     v_offset,
+    win,  # recent window W (0: none): keys j <= i - W only, `window_triton` attends the rest
     G: tl.constexpr,
     D: tl.constexpr,
     LK: tl.constexpr,
@@ -274,7 +277,7 @@ def _tq_attention_kernel(
         o_d = tl.arange(0, D)
         b_q = tl.load(q_ptr + q_row[:, None] + o_d[None, :], mask=m_row[:, None], other=0.0)
     dt = q_ptr.dtype.element_ty
-    kv_len, t_lo, t_hi = kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q, BLOCK_N, NUM_SEGMENTS, 0)
+    kv_len, t_lo, t_hi = kv_tile_range(seq_len, ctx, qb, i_seg, BLOCK_Q, BLOCK_N, NUM_SEGMENTS, win)
     b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_M], tl.float32)
     if LEVELWISE_V:  # [NGV, BLOCK_M, GV], laid out as [BLOCK_M, D] at the store
@@ -304,7 +307,7 @@ def _tq_attention_kernel(
             else:
                 b_s = tl.dot(b_q, tl.trans(b_k))
         b_s = b_s * qk_scale
-        b_s = tl.where(m_n[None, :] & (o_n[None, :] <= q_pos[:, None]), b_s, float("-inf"))
+        b_s = tl.where(m_n[None, :] & (o_n[None, :] <= q_pos[:, None] - win), b_s, float("-inf"))
         b_p, b_alpha, b_m, b_l = softmax_step(b_s, b_m, b_l)
         if LEVELWISE_V:
             b_acc = b_acc * b_alpha[None, :, None]
@@ -358,11 +361,13 @@ def paged_attention(
     num_segments: int | None = None,
     block_n: int = 32,
     levelwise: str = "none",
+    window: WindowCache | None = None,
 ) -> torch.Tensor:
     """Same contract as `naive.paged_attention`, written into `out` (default: query's dtype).
     Requires a power-of-two head_dim >= 16. `levelwise` ("none", "k", "v", "kv") picks the sides
     that multiply the exact digits and scale per level and group (module docstring); "none" is the
-    default and what the vLLM backend runs."""
+    default and what the vLLM backend runs. With a recent `window` the trits cover keys j <= i - W
+    and `window_triton` adds the exact window, one softmax."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -373,7 +378,7 @@ def paged_attention(
         return out
     ks, vs = fmt.key, fmt.value
     lw_k, lw_v = levelwise_sides(levelwise, ks, vs, d)
-    plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments)
+    plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, min_segments=2 if window else 1)
     _tq_attention_kernel[(plan.num_query_blocks(t, num_seqs), plan.num_segments, hkv)](
         query,
         plan.target,
@@ -394,6 +399,7 @@ def paged_attention(
         float(scale) * LOG2E,
         kv_cache.shape[2],
         fmt.key_bytes(d),
+        window.W if window is not None else 0,
         G=hq // hkv,
         D=d,
         LK=ks.levels,
@@ -410,4 +416,6 @@ def paged_attention(
         LEVELWISE_V=lw_v,
         num_warps=4,
     )
+    if window is not None:
+        return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale, block_n)
     return plan.finish(out, query_start_loc)

@@ -211,3 +211,26 @@ def test_levelwise_mode_is_checked():
     assert levelwise_sides("v", g8, g32, 64) == (False, True)
     with pytest.raises(ValueError):
         levelwise_sides("k", g8, g32, 64)
+
+
+@runs_kernels
+@pytest.mark.parametrize(
+    "fmt_name, W, mode, gqa",
+    [("kvtq1", 7, "chunked", (2, 3)), ("kvtq", 16, "decode", (1, 4)), ("kvtq", 10**6, "chunked", (2, 1))],
+)
+def test_window_kernel_matches_reference(fmt_name, W, mode, gqa):
+    """Recent window on the KVTQ Triton path (trits for j <= i - W, the exact window merged in one softmax)
+    against the reference, NaN wherever vLLM keeps no window entry."""
+    import random
+
+    from tests.kernels.test_window import Batch, random_seqs
+    from vllm_cq.kernels.kvtq import triton_ops
+
+    seqs = random_seqs(random.Random(W), mode, 64, 16)
+    b = Batch(fmt_name, seqs, gqa[0], gqa[1], 64, 16, W)
+    want = b.attend(b.window)
+    got = triton_ops.paged_attention(
+        b.q, b.cache, b.fmt, b.table, b.seq_lens, b.qsl, b.scale, max(q for _, q in seqs), block_n=16, window=b.window
+    )
+    assert not got.isnan().any()
+    assert rel_err(got, want) < 1e-4, (rel_err(got, want), seqs)

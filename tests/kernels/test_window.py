@@ -238,17 +238,14 @@ def test_ops_pass_the_window_on(fmt_name, monkeypatch):
 
     assert torch.equal(run(), want)
     monkeypatch.setattr(mod, "triton_enabled", lambda device: True)  # as on CUDA
-    if b.family == "tq":  # KVTQ's kernels have no window path: refused, not run
-        with pytest.raises(NotImplementedError, match="VLLM_CQ_KERNELS=reference"):
-            run()
-        return
     from vllm_cq.kernels.cq import attention
+    from vllm_cq.kernels.kvtq import triton_ops
 
     seen = {}
 
-    def triton_attention(*args, **kw):  # the Triton path gets the window (tests/kernels/test_cq_triton.py runs it)
+    def triton_attention(*args, **kw):  # the Triton path gets the window (test_cq_triton / test_kvtq run it)
         seen.update(kw)
         return want
 
-    monkeypatch.setattr(attention, "paged_attention", triton_attention)
+    monkeypatch.setattr(triton_ops if b.family == "tq" else attention, "paged_attention", triton_attention)
     assert torch.equal(run(), want) and seen["window"] is b.window

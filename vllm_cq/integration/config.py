@@ -151,15 +151,11 @@ def unsupported_features(vllm_config: Any) -> list[str]:
     ]
     if window_tokens(vllm_config):
         checks += [
-            # the cq kernels' window path passes the interpreter tests but has not run on a GPU yet
-            # (docs/design/recent-window.md, step 4); KVTQ's kernels have none
+            # the kernels' window path passes the interpreter tests but has not run on a GPU yet
+            # (docs/design/recent-window.md, step 4)
             (
                 f"{WINDOW_KEY} on CUDA",
-                compat.platform_is_cuda()
-                and (
-                    os.environ.get("VLLM_CQ_ALLOW_WINDOW_ON_CUDA") != "1"  # GPU verification only
-                    or get_format(cc.cache_dtype).family != "cq"
-                ),
+                compat.platform_is_cuda() and os.environ.get("VLLM_CQ_ALLOW_WINDOW_ON_CUDA") != "1",  # GPU verification
             ),
             (f"{WINDOW_KEY} with --kv-cache-dtype-skip-layers", bool(getattr(cc, "kv_cache_dtype_skip_layers", None))),
             (
