@@ -177,6 +177,21 @@ def test_window_covering_every_token_is_exact_attention(cq_model):
         gc.collect()
 
 
+def test_kvtq_window_covering_every_token_is_exact_attention(cq_model, monkeypatch):
+    """KVTQ with a window through vLLM: kvtq1's 36-byte slots against 512-byte float32 tokens give blocks
+    of 2,048 trit tokens and 144 window tokens; a window over every token equals the unquantized model
+    (the mixing of trits and window is checked at kernel level, tests/kernels/test_window.py)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, to inspect it
+    llm = start(cq_model, "kvtq1", additional_config={"cq_recent_window": 1024})
+    try:
+        assert kv_groups(llm) == [("FullAttentionSpec", 2048, 2), ("SlidingWindowSpec", 144, 2)]
+        got, _ = prompt_logprobs(llm)
+        assert max_err(got, windowed_reference(cq_model, "kvtq1", None)) < 1e-3
+    finally:
+        del llm
+        gc.collect()
+
+
 def test_window_capacity_shares_the_codes_pool(cq_model):
     """vLLM's pool with a window holds as many cq1 blocks' bytes as without (pages are equal, the window
     takes whole blocks from the same pool); at max_model_len 1024 a sequence needs 4 code blocks of 256
