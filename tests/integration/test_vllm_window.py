@@ -27,11 +27,16 @@ def start(model: str, dtype: str, **kw):
 
 
 def kv_groups(llm) -> list[tuple[str, int, int]]:
-    """(spec class, block size, layers) per KV-cache group, from the in-process engine core."""
+    """(vLLM spec class, block size, layers) per KV-cache group, from the in-process engine core; the class
+    is vLLM's own (on vLLM lines without slot-sized pages the plugin's spec subclasses FullAttentionSpec)."""
     core = llm.llm_engine.engine_core.engine_core
     cfg = core.scheduler.kv_cache_manager.kv_cache_config
+
+    def vllm_class(spec) -> str:
+        return next(c.__name__ for c in type(spec).__mro__ if c.__module__.startswith("vllm."))
+
     groups = cfg.kv_cache_groups
-    return [(type(g.kv_cache_spec).__name__, g.kv_cache_spec.block_size, len(g.layer_names)) for g in groups]
+    return [(vllm_class(g.kv_cache_spec), g.kv_cache_spec.block_size, len(g.layer_names)) for g in groups]
 
 
 def test_window_is_a_second_kv_group_with_equal_pages(cq_model, monkeypatch):

@@ -278,11 +278,11 @@ def test_window_kernel_matches_reference(fmt_name, blocks, W, mode, gqa):
     seqs = random_seqs(random.Random(W + len(mode)), mode, *blocks)
     b = Batch(fmt_name, seqs, gqa[0], gqa[1], blocks[0], blocks[1], W)
     want = b.attend(b.window)
-    max_q = max(q for _, q in seqs)
+    max_q, g = max(q for _, q in seqs), b.on(DEVICE)
     got = attn_mod.paged_attention(
-        b.q, b.cache, b.kcb, b.vcb, b.fmt.key_bytes(32), b.table, b.seq_lens, b.qsl, b.scale, b.rope, True,
-        max_q, window=b.window, block_n=16,
-    )  # fmt: skip
+        g.q, g.cache, g.kcb, g.vcb, b.fmt.key_bytes(32), g.table, g.seq_lens, g.qsl, b.scale, g.rope, True,
+        max_q, window=g.window, block_n=16,
+    ).cpu()  # fmt: skip
     assert not got.isnan().any()
     assert rel_err(got, want) < 1e-4, (rel_err(got, want), seqs)
 
@@ -300,8 +300,9 @@ def test_window_write_kernel_matches_reference(dtype):
     k, v = qkv[:, hkv : 2 * hkv], qkv[:, 2 * hkv :]
     slots = torch.tensor([17, -1, 18, 19, 40, -1, 41, 63, 64, 1 * bs + 5, 2 * bs], dtype=torch.int64)
     want = torch.full((6, hkv, bs, 2 * d), float("nan"), dtype=dtype)
-    got = want.clone()
+    got, qkv_dev, slots_dev = want.to(DEVICE), qkv.to(DEVICE), slots.to(DEVICE)
     write_window_reference(want, k, v, slots)
-    triton_write_window(got, k, v, slots)
+    triton_write_window(got, qkv_dev[:, hkv : 2 * hkv], qkv_dev[:, 2 * hkv :], slots_dev)
+    got = got.cpu()
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
     assert got[0].isnan().all()

@@ -228,9 +228,9 @@ def test_window_kernel_matches_reference(fmt_name, W, mode, gqa):
 
     seqs = random_seqs(random.Random(W), mode, 64, 16)
     b = Batch(fmt_name, seqs, gqa[0], gqa[1], 64, 16, W)
-    want = b.attend(b.window)
+    want, g = b.attend(b.window), b.on(DEVICE)
     got = triton_ops.paged_attention(
-        b.q, b.cache, b.fmt, b.table, b.seq_lens, b.qsl, b.scale, max(q for _, q in seqs), block_n=16, window=b.window
-    )
+        g.q, g.cache, b.fmt, g.table, g.seq_lens, g.qsl, b.scale, max(q for _, q in seqs), block_n=16, window=g.window
+    ).cpu()
     assert not got.isnan().any()
     assert rel_err(got, want) < 1e-4, (rel_err(got, want), seqs)

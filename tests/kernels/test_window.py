@@ -5,6 +5,7 @@ a dense per-row reference built from the unquantized K/V and the dequantized cod
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,6 +74,19 @@ class Batch:
             write_window(wcache, k, v, wslots)
         assert wcache[0].isnan().all(), "nothing may be written into the null block"
         self.window = WindowCache(W, wcache, wtable)
+
+    def on(self, device: str) -> SimpleNamespace:
+        """The kernel arguments on `device` (the references stay on the CPU), for the Triton tests."""
+
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        w = self.window
+        return SimpleNamespace(
+            q=mv(self.q), cache=mv(self.cache), kcb=mv(getattr(self, "kcb", None)),
+            vcb=mv(getattr(self, "vcb", None)), table=mv(self.table), seq_lens=mv(self.seq_lens),
+            qsl=mv(self.qsl), rope=mv(self.rope), window=WindowCache(w.W, mv(w.kv_cache), mv(w.block_table)),
+        )  # fmt: skip
 
     def _write_codes(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, s: int) -> None:
         if self.family == "tq":
