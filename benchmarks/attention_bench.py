@@ -74,6 +74,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq:cq1": ("cq", "cq1"),
     "cq:cq_k4v1": ("cq", "cq_k4v1"),
     "cq:cq_k4v2": ("cq", "cq_k4v2"),
+    # the default recent window (128 exact tokens beside the codes): window pages, the merge, the window write
+    "cq-w128:cq4": ("cq-w128", "cq4"),
+    "cq-w128:cq1": ("cq-w128", "cq1"),
+    "cq-w128:cq_k4v1": ("cq-w128", "cq_k4v1"),
     "tq:kvtq": ("tq", "kvtq"),
     "tq:kvtq1": ("tq", "kvtq1"),
     "kvtq:levelwise": ("tq-lw", "kvtq"),
@@ -85,7 +89,9 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 # KVTQ attention variants (backend -> ops.paged_attention(levelwise=...)); all but "tq" are opt-in
 TQ_LEVELWISE = {"tq": "none", "tq-lw": "kv", "tq-lw-k": "k", "tq-lw-v": "v"}
-OPT_IN = {"tq-lw", "tq-lw-k", "tq-lw-v"}  # not picked by their kv dtype, so `--backends kvtq` stays as it was
+# opt-in variants -> the word that picks them all; not picked by their kv dtype, so `--backends kvtq` or
+# `--backends cq1` stays as it was
+OPT_IN = {"tq-lw": "levelwise", "tq-lw-k": "levelwise", "tq-lw-v": "levelwise", "cq-w128": "window"}
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
 
 
@@ -353,7 +359,29 @@ def _triton_fn(inp: Inputs, kv: str, kind: str) -> Callable[[], Any]:
 _CQ_STATIC: dict[tuple, Any] = {}
 
 
-def _cq_fn(inp: Inputs, fmt_name: str, kind: str) -> Callable[[], Any]:
+def window_inputs(inp: Inputs, W: int, block: int = 16) -> tuple[Any, torch.Tensor]:
+    """A recent window of W tokens as vLLM keeps it: each sequence's live window blocks (the last
+    ceil((W - 1 + q_len) / block) + 1) from a small pool, older table entries on the null block 0;
+    returns (WindowCache, this step's window slot per new token)."""
+    from vllm_cq.kernels.window import WindowCache
+
+    case, dev = inp.case, inp.device
+    key = f"window-{W}"
+    if key not in inp.storages:
+        pages = math.ceil(case.context / block)
+        live = min(pages, -(-(W - 1 + case.q_len) // block) + 1)
+        pool = torch.randn(1 + case.batch * live, HKV, block, 2 * HEAD_DIM, device=dev, dtype=MODEL_DTYPE)
+        table = torch.zeros(case.batch, pages + 1, dtype=torch.int32)
+        ids = 1 + torch.arange(case.batch * live, dtype=torch.int32).view(case.batch, live)
+        table[:, pages - live : pages] = ids
+        table = table.to(dev)
+        pos = inp.positions
+        slots = (table.long()[inp.token_seq, pos // block] * block + pos % block).long()
+        inp.storages[key] = (WindowCache(W, pool, table), slots)
+    return inp.storages[key]
+
+
+def _cq_fn(inp: Inputs, fmt_name: str, kind: str, window: int = 0) -> Callable[[], Any]:
     from vllm_cq.formats import get_format
     from vllm_cq.kernels import rope
     from vllm_cq.kernels.cq import ops
@@ -394,10 +422,23 @@ def _cq_fn(inp: Inputs, fmt_name: str, kind: str) -> Callable[[], Any]:
         token_seq=token_seq,
         positions=positions,
     )
+    win, win_slots = window_inputs(inp, window) if window else (None, None)
     if kind == "write":
-        return lambda: cq_write_kv_cache(
-            ops, inp.key, inp.value, cache, inp.slot_mapping, kcb, vcb, fmt, num_tokens=inp.num_tokens, **common
-        )
+        if win is None:
+            return lambda: cq_write_kv_cache(
+                ops, inp.key, inp.value, cache, inp.slot_mapping, kcb, vcb, fmt, num_tokens=inp.num_tokens, **common
+            )
+        from vllm_cq.kernels.window import write_window
+
+        def write_both():  # what the backend does per layer and step with a window: codes, then the window
+            cq_write_kv_cache(
+                ops, inp.key, inp.value, cache, inp.slot_mapping, kcb, vcb, fmt, num_tokens=inp.num_tokens, **common
+            )
+            write_window(win.kv_cache, inp.key, inp.value, win_slots)
+
+        return write_both
+    if win is not None:
+        common["window"] = win
     out = torch.empty(inp.num_tokens, HQ, HEAD_DIM, dtype=MODEL_DTYPE, device=dev)
     # model-dtype copies of the codebooks for the tensor-core path (the backend keeps both per layer)
     kcb_attn, vcb_attn = kcb.to(MODEL_DTYPE), vcb.to(MODEL_DTYPE)
@@ -447,6 +488,8 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _triton_fn(inp, kv, kind)
     if backend == "cq":
         return _cq_fn(inp, kv, kind)
+    if backend == "cq-w128":
+        return _cq_fn(inp, kv, kind, window=128)
     if backend in TQ_LEVELWISE:
         return _tq_fn(inp, kv, kind, TQ_LEVELWISE[backend])
     raise ValueError(backend)
@@ -717,7 +760,7 @@ def ints(s: str) -> list[int]:
 
 def _names(name: str, b: str, kv: str) -> tuple[str, ...]:
     """What a --backends entry may say to pick BACKENDS[name]: opt-in variants not their kv dtype."""
-    return (name, b, "levelwise") if b in OPT_IN else (name, b, kv)
+    return (name, b, OPT_IN[b]) if b in OPT_IN else (name, b, kv)
 
 
 def select_backends(spec: str) -> list[tuple[str, str]]:

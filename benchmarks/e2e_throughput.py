@@ -162,7 +162,9 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
 
 def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, int]], engine: dict) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm_cq.capacity import engine_capacity
     from vllm_cq.child import dump_stacks_from_env
+    from vllm_cq.labels import label_engine_kwargs
 
     dump_stacks_from_env()  # VLLM_CQ_STACK_DUMP_S: a start or step that hangs says where, in the engine log
     from vllm import LLM, SamplingParams
@@ -172,15 +174,18 @@ def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, 
     meta = run_meta(args)
     base = {"kv_cache_dtype": fmt, "tag": args.tag, "engine": engine}
     t0 = time.perf_counter()
-    llm = LLM(args.model, kv_cache_dtype=fmt, **engine)
+    kw = label_engine_kwargs(fmt, engine)  # `cq1` serves the default window, `cq1+w0` codes only
+    llm = LLM(args.model, **kw)
     start_s = time.perf_counter() - t0
     vc = llm.llm_engine.vllm_config
     cc = vc.cache_config
+    cap = engine_capacity(vc, kw["kv_cache_dtype"])  # with a window: whole sequences, window blocks counted
     base.update(
         engine_start_s=round(start_s, 1),
         num_gpu_blocks=int(cc.num_gpu_blocks),
         block_size=int(cc.block_size),
-        kv_cache_tokens=int(cc.num_gpu_blocks * cc.block_size),
+        kv_cache_tokens=cap["kv_cache_tokens"],
+        recent_window=cap.get("recent_window", 0),
         vllm_reported_tokens=int(getattr(cc, "kv_cache_size_tokens", 0) or 0),
         max_num_seqs=getattr(vc.scheduler_config, "max_num_seqs", None),
         max_num_batched_tokens=getattr(vc.scheduler_config, "max_num_batched_tokens", None),

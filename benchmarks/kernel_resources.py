@@ -144,9 +144,10 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
     c = dict(
         G=g, BLOCK_Q=1 if decode else max(1, block_m // g), BLOCK_M=block_m, HALF=d // 2,
         CK=fmt.key.channels, GK=d // fmt.key.channels, CV=fmt.value.channels, GV=d // fmt.value.channels,
-        IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or 32, NUM_SEGMENTS=segments,
-        IEEE=False, HEAD_MAJOR=True, ABLATE=0, ROPE_SPLIT=args.rope_split, K_PARTS=args.k_parts or (2 if decode else 4),
-    )  # fmt: skip
+        IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or (32 if decode else 64), NUM_SEGMENTS=segments,
+        IEEE=False, HEAD_MAJOR=True, ABLATE=0, ROPE_SPLIT=args.rope_split or not decode,
+        K_PARTS=args.k_parts or (2 if decode else 1),
+    )  # fmt: skip  # paged_attention's defaults
     out_t = "*fp32" if segments > 1 else "*bf16"
     ptr = dict(
         q_ptr="*bf16", out_ptr=out_t, ml_ptr="*fp32", cache_ptr="*u8", kcb_ptr="*bf16", vcb_ptr="*bf16",

@@ -13,8 +13,10 @@
 #   bash scripts/gpu_session.sh bench2     # GPU0: kernel microbenchmarks, ablation, 8B capacity; GPU1: e2e cq1, kvtq, auto, fp8
 #   bash scripts/gpu_session.sh tp2        # both GPUs: e2e with tensor_parallel_size=2 (eager), cq1, auto, fp8
 # One-GPU kinds (nvidia-h200), calls after staging, each under 10 minutes. Suggested order for the next
-# window (2026-12-01 left: the window's GPU run, kernel timings, a forked start with the OpenMP fix):
-# bench1, window, stage_quality's two calls, q1 (Q1_FORMATS=auto), q4, startdiag.
+# window (2026-12-02 left: prefill re-timed in its restored old form, the default window's speed, e2e
+# with the window): bench1 (its kernel grid has the cq-w128 window rows; e2e cq1 now serves the default
+# window, cq1+w0 was measured on 2026-12-02).
+# Done on 2026-12-02: window, q4 (every cq format +w128), bench1, a forked start.
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -186,11 +188,11 @@ case "${1:-tests}" in
     ;;
   window)
     # the recent window on CUDA (design step 4): the Triton kernels against the reference at GPU speed, then
-    # the vLLM window tests with the CUDA refusal lifted for verification (VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1)
+    # the vLLM window tests (passed on the H200 on 2026-12-02)
     mkdir -p "$OUT/w"
     timeout 150 python3 -m pytest -q tests/kernels/test_window.py tests/kernels/test_cq_triton.py tests/kernels/test_kvtq.py -k "window" \
       2>&1 | tee "$OUT/w/window-kernels.log" | tail -4
-    VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 timeout 290 python3 -m pytest -q --tb=long tests/integration/test_vllm_window.py \
+    timeout 290 python3 -m pytest -q --tb=long tests/integration/test_vllm_window.py \
       > "$OUT/w/window-vllm.log" 2>&1; echo "vllm window tests rc=$?"; grep -E "^E |passed|failed" "$OUT/w/window-vllm.log" | head -12
     pack window
     ;;
@@ -219,9 +221,8 @@ case "${1:-tests}" in
       FORMATS=${Q2_FORMATS:-cq4,cq_k4v2,cq_k4v1}
     elif [ "$1" = q3 ]; then
       FORMATS=${Q3_FORMATS:-cq2,kvtq,kvtq1}
-    else  # the recent window through vLLM on CUDA (after `window` passed; the refusal lifted for verification)
+    else  # the recent window through vLLM on CUDA (bare cq labels serve the default window, +w0 codes only)
       [ -f $CB/cq_k4v1.safetensors ] || qsetup  # q4 may be the first quality call of a window
-      export VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1
       FORMATS=${Q4_FORMATS:-cq_k4v1+w128,cq1+w128,cq2+w128,cq_k4v2+w128}
     fi
     python3 -m vllm_cq.cli eval $M --formats $FORMATS $EVAL --out $STATE/eval-$1.json --log-dir $OUT/w/logs-$1 \
@@ -246,7 +247,7 @@ case "${1:-tests}" in
   bench1)
     mkdir -p "$OUT/w"
     timeout 300 python3 benchmarks/attention_bench.py --out-dir $OUT/w --contexts 4k,32k --batches 1,64 \
-      --prefill-contexts 2k,8k --timers graph_cold --budget-s 270 --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq1,cq2,cq4,cq_k4v1,kvtq,kvtq1}" \
+      --prefill-contexts 2k,8k --timers graph_cold --budget-s 270 --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq1,cq2,cq4,cq_k4v1,window,kvtq,kvtq1}" \
       > "$OUT/w/kernels.log" 2>&1
     grep -E "^\| (kind|decode .* 64 \| 32768|prefill|write)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-220 | tail -40
     python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null

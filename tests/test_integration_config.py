@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from vllm_cq.codebooks import default_codebook_path
 from vllm_cq.errors import CodebookError, CQConfigError
@@ -141,32 +142,61 @@ def test_a_fork_after_loading_codebooks_does_not_hang(tmp_path):
     assert rc == 0 and "child exited 0" in out, out[-2000:]
 
 
-@pytest.mark.parametrize(
-    ("dtype", "allow", "refused"),
-    [("cq1", None, True), ("cq1", "1", False), ("cq_k4v1", "1", False), ("kvtq", None, True), ("kvtq1", "1", False)],
-)
-def test_window_on_cuda_is_refused_unless_verifying(dtype, allow, refused, monkeypatch):
-    """On CUDA the window stays refused (its Triton path has not run on a GPU yet) unless
-    VLLM_CQ_ALLOW_WINDOW_ON_CUDA=1 asks for it, to verify it there."""
+def window_config(dtype: str, extra: dict | None = None, head_dim: int = 128, **cache: object):
     from types import SimpleNamespace
 
+    mc = SimpleNamespace(
+        hf_text_config=SimpleNamespace(), get_sliding_window=lambda: None, get_head_size=lambda: head_dim,
+        dtype=torch.bfloat16,
+    )  # fmt: skip
+    return SimpleNamespace(
+        model_config=mc,
+        cache_config=SimpleNamespace(cache_dtype=dtype, **cache),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+        scheduler_config=SimpleNamespace(),
+        speculative_config=None,
+        additional_config=extra or {},
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "extra", "cache", "want"),
+    [
+        ("cq1", None, {}, 128),  # cq dtypes: on by default
+        ("cq_k4v1", None, {}, 128),
+        ("cq_k4v2", {"cq_codebooks": "x"}, {}, 128),  # other additional_config keys leave the default
+        ("cq1", {"cq_recent_window": 0}, {}, 0),  # explicit 0: codes only
+        ("cq2", {"cq_recent_window": 64}, {}, 64),
+        ("kvtq", None, {}, 0),  # KVTQ: off by default (its window blocks are too big at head_dim 128 anyway)
+        ("kvtq1", {"cq_recent_window": 32}, {}, 32),
+        ("cq1", None, {"kv_cache_dtype_skip_layers": ["0"]}, 0),  # where a window would be refused: off
+        ("auto", None, {}, 0),
+    ],
+)
+def test_the_recent_window_defaults_to_128_tokens_for_cq_dtypes(dtype, extra, cache, want):
+    from vllm_cq.integration.config import window_tokens
+
+    assert window_tokens(window_config(dtype, extra, **cache)) == want
+
+
+def test_no_default_window_without_the_hybrid_manager_and_explicit_ones_are_refused_there():
+    from vllm_cq.integration.config import unsupported_features, window_tokens
+
+    cfg = window_config("cq1")
+    cfg.scheduler_config.disable_hybrid_kv_cache_manager = True
+    assert window_tokens(cfg) == 0 and unsupported_features(cfg) == []
+    cfg.additional_config = {"cq_recent_window": 128}
+    assert unsupported_features(cfg) == [
+        "cq_recent_window with --disable-hybrid-kv-cache-manager (the window is a second KV-cache group)"
+    ]
+
+
+def test_the_window_runs_on_cuda(monkeypatch):
+    """Verified on the H200 on 2026-12-02 (kernels vs the reference, vLLM window tests, quality through
+    vLLM), so CUDA no longer refuses it."""
     from vllm_cq.integration import compat
     from vllm_cq.integration.config import unsupported_features
 
     monkeypatch.setattr(compat, "platform_is_cuda", lambda: True)
-    if allow is None:
-        monkeypatch.delenv("VLLM_CQ_ALLOW_WINDOW_ON_CUDA", raising=False)
-    else:
-        monkeypatch.setenv("VLLM_CQ_ALLOW_WINDOW_ON_CUDA", allow)
-    mc = SimpleNamespace(hf_text_config=SimpleNamespace(), get_sliding_window=lambda: None)
-    cfg = SimpleNamespace(
-        model_config=mc,
-        cache_config=SimpleNamespace(cache_dtype=dtype),
-        parallel_config=SimpleNamespace(pipeline_parallel_size=1),
-        scheduler_config=SimpleNamespace(),
-        speculative_config=None,
-        additional_config={"cq_recent_window": 128},
-    )
-    assert ("cq_recent_window on CUDA" in unsupported_features(cfg)) is refused
-    cfg.additional_config = {}
-    assert unsupported_features(cfg) == []
+    for dtype in ("cq1", "cq_k4v1", "kvtq1"):
+        assert unsupported_features(window_config(dtype, {"cq_recent_window": 128})) == []

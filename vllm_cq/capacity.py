@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vllm_cq.child import TIMEOUT_RC, dump_stacks_from_env, run_logged
+from vllm_cq.labels import label_engine_kwargs
 
 RESULT = "VLLM_CQ_CAPACITY "  # prefix of the child's result line (vLLM logs to the same stdout)
 
@@ -40,15 +41,17 @@ def window_capacity(num_blocks: int, max_model_len: int, window: int, cq_block: 
     }
 
 
-def measure_one(model: str, kv_cache_dtype: str, engine: dict[str, Any]) -> dict[str, Any]:
-    """Start one engine and read vLLM's own capacity numbers (call in a fresh process; stack dumps
-    with VLLM_CQ_STACK_DUMP_S, see `dump_stacks_from_env`). With a cq recent window, `kv_cache_tokens`
-    is `window_capacity`'s figure (blocks are shared by codes and window)."""
+def measure_one(model: str, label: str, engine: dict[str, Any]) -> dict[str, Any]:
+    """Start one engine for a format label (`cq1`, `cq1+w0`; vllm_cq.labels) and read vLLM's own capacity
+    numbers (call in a fresh process; stack dumps with VLLM_CQ_STACK_DUMP_S, see `dump_stacks_from_env`).
+    With a cq recent window, `kv_cache_tokens` is `window_capacity`'s figure (blocks are shared by codes
+    and window)."""
     dump_stacks_from_env()
     from vllm import LLM
 
-    llm = LLM(model, kv_cache_dtype=kv_cache_dtype, **engine)
-    return {"kv_cache_dtype": kv_cache_dtype, **engine_capacity(llm.llm_engine.vllm_config, kv_cache_dtype)}
+    kw = label_engine_kwargs(label, engine)
+    llm = LLM(model, **kw)
+    return {"kv_cache_dtype": label, **engine_capacity(llm.llm_engine.vllm_config, kw["kv_cache_dtype"])}
 
 
 def engine_capacity(vllm_config: Any, kv_cache_dtype: str) -> dict[str, Any]:
@@ -71,6 +74,7 @@ def engine_capacity(vllm_config: Any, kv_cache_dtype: str) -> dict[str, Any]:
         from vllm_cq.integration.config import window_block_sizes, window_tokens
 
         w = window_tokens(vc)
+        row["recent_window"] = w
         if w:
             head_dim = vc.model_config.get_head_size()
             cq_block, win_block = window_block_sizes(kv_cache_dtype, head_dim, vc.model_config.dtype.itemsize)

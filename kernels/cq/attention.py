@@ -243,7 +243,7 @@ def paged_attention(
     num_stages: int | None = None,
     block_m: int | None = None,
     head_major: bool = True,
-    rope_split: bool = False,
+    rope_split: bool | None = None,
     k_parts: int | None = None,
     window: WindowCache | None = None,
     _ablate: int = 0,
@@ -252,10 +252,13 @@ def paged_attention(
     queries query_start_loc[s]:[s+1], its last tokens. Codebooks may be float32 or the model dtype
     (what the tensor-core products run in). Requires 8-bit codes, a power-of-two head_dim and (with
     RoPE) rotary_dim == head_dim. `max_query_len` picks the decode (split) or prefill tiling;
-    `rope_split` the register-heavy R(P) R(n) rotation (a tuning option, see the module docstring);
-    `k_parts` (a power of two; default 2 decode, 4 prefill) splits each key tile's RoPE pairs into
-    parts gathered, rotated and multiplied one after another, so fewer float32 values are live (capped
-    so a part holds >= 16 pairs, what a tensor-core product needs, and whole centroids). With a recent
+    `rope_split` the register-heavy R(P) R(n) rotation (see the module docstring); `k_parts` (a power
+    of two) splits each key tile's RoPE pairs into parts gathered, rotated and multiplied one after
+    another, so fewer float32 values are live (capped so a part holds >= 16 pairs, what a tensor-core
+    product needs, and whole centroids). Defaults, from the H200 timings: decode 32-key tiles in 2
+    parts without rope_split (cq4 and cq_k4v1 10-22% faster at 32K x 64 on 2026-12-02 than the old
+    form, cq1 the same); prefill the old form, 64-key tiles, one part, rope_split (8K causal cq1 4.95 ms
+    on 2026-11-23; the register-cut form took 7.30 ms on 2026-12-02). With a recent
     `window` the codes cover keys j <= i - W and `window_triton` adds the exact window, one softmax."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
@@ -275,11 +278,14 @@ def paged_attention(
     if t == 0:
         return out
     decode = max_query_len <= 1
-    k_parts = k_parts or (2 if decode else 4)  # kernel_resources.py: 4 spills in cq2 decode
+    window_block_n = block_n or 32  # the window merge's own tile (what it was verified with on the H200)
+    if rope_split is None:
+        rope_split = not decode
+    block_n = block_n or (32 if decode else 64)  # decode at 64: twice the registers (kernel_resources.py)
+    k_parts = k_parts or (2 if decode else 1)  # kernel_resources.py: 4 spills in cq2 decode
     assert k_parts & (k_parts - 1) == 0, "k_parts must be a power of two"
     k_parts = max(1, min(k_parts, (d // 2) // max(16, ck)))
     plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, block_m, 2 if window else 1)
-    block_n = block_n or 32  # decode at 64: twice the registers and shared memory (kernel_resources.py)
     nq = plan.num_query_blocks(t, num_seqs)
     grid = (nq, plan.num_segments, hkv) if head_major else (nq, hkv, plan.num_segments)
     _cq_attention_kernel[grid](
@@ -329,5 +335,5 @@ def paged_attention(
         num_stages=num_stages or (3 if decode else 1),
     )
     if window is not None:
-        return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale, block_n)
+        return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale, window_block_n)
     return plan.finish(out, query_start_loc)

@@ -80,12 +80,16 @@ def test_cli_refuses_a_bad_task(capsys):
 
 
 def test_window_labels_set_the_recent_window():
-    """`cq1+w128` evaluates cq1 with a 128-token recent window; a window on a non-plugin dtype is refused."""
-    from vllm_cq.eval.runner import engine_kwargs, split_label
+    """`cq1+w128` evaluates cq1 with a 128-token recent window, `cq1+w0` codes only, a bare `cq1` what the
+    dtype serves by default (no window setting passed); a window on a non-plugin dtype is refused."""
+    from vllm_cq.eval.runner import engine_kwargs
+    from vllm_cq.labels import split_label
 
-    assert split_label("cq1+w128") == ("cq1", 128) and split_label("cq_k4v1") == ("cq_k4v1", 0)
+    assert split_label("cq1+w128") == ("cq1", 128) and split_label("cq_k4v1") == ("cq_k4v1", None)
     kw = engine_kwargs("cq1+w128", {"additional_config": {"x": 1}}, "/cb")
     assert kw["kv_cache_dtype"] == "cq1"
     assert kw["additional_config"] == {"x": 1, "cq_codebooks": "/cb", "cq_recent_window": 128}
+    assert engine_kwargs("cq1+w0", {}, None)["additional_config"] == {"cq_recent_window": 0}
+    assert "additional_config" not in engine_kwargs("cq1", {}, None)
     with pytest.raises(ValueError, match="needs a vllm-cq kv_cache_dtype"):
         engine_kwargs("auto+w128", {}, None)

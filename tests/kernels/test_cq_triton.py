@@ -267,8 +267,12 @@ WINDOW_CASES = [
 
 
 @runs_kernels
-@pytest.mark.parametrize("fmt_name, blocks, W, mode, gqa", WINDOW_CASES, ids=[str(c) for c in WINDOW_CASES])
-def test_window_kernel_matches_reference(fmt_name, blocks, W, mode, gqa):
+@pytest.mark.parametrize(
+    "fmt_name, blocks, W, mode, gqa, block_n",
+    [(*c, 16) for c in WINDOW_CASES] + [("cq1", (64, 16), 35, "chunked", (2, 3), None)],  # + the default tiles
+    ids=[str(c) for c in WINDOW_CASES] + ["default-tiles"],
+)
+def test_window_kernel_matches_reference(fmt_name, blocks, W, mode, gqa, block_n):
     """Recent window on the Triton path (codes bounded by j <= i - W, the exact window from its own pages,
     one softmax over both) against the reference, on batches whose window cache holds NaN wherever
     vLLM would not keep entries: page boundaries of both block sizes, odd lengths, decode and chunked
@@ -281,7 +285,7 @@ def test_window_kernel_matches_reference(fmt_name, blocks, W, mode, gqa):
     max_q, g = max(q for _, q in seqs), b.on(DEVICE)
     got = attn_mod.paged_attention(
         g.q, g.cache, g.kcb, g.vcb, b.fmt.key_bytes(32), g.table, g.seq_lens, g.qsl, b.scale, g.rope, True,
-        max_q, window=g.window, block_n=16,
+        max_q, window=g.window, block_n=block_n,
     ).cpu()  # fmt: skip
     assert not got.isnan().any()
     assert rel_err(got, want) < 1e-4, (rel_err(got, want), seqs)

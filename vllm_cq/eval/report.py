@@ -36,6 +36,13 @@ def _num(v: float | None, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
+def shown(row: dict[str, Any]) -> str:
+    """The row's label, with the recent window it ran with when the label does not say (a bare cq label
+    serves the dtype's default window)."""
+    w = row.get("recent_window")
+    return row["format"] + (f" (w{w})" if w and "+w" not in row["format"] else "")
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """One row per format: bits, vLLM's KV capacity (and factor vs auto), ppl (and change vs auto),
     passkey accuracy per length, seconds."""
@@ -52,7 +59,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
             continue
         cells = [
-            r["format"],
+            shown(r),
             _num(r.get("bits_per_channel"), "g"),
             _num(r.get("kv_cache_tokens"), ","),
             "" if r.get("kv_factor") is None else f"{r['kv_factor']:.1f}x",
@@ -69,7 +76,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def summary_line(row: dict[str, Any]) -> str:
     """One format's numbers on one line, printed as soon as its engine is done."""
-    bits = [f"{row['format']}: {row['kv_cache_tokens']:,} KV tokens"]
+    bits = [f"{shown(row)}: {row['kv_cache_tokens']:,} KV tokens"]
     if row.get("ppl") is not None:
         bits.append(f"ppl {row['ppl']:.3f}")
     if row.get("passkey"):
@@ -147,14 +154,19 @@ def plot(path: str, result: dict[str, Any]) -> str:
     panels = [t for t in ("ppl", "passkey") if t in result["tasks"]]
     if not rows or not panels:
         return "plot skipped: nothing to plot"
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    wide = max(5.5, 0.45 * len(rows) + 1.5)  # many formats: room for their labels
+    fig, axes = plt.subplots(1, len(panels), figsize=(wide * len(panels), 4.6), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for ax, task in zip(axes[0], panels, strict=True):
         if task == "ppl":
-            names = [r["format"] for r in rows if r.get("ppl") is not None]
+            names = [shown(r) for r in rows if r.get("ppl") is not None]
             vals = [r["ppl"] for r in rows if r.get("ppl") is not None]
-            ax.bar(names, vals, color="tab:blue")
+            ax.bar(names, vals, color=[colors[i % len(colors)] for i in range(len(vals))])
             for i, v in enumerate(vals):
-                ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+                ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+            if max(vals) > 3 * min(vals):  # one runaway format would flatten the others
+                ax.set_yscale("log")
+            ax.tick_params(axis="x", labelrotation=60, labelsize=8)
             ax.set_ylabel("perplexity (lower is better)")
             ax.set_title(f"{result['ppl_tokens']:,} tokens, {result['ppl_window']}-token windows")
         else:
@@ -163,7 +175,7 @@ def plot(path: str, result: dict[str, Any]) -> str:
                 acc = r.get("passkey") or {}
                 shift = 2 ** (0.03 * (i - (len(rows) - 1) / 2))  # side by side, so equal scores stay visible
                 ys = [100.0 * acc.get(str(n), float("nan")) for n in lengths]
-                ax.plot([n * shift for n in lengths], ys, marker="o", label=r["format"])
+                ax.plot([n * shift for n in lengths], ys, marker="o", label=shown(r), color=colors[i % len(colors)])
             ax.set_xscale("log", base=2)
             ax.set_xlim(min(lengths) / 1.5, max(lengths) * 1.5)
             ax.set_xticks(lengths, [length_label(n) for n in lengths])
@@ -171,7 +183,7 @@ def plot(path: str, result: dict[str, Any]) -> str:
             ax.set_xlabel("prompt length (tokens)")
             ax.set_ylabel("passkey accuracy (%)")
             ax.set_title(f"passkey, {result['passkey']['trials_per_length']} trials per length")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle(f"{result['model_name']} through vLLM ({result['device']})", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -24,6 +24,7 @@ from typing import Any
 from vllm_cq.capacity import engine_capacity
 from vllm_cq.child import TIMEOUT_RC, dump_stacks_from_env, run_logged
 from vllm_cq.eval import passkey, ppl, report
+from vllm_cq.labels import label_engine_kwargs, split_label
 
 PROGRESS = "@@vllm-cq-eval "
 TASKS = ("ppl", "passkey")
@@ -78,28 +79,16 @@ def needed_model_len(cfg: EvalConfig) -> int:
     return need
 
 
-def split_label(label: str) -> tuple[str, int]:
-    """A format label: a kv_cache_dtype, or `FMT+wN` for a cq dtype with a recent window of N exact
-    tokens (`cq_recent_window`), e.g. `cq1+w128`."""
-    m = re.fullmatch(r"(.+)\+w(\d+)", label)
-    return (m.group(1), int(m.group(2))) if m else (label, 0)
-
-
 def engine_kwargs(label: str, engine: dict[str, Any], codebooks: str | None) -> dict[str, Any]:
     """LLM(...) arguments for one format: the user's, the format as kv_cache_dtype, and the codebook
     directory or file as additional_config for formats that use codebooks only (cq; not auto, fp8 or
     the codebook-free plugin formats)."""
     from vllm_cq.formats import get_format, is_plugin_dtype
 
-    fmt, window = split_label(label)
-    kw = dict(engine)
-    kw["kv_cache_dtype"] = fmt
+    kw = label_engine_kwargs(label, engine)
+    fmt = kw["kv_cache_dtype"]
     if codebooks and is_plugin_dtype(fmt) and get_format(fmt).needs_codebook:
         kw["additional_config"] = {**(kw.get("additional_config") or {}), "cq_codebooks": os.path.abspath(codebooks)}
-    if window:
-        if not is_plugin_dtype(fmt):
-            raise ValueError(f"{label}: a recent window needs a vllm-cq kv_cache_dtype")
-        kw["additional_config"] = {**(kw.get("additional_config") or {}), "cq_recent_window": window}
     return kw
 
 

@@ -23,15 +23,11 @@ Patches (target; why; lines; removable when):
   vLLM's hybrid allocator keeps the last W tokens of every sequence in a second KV-cache group, frees
   older window blocks, counts the bytes, and handles chunked prefill and prefix caching; the cq spec's
   block grows so both groups' pages hold the same bytes (docs/design/recent-window.md); both lines
-  (verified on 0.32 only: refused on CUDA for now); when vLLM lets one layer own two cache groups.
-- P5 also sets `VLLM_WORKER_MULTIPROC_METHOD=spawn` for plugin dtypes on CUDA unless the user set it
-  (vLLM's CPU platform always does). On the H200 every forked cq engine core of a real model shape
-  hung in its start. py-spy (2026-12-01) showed it waiting in libgomp inside a CPU `fill_`: checking
-  the codebooks had started torch's OpenMP pool in the parent, and GNU OpenMP is not fork-safe.
-  `config.load_before_fork` now runs single-threaded (tested: a forked child no longer hangs). The spawn
-  default stays until a forked start is verified on a GPU. A spawned cq start of the 8B shape took
-  67 s, as the eight engines of that session did. Spawn needs the usual `if __name__ == "__main__":`
-  guard in scripts.
+  (vLLM 0.26 on the H200 and 0.32 on CPU, 2026-12-02); when vLLM lets one layer own two cache groups.
+- P5's codebook load runs single-threaded (`config.load_before_fork`): vLLM forks its engine core on
+  CUDA, and a parent that has started torch's OpenMP pool leaves a forked child waiting forever in
+  libgomp (H200, 2026-12-01, py-spy). Verified on the H200 on 2026-12-02: a forked 8B-shape cq1 engine
+  started in 40 s (spawned: 67 s), so vLLM's own process start method is left alone.
 """
 
 from __future__ import annotations
@@ -39,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import sys
 from typing import Any, Literal, get_args
 
@@ -156,7 +151,7 @@ def _patch_platform() -> None:
     from vllm.platforms import current_platform
 
     from vllm_cq.integration.backend import backend_path
-    from vllm_cq.integration.config import validate_vllm_config
+    from vllm_cq.integration.config import validate_vllm_config, window_tokens
 
     cls = type(current_platform)
     if getattr(cls, "_vllm_cq_patched", False):
@@ -177,13 +172,15 @@ def _patch_platform() -> None:
         cc = vllm_config.cache_config
         if cc is not None and is_plugin_dtype(cc.cache_dtype) and vllm_config.model_config is not None:
             cbs = validate_vllm_config(vllm_config)
-            if platform_is_cuda():
-                prefer_spawned_engine_core()
+            w = window_tokens(vllm_config)
             logger.info(
-                "vllm-cq: %s KV cache (%s)%s",
+                "vllm-cq: %s KV cache (%s)%s, %s",
                 cc.cache_dtype,
                 get_format(cc.cache_dtype).description,
                 f", codebooks for {cbs.num_layers} layers" if cbs is not None else "",
+                f"the last {w} tokens of each sequence kept exactly (cq_recent_window; 0 turns it off)"
+                if w
+                else "no recent window",
             )
 
     cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
@@ -375,15 +372,6 @@ def platform_is_cuda() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cuda())
-
-
-def prefer_spawned_engine_core() -> None:
-    """Have vLLM spawn (not fork) its engine-core and worker processes, unless the user chose (see P5
-    in the module docstring). Runs in the front-end process before vLLM starts the engine core; vLLM
-    reads the variable when it starts a process."""
-    if "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ:
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-        logger.info("vllm-cq: engine processes are spawned, not forked (set VLLM_WORKER_MULTIPROC_METHOD to choose)")
 
 
 def current_vllm_config() -> Any:
