@@ -15,7 +15,7 @@
 # One-GPU kinds (nvidia-h200), calls after staging, each under 10 minutes. Suggested order for the next
 # window (2026-12-02 left: prefill re-timed in its restored old form, the default window's speed, e2e
 # with the window): bench1 (its kernel grid has the cq-w128 window rows; e2e cq1 now serves the default
-# window, cq1+w0 was measured on 2026-12-02).
+# window, cq1+w0 was measured on 2026-12-02), skipdiag (~4 min).
 # Done on 2026-12-02: window, q4 (every cq format +w128), bench1, a forked start.
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
@@ -185,6 +185,18 @@ case "${1:-tests}" in
     }
     if diag default "${DIAG_LIMIT:-200}"; then [ -n "${DIAG_FORK:-1}" ] && diag fork 110; else diag inproc 150; fi
     pack startdiag
+    ;;
+  skipdiag)
+    # skip layers on CUDA (refused: logprobs 0.054 nats off on 2026-12-01). Lead (2026-12-02, from reading
+    # vLLM 0.26): the float32 skip layer runs vLLM's Triton attention in TF32, not a cq bug. Run the test
+    # with vLLM's float32 dots in IEEE (what tests/integration/conftest.py now sets) and in TF32.
+    mkdir -p "$OUT/w"
+    for prec in ieee tf32; do
+      TRITON_F32_DEFAULT=$prec VLLM_CQ_ALLOW_SKIP_LAYERS_ON_CUDA=1 timeout 200 python3 -m pytest -x -q --tb=long \
+        tests/integration/test_vllm_generate.py -k test_skip_layers > "$OUT/w/skip-$prec.log" 2>&1
+      echo "skip-layers $prec rc=$?"; grep -E "^E |passed|failed" "$OUT/w/skip-$prec.log" | head -6 | cut -c1-200
+    done
+    pack skipdiag
     ;;
   window)
     # the recent window on CUDA (design step 4): the Triton kernels against the reference at GPU speed, then

@@ -20,6 +20,10 @@ ENGINE = {
 }  # fmt: skip
 if torch.cuda.is_available():  # several engines in one session: each takes a small share of the GPU
     ENGINE["gpu_memory_utilization"] = 0.2
+    # Layers vLLM keeps in float32 (skip layers) run its Triton attention, whose float32 dots default to
+    # TF32 on CUDA: ~1e-3 off the exact reference, enough to flip near-tie codes of the next cq layer.
+    # The plugin's own kernels ask for IEEE dots; this makes vLLM's match what the references compute.
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 FORMATS = ("cq4", "cq2", "cq1", "cq_k4v1")
 
 

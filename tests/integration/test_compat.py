@@ -21,3 +21,28 @@ def test_cq_page_spec_survives_pickle():
     assert back == spec
     assert back.real_page_size_bytes == 16 * 4 * 32
     assert dataclasses.replace(back, block_size=32).real_page_size_bytes == 32 * 4 * 32
+
+
+def test_pages_the_kernels_cannot_address_stop_the_first_step():
+    """A KV page of another block size, slot size or dtype than the kernels address is refused at the
+    first forward instead of corrupting silently (e.g. a block table in kernel-block units while the
+    tensor has manager blocks)."""
+    import pytest
+
+    from vllm_cq.errors import CQConfigError
+    from vllm_cq.formats import get_format
+    from vllm_cq.integration.backend import CQAttentionImpl, CQAttentionMetadata
+
+    impl = CQAttentionImpl.__new__(CQAttentionImpl)  # the check needs only the format and the shapes
+    impl.fmt, impl.num_kv_heads, impl.head_size = get_format("cq4"), 2, 64
+    i32 = torch.zeros(2, dtype=torch.int32)
+    md = CQAttentionMetadata(1, 1, i32, i32[:1], i32.view(1, 2), i32[:1].long(), block_size=32)
+    impl.check_pages(torch.zeros(5, 2, 32, 64, dtype=torch.uint8), md)  # cq4 at head_dim 64: 64-byte slots
+    for bad in (
+        torch.zeros(5, 2, 16, 64, dtype=torch.uint8),  # blocks of another size than the block table's
+        torch.zeros(5, 2, 32, 32, dtype=torch.uint8),  # another slot size
+        torch.zeros(5, 2, 32, 64, dtype=torch.float16),  # not code pages
+        torch.zeros(5, 32, 2, 64, dtype=torch.uint8),  # another layout
+    ):
+        with pytest.raises(CQConfigError, match="the kernels address"):
+            impl.check_pages(bad, md)

@@ -42,6 +42,7 @@ class CQAttentionMetadata:
     seq_lens: torch.Tensor  # [B] context + new tokens
     block_table: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
+    block_size: int = 0  # tokens per block of `block_table`, as vLLM sized this group (0: unknown)
 
 
 class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
@@ -66,6 +67,7 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
             seq_lens=cam.seq_lens,
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping[:n],
+            block_size=int(getattr(self.kv_cache_spec, "block_size", 0) or 0),
         )
 
 
@@ -111,6 +113,18 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
             layer._vllm_cq_state = self.family.load(layer.layer_name, device, dtype)
         return layer._vllm_cq_state
 
+    def check_pages(self, kv_cache: torch.Tensor, md: CQAttentionMetadata) -> None:
+        """The pages vLLM allocated must be the ones the kernels address: uint8 slots of this format,
+        blocks of the block table's size. A mismatch (e.g. a block table in other units than the tensor)
+        would write and read the wrong slots without an error, so it stops the first step instead."""
+        want = (self.num_kv_heads, md.block_size or kv_cache.shape[2], self.fmt.slot_bytes(self.head_size))
+        if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != want:
+            raise CQConfigError(
+                f"--kv-cache-dtype {self.fmt.name}: vLLM allocated KV pages {tuple(kv_cache.shape)} "
+                f"{kv_cache.dtype}, the kernels address [blocks, {want[0]}, {want[1]}, {want[2]}] uint8; this "
+                "vLLM configuration is not supported"
+            )
+
     def forward(
         self,
         layer: Any,
@@ -129,6 +143,9 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
         if attn_metadata is None:  # profiling / warm-up run
             return output
         md = attn_metadata
+        if not getattr(layer, "_vllm_cq_pages_checked", False):
+            self.check_pages(kv_cache, md)
+            layer._vllm_cq_pages_checked = True
         n, h, hkv, d = md.num_actual_tokens, self.num_heads, self.num_kv_heads, self.head_size
         new_kv = None if key is None or value is None else (key[:n].view(n, hkv, d), value[:n].view(n, hkv, d))
         window = None

@@ -167,9 +167,11 @@ def unsupported_features(vllm_config: Any) -> list[str]:
         ("decode context parallelism", getattr(pc, "decode_context_parallel_size", 1) > 1),
         ("prefill context parallelism", getattr(pc, "prefill_context_parallel_size", 1) > 1),
         # Verified on CPU (CI). On CUDA (vLLM 0.26) the engine runs but its logprobs are 0.054 nats off the
-        # reference (tolerance 0.002; H200, 2026-12-01): silent corruption, so refused there until the
-        # GPU test passes (issue 10; lead: 0.26 gives the cq group a larger block than 0.32 when it
-        # unifies page sizes with the bf16 skip group).
+        # reference (tolerance 0.002; H200, 2026-12-01), so refused there until the GPU test passes
+        # (issue 10). Lead (2026-12-02, from vLLM 0.26's source): both groups get 64-token blocks in one
+        # group, no page mismatch; the float32 skip layer runs vLLM's Triton attention with TF32 dots,
+        # which the test's exact reference does not (`gpu_session.sh skipdiag` checks it). The backend
+        # now also refuses pages it cannot address (`CQAttentionImpl.check_pages`).
         (
             "--kv-cache-dtype-skip-layers on CUDA",
             bool(getattr(cc, "kv_cache_dtype_skip_layers", None))
