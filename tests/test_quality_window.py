@@ -65,5 +65,39 @@ def test_window_limits():
     mid = logits(lambda: fq.install_window(model, qs, 16))
     assert rel_err(mid[:, :16], exact[:, :16]) < 1e-5  # positions < W see only exact K/V
     assert rel_err(mid[:, 16:], exact[:, 16:]) > 1e-3 and rel_err(mid[:, 16:], plain[:, 16:]) > 1e-3
+    sink = logits(lambda: fq.install_window(model, qs, 16, sinks=4))
+    assert rel_err(sink[:, :16], exact[:, :16]) < 1e-5
+    assert rel_err(sink[:, 16:], mid[:, 16:]) > 1e-3  # the first 4 keys are exact for every query now
+    assert rel_err(logits(lambda: fq.install_window(model, qs, 0, sinks=48)), exact) < 1e-5
     assert model.config._attn_implementation == "sdpa"  # restored
     assert fq.get_recipe("cq1+w128").window == 128 and fq.get_recipe("cq1").window is None
+    r = fq.get_recipe("cq1+w128+s4")
+    assert (r.window, r.sinks, r.key.channels) == (128, 4, 8) and fq.get_recipe("cq1+s4").window == 0
+
+
+def test_postrope_keys_are_coded_in_the_rotated_frame():
+    """The post-RoPE ablation: a codebook fitted on rotated keys reproduces a calibration key at its own
+    position (every calibration point is a centroid here), and the same key at another position is
+    coded in another frame, i.e. not by the pre-RoPE codebook's answer."""
+    fq = _fakequant()
+    from vllm_cq.kernels.rope import build_cos_sin_cache
+
+    torch.manual_seed(0)
+    n, h, d = 256, 1, 16
+    x, fisher = torch.randn(n, h, d), torch.rand(n, h, d) + 0.1
+    table = build_cos_sin_cache(d, 4 * n, base=100.0)
+    post = fq.fit_quantizer(fq.TensorRecipe(2, mode="postrope"), x, fisher, None, 5, 0, (table, n))
+    pre = fq.fit_quantizer(fq.TensorRecipe(2), x, fisher, None, 5, 0)
+    assert rel_err(post(x), x) < 1e-5 and rel_err(pre(x), x) < 1e-5  # 256 points, 256 centroids
+    shifted = torch.cat([torch.zeros(7, h, d), x])[:n]  # x[i] now sits at position i + 7
+    assert rel_err(post(shifted)[7:], x[: n - 7]) > 1e-2
+    assert rel_err(pre(shifted)[7:], x[: n - 7]) < 1e-5
+    assert fq.get_recipe("cq1+kpost").key.mode == "postrope" and fq.get_recipe("cq1+kpost").value.mode == "plain"
+
+
+def test_repeated_halves_calibration_text():
+    """Each calibration sequence is one span of the text twice; consecutive sequences take new spans."""
+    fq = _fakequant()
+    out = fq.repeated_halves(torch.arange(100), num_seqs=3, seq_len=8).view(3, 8)
+    assert torch.equal(out[:, :4], out[:, 4:])
+    assert torch.equal(out[:, :4].reshape(-1), torch.arange(12))

@@ -17,11 +17,19 @@ the same codes as `naive.encode`. New code is only what the ideas under test nee
              any relative rotation up to cross terms; free at run time (the scale folds into
              k_proj / q_proj weights because it is equal within each RoPE pair)
     outlier  the top-k channels per head (by calibration E[x^2]) kept exact in float16, the rest coded
+    postrope keys coded *after* RoPE (item 6 ablation: what KVQuant calls post-RoPE quantization): the
+             codebook is fitted on rotated calibration keys, and a key is rotated, coded and rotated
+             back (so the hooks stay on k_proj). Fisher is averaged over each RoPE pair, the only part
+             of it a rotation preserves (|g_j|^2 + |g_j+D/2|^2); single-sequence forwards only
+             (positions 0..T-1), which is all this study runs
     +wW      recent window (recipe name suffix, e.g. `cq1+w128`): a query at position i attends to keys and
              values at positions j with i - j < W exactly (unquantized) and to older ones over their
              reconstruction. A window is per query, so it cannot be a k_proj/v_proj output hook: the
              hooks keep the exact outputs and stash the reconstruction, and a registered attention
              function (`window_attention`) mixes the two (item 6, window ablation)
+    +sS      attention sinks (suffix, combinable with +wW, e.g. `cq1+w128+s4`): the first S tokens of the
+             sequence are attended exactly by every query too (item 5 idea: the sink tokens that take
+             much of the attention mass are the ones whose quantization error weighs most)
 
 Passkey is scored teacher-forced: one forward over prompt + answer[:-1], a trial passes when the
 argmax at every answer position is the answer token, which is exactly "the greedy continuation starts
@@ -47,6 +55,7 @@ from vllm_cq.calibration.collect import LayerStats, attention_projections, colle
 from vllm_cq.eval.passkey import build_trials
 from vllm_cq.formats import CQSpec
 from vllm_cq.kernels.cq.naive import decode, encode  # noqa: F401  (encode_bmm is checked against it)
+from vllm_cq.kernels.rope import apply_rope
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # [N, H, D] -> [N, H, D]
 
@@ -61,7 +70,7 @@ class TensorRecipe:
 
     channels: int | None = None
     bits: int = 8
-    mode: str = "plain"  # plain | norm | rvq | qaware | outlier
+    mode: str = "plain"  # plain | norm | rvq | qaware | outlier | postrope
     weighting: str = "fisher"  # fisher | uniform
     rvq_channels: int = 8  # second stage group size (rvq)
     outliers: int = 0  # channels kept exact per head (outlier)
@@ -89,6 +98,7 @@ class Recipe:
     key: TensorRecipe = field(default_factory=TensorRecipe)
     value: TensorRecipe = field(default_factory=TensorRecipe)
     window: int | None = None  # recent tokens attended exactly (None: no window, output hooks only)
+    sinks: int = 0  # first tokens of the sequence attended exactly (needs the window path)
 
     def bits_per_channel(self, head_dim: int) -> float:
         """K and V bytes per token-head, extra bytes included, as bits per channel of K+V."""
@@ -128,19 +138,27 @@ RECIPES: dict[str, Recipe] = {
         # (d) outlier key channels exact
         Recipe("cq1+kout4", _t(8, mode="outlier", outliers=4), _t(8)),
         Recipe("cq2+kout4", _t(4, mode="outlier", outliers=4), _t(4)),
+        # (item 6) key codebooks after RoPE instead of before
+        Recipe("cq4+kpost", _t(2, mode="postrope"), _t(2)),
+        Recipe("cq2+kpost", _t(4, mode="postrope"), _t(4)),
+        Recipe("cq1+kpost", _t(8, mode="postrope"), _t(8)),
+        Recipe("k4v1+kpost", _t(2, mode="postrope"), _t(8)),
     ]
 }
 
 
 def get_recipe(name: str) -> Recipe:
-    """A RECIPES entry, or `BASE+wW`: BASE with a recent window of W exact tokens (W=0: no token exact)."""
-    m = re.fullmatch(r"(.+)\+w(\d+)", name)
+    """A RECIPES entry, or BASE with suffixes `+wW` (a recent window of W exact tokens; W=0: no token
+    exact) and `+sS` (the first S tokens exact), e.g. `cq1+w128+s4`."""
+    m = re.fullmatch(r"(.+)\+([ws])(\d+)", name)
     if m is None:
         return RECIPES[name]
-    base = RECIPES[m.group(1)]
+    base = get_recipe(m.group(1))
     if base.key.spec is None and base.value.spec is None:
         raise ValueError(f"{name}: a window over an unquantized recipe means nothing")
-    return replace(base, name=name, window=int(m.group(2)))
+    if m.group(2) == "w":
+        return replace(base, name=name, window=int(m.group(3)))
+    return replace(base, name=name, window=base.window or 0, sinks=int(m.group(3)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +171,8 @@ class Calib:
     query_sq: list[torch.Tensor]  # per layer [Hkv, D]: E[q_j^2] over tokens and the query heads of a KV head
     tokens: int
     seconds: float
+    seq_len: int = 0  # calibration rows are num_seqs sequences of seq_len tokens, positions 0..seq_len-1
+    rope: torch.Tensor | None = None  # the model's cos_sin_cache [max_position, D] (kernels.rope layout)
 
 
 def load_model(model_dir: str, dtype: torch.dtype = torch.float32):
@@ -173,6 +193,16 @@ def head_shape(model) -> tuple[int, int, int]:
     cfg = model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return cfg.num_attention_heads, cfg.num_key_value_heads, d
+
+
+def repeated_halves(ids: torch.Tensor, num_seqs: int, seq_len: int) -> torch.Tensor:
+    """Calibration text with a long-range dependency in every sequence: each seq_len sequence is a
+    seq_len/2 span of the text followed by the same span again, so the loss of the second half (and
+    the Fisher weights) rewards keys that let a token find its copy seq_len/2 back, the retrieval that
+    passkey tests (item 5 idea: "calibration text with long-range dependencies"). Returns a 1-D stream."""
+    half = seq_len // 2
+    spans = ids[: num_seqs * half].view(-1, half)
+    return torch.cat([spans, spans], 1).reshape(-1)
 
 
 def collect_calib(model, ids: torch.Tensor, num_seqs: int, seq_len: int) -> Calib:
@@ -199,7 +229,15 @@ def collect_calib(model, ids: torch.Tensor, num_seqs: int, seq_len: int) -> Cali
         for h in hs:
             h.remove()
     query_sq = [(q / count[0]).view(hkv, hq // hkv, d).sum(1) for q in qsum]
-    return Calib(stats, query_sq, sum(b.numel() for b in batches), time.perf_counter() - t0)
+    return Calib(stats, query_sq, sum(b.numel() for b in batches), time.perf_counter() - t0, seq_len, model_rope(model))
+
+
+def model_rope(model, max_position: int = 16384) -> torch.Tensor:
+    """The model's own RoPE table (its rotary_emb, scaling included) as a `kernels.rope` cos_sin_cache."""
+    _, _, d = head_shape(model)
+    pos = torch.arange(max_position)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
+    return torch.cat([cos[0, :, : d // 2], sin[0, :, : d // 2]], -1).float()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -264,9 +302,16 @@ def rope_pair_mean(w: torch.Tensor) -> torch.Tensor:
 
 
 def fit_quantizer(
-    tr: TensorRecipe, x: torch.Tensor, fisher: torch.Tensor, query_sq: torch.Tensor | None, iters: int, seed: int
+    tr: TensorRecipe,
+    x: torch.Tensor,
+    fisher: torch.Tensor,
+    query_sq: torch.Tensor | None,
+    iters: int,
+    seed: int,
+    rope: tuple[torch.Tensor, int] | None = None,
 ) -> Quantizer:
-    """x, fisher [N, H, D] (calibration). Returns the reconstruction function of recipe `tr`."""
+    """x, fisher [N, H, D] (calibration; `rope` = (cos_sin_cache, calibration sequence length) for
+    postrope). Returns the reconstruction function of recipe `tr`."""
     if tr.spec is None:
         return lambda v: v.to(torch.bfloat16).float()
     spec = tr.spec
@@ -316,6 +361,17 @@ def fit_quantizer(
             return torch.where(mask, inner(v * mask), v.half().float())
 
         return qo
+    if tr.mode == "postrope":
+        assert rope is not None and rope[1] > 0, "postrope needs the calibration's RoPE table and seq_len"
+        table, seq_len = rope
+        cb = fit(apply_rope(x, torch.arange(x.shape[0]) % seq_len, table), rope_pair_mean(fisher), spec)
+        inner = _coder(cb)
+
+        def qp(v: torch.Tensor) -> torch.Tensor:
+            pos = torch.arange(v.shape[0])  # one sequence per forward, from position 0
+            return apply_rope(inner(apply_rope(v, pos, table)), pos, table, inverse=True)
+
+        return qp
     raise ValueError(f"unknown mode {tr.mode!r}")
 
 
@@ -333,7 +389,8 @@ class QuantizerCache:
             st = self.calib.stats[layer]
             x, f = (st.keys, st.key_fisher) if kind == "k" else (st.values, st.value_fisher)
             qsq = self.calib.query_sq[layer] if kind == "k" else None
-            self.cache[key] = fit_quantizer(tr, x, f, qsq, self.iters, self.seed)
+            rope = (self.calib.rope, self.calib.seq_len) if self.calib.rope is not None else None
+            self.cache[key] = fit_quantizer(tr, x, f, qsq, self.iters, self.seed, rope)
         return self.cache[key]
 
     def for_recipe(self, r: Recipe) -> list[tuple[Quantizer, Quantizer]]:
@@ -371,7 +428,8 @@ WINDOW_ATTN = "cq_window"
 
 
 def window_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Attention where key/value j is exact for query i when i - j < module.cq_window, else quantized.
+    """Attention where key/value j is exact for query i when i - j < module.cq_window or j < module.cq_sinks,
+    else quantized.
 
     query/key: RoPE'd [B, H(kv), T, D]; value [B, Hkv, T, D]; the quantized pre-RoPE keys and values
     were stashed by the k_proj/v_proj hooks (`install_window`), the RoPE tables by a pre-hook on the
@@ -393,7 +451,7 @@ def window_attention(module, query, key, value, attention_mask, scaling, dropout
     i = torch.arange(tq)[:, None]
     j = torch.arange(tk)[None, :]
     causal = j <= i
-    win = (i - j) < module.cq_window
+    win = ((i - j) < module.cq_window) | (j < module.cq_sinks)
     scores = torch.where(win, query @ k.transpose(-1, -2), query @ kq.transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~causal, float("-inf"))
     p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -401,7 +459,7 @@ def window_attention(module, query, key, value, attention_mask, scaling, dropout
     return out.transpose(1, 2).contiguous(), None
 
 
-def install_window(model, quantizers: list[tuple[Quantizer, Quantizer]], window: int) -> list:
+def install_window(model, quantizers: list[tuple[Quantizer, Quantizer]], window: int, sinks: int = 0) -> list:
     """Recent-window variant of `install`: k_proj/v_proj keep their exact outputs and stash the
     reconstruction on the attention module; `window_attention` (switched on here, undone by calling
     the returned handles' remove()) mixes exact and quantized K/V per (query, key) pair."""
@@ -429,7 +487,7 @@ def install_window(model, quantizers: list[tuple[Quantizer, Quantizer]], window:
     handles = []
     for layer, (qk, qv) in zip(model.model.layers, quantizers, strict=True):
         attn = layer.self_attn
-        attn.cq_stash, attn.cq_window = {}, window
+        attn.cq_stash, attn.cq_window, attn.cq_sinks = {}, window, sinks
         handles.append(attn.register_forward_pre_hook(rope(attn), with_kwargs=True))
         handles.append(attn.k_proj.register_forward_hook(stash(attn, "k", qk)))
         handles.append(attn.v_proj.register_forward_hook(stash(attn, "v", qv)))
@@ -441,7 +499,7 @@ def install_window(model, quantizers: list[tuple[Quantizer, Quantizer]], window:
         def remove(self) -> None:
             model.config._attn_implementation_internal = self.impl
             for layer in model.model.layers:
-                for a in ("cq_stash", "cq_window"):
+                for a in ("cq_stash", "cq_window", "cq_sinks"):
                     if hasattr(layer.self_attn, a):
                         delattr(layer.self_attn, a)
 
@@ -483,7 +541,10 @@ def passkey(model, trials) -> dict[int, list[bool]]:
 
 def evaluate(model, recipe: Recipe, qcache: QuantizerCache | None, test_ids, trials, args) -> dict:
     qs = None if recipe.name == "bf16" else qcache.for_recipe(recipe)
-    handles = install(model, qs) if recipe.window is None else install_window(model, qs, recipe.window)
+    if recipe.window is None:
+        handles = install(model, qs)
+    else:
+        handles = install_window(model, qs, recipe.window, recipe.sinks)
     try:
         t0 = time.perf_counter()
         ppl, n = perplexity(model, test_ids, args.window, args.ppl_tokens)
@@ -497,6 +558,7 @@ def evaluate(model, recipe: Recipe, qcache: QuantizerCache | None, test_ids, tri
     return {
         "recipe": recipe.name,
         "window": recipe.window,
+        "sinks": recipe.sinks,
         "key": asdict(recipe.key),
         "value": asdict(recipe.value),
         "bits_per_channel": round(recipe.bits_per_channel(d), 4),
@@ -548,6 +610,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--num-seqs", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument(
+        "--calib-repeat", action="store_true", help="each calibration sequence is a text span twice (repeated_halves)"
+    )
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--window", type=int, default=1024)
@@ -581,7 +646,10 @@ def main(argv: list[str] | None = None) -> None:
         if a.calib_cache and os.path.exists(a.calib_cache):
             calib = torch.load(a.calib_cache, weights_only=False)
         else:
-            calib = collect_calib(model, text_ids(tok, a.calib_text), a.num_seqs, a.seq_len)
+            ids = text_ids(tok, a.calib_text)
+            if a.calib_repeat:
+                ids = repeated_halves(ids, a.num_seqs, a.seq_len)
+            calib = collect_calib(model, ids, a.num_seqs, a.seq_len)
             if a.calib_cache:
                 torch.save(calib, a.calib_cache)
         qcache = QuantizerCache(calib, a.iters, a.seed)
@@ -596,6 +664,7 @@ def main(argv: list[str] | None = None) -> None:
             "calib_text": a.calib_text,
             "calib_num_seqs": a.num_seqs,
             "calib_seq_len": a.seq_len,
+            "calib_repeat": a.calib_repeat,
             "kmeans_iters": a.iters,
             "seed": a.seed,
             "test_text": a.test_text,
