@@ -142,7 +142,6 @@ RECIPES: dict[str, Recipe] = {
         Recipe("cq4+kpost", _t(2, mode="postrope"), _t(2)),
         Recipe("cq2+kpost", _t(4, mode="postrope"), _t(4)),
         Recipe("cq1+kpost", _t(8, mode="postrope"), _t(8)),
-        Recipe("k4v1+kpost", _t(2, mode="postrope"), _t(8)),
     ]
 }
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import pickle
 
+import pytest
 import torch
 
+from vllm_cq.errors import CQConfigError
+from vllm_cq.formats import get_format
 from vllm_cq.integration import compat
+from vllm_cq.integration.backend import CQAttentionImpl, CQAttentionMetadata
 
 
 def test_cq_page_spec_survives_pickle():
@@ -27,12 +31,6 @@ def test_pages_the_kernels_cannot_address_stop_the_first_step():
     """A KV page of another block size, slot size or dtype than the kernels address is refused at the
     first forward instead of corrupting silently (e.g. a block table in kernel-block units while the
     tensor has manager blocks)."""
-    import pytest
-
-    from vllm_cq.errors import CQConfigError
-    from vllm_cq.formats import get_format
-    from vllm_cq.integration.backend import CQAttentionImpl, CQAttentionMetadata
-
     impl = CQAttentionImpl.__new__(CQAttentionImpl)  # the check needs only the format and the shapes
     impl.fmt, impl.num_kv_heads, impl.head_size = get_format("cq4"), 2, 64
     i32 = torch.zeros(2, dtype=torch.int32)
