@@ -8,8 +8,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-WINDOW_KEY = "cq_recent_window"
-
 
 def split_label(label: str) -> tuple[str, int | None]:
     """(kv_cache_dtype, explicit window or None for the dtype's default)."""
@@ -21,6 +19,7 @@ def label_engine_kwargs(label: str, engine: dict[str, Any]) -> dict[str, Any]:
     """LLM(...) arguments for one label: the user's (not mutated), the dtype as kv_cache_dtype and an
     explicit window, merged into additional_config."""
     from vllm_cq.formats import is_plugin_dtype
+    from vllm_cq.integration.config import WINDOW_KEY
 
     fmt, window = split_label(label)
     kw = {**engine, "kv_cache_dtype": fmt}

@@ -38,17 +38,19 @@ def running(model: str, dtype: str, **kw) -> Iterator:
         cleanup_dist_env_and_memory()
 
 
+def kv_cache_groups(llm) -> list:
+    """vLLM's KV-cache groups, from the in-process engine core."""
+    return llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups
+
+
 def kv_groups(llm) -> list[tuple[str, int, int]]:
-    """(vLLM spec class, block size, layers) per KV-cache group, from the in-process engine core; the class
-    is vLLM's own (on vLLM lines without slot-sized pages the plugin's spec subclasses FullAttentionSpec)."""
-    core = llm.llm_engine.engine_core.engine_core
-    cfg = core.scheduler.kv_cache_manager.kv_cache_config
+    """(vLLM spec class, block size, layers) per KV-cache group; the class is vLLM's own (on vLLM lines
+    without slot-sized pages the plugin's spec subclasses FullAttentionSpec)."""
 
     def vllm_class(spec) -> str:
         return next(c.__name__ for c in type(spec).__mro__ if c.__module__.startswith("vllm."))
 
-    groups = cfg.kv_cache_groups
-    return [(vllm_class(g.kv_cache_spec), g.kv_cache_spec.block_size, len(g.layer_names)) for g in groups]
+    return [(vllm_class(g.kv_cache_spec), g.kv_cache_spec.block_size, len(g.layer_names)) for g in kv_cache_groups(llm)]
 
 
 def test_a_bare_cq_dtype_serves_the_default_window_as_a_second_kv_group(cq_model, monkeypatch):
@@ -59,8 +61,7 @@ def test_a_bare_cq_dtype_serves_the_default_window_as_a_second_kv_group(cq_model
         # tiny Llama: head_dim 64, float32 -> a model-dtype token is 512 B = 32 cq1 slots of 16 B, so the
         # cq block is 32 x the window's 16 tokens and both pages hold 16 x 512 B per kv head
         assert kv_groups(llm) == [("FullAttentionSpec", 512, 2), ("SlidingWindowSpec", 16, 2)]
-        groups = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.kv_cache_config.kv_cache_groups
-        assert groups[1].kv_cache_spec.sliding_window == 128
+        assert kv_cache_groups(llm)[1].kv_cache_spec.sliding_window == 128
         from vllm import SamplingParams
 
         out = llm.generate([{"prompt_token_ids": list(range(1, 300))}], SamplingParams(max_tokens=4, temperature=0))
