@@ -74,6 +74,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq:cq1": ("cq", "cq1"),
     "cq:cq_k4v1": ("cq", "cq_k4v1"),
     "cq:cq_k4v2": ("cq", "cq_k4v2"),
+    "cq:cq2n": ("cq", "cq2n"),
     # the default recent window (128 exact tokens beside the codes): window pages, the merge, the window write
     "cq-w128:cq4": ("cq-w128", "cq4"),
     "cq-w128:cq1": ("cq-w128", "cq1"),

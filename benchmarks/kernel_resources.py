@@ -133,7 +133,7 @@ def launch_ints(fmt_name: str, decode: bool, args: argparse.Namespace) -> dict[s
         stride_oh=0 if decode else d, stride_cb=hkv * page * slot, stride_ch=page * slot, stride_co=slot,
         stride_bt=32768 // page, stride_cs=d, rope_rows=131072, block_size=page, v_offset=fmt.key_bytes(d),
         num_tokens=64 if decode else 8192, search_steps=7 if decode else 1, stride_kn=row, stride_kh=d,
-        stride_vn=row, stride_vh=d,
+        stride_vn=row, stride_vh=d, norm_offset=max(fmt.key.norm_offset(d), 0),
     )  # fmt: skip
 
 
@@ -146,7 +146,7 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
         CK=fmt.key.channels, GK=d // fmt.key.channels, CV=fmt.value.channels, GV=d // fmt.value.channels,
         IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or (32 if decode else 64), NUM_SEGMENTS=segments,
         IEEE=False, HEAD_MAJOR=True, ABLATE=0, ROPE_SPLIT=args.rope_split or not decode,
-        K_PARTS=args.k_parts or (2 if decode else 1),
+        K_PARTS=args.k_parts or (2 if decode else 1), KEY_NORM=fmt.key.norm_offset(d) >= 0,
     )  # fmt: skip  # paged_attention's defaults
     out_t = "*fp32" if segments > 1 else "*bf16"
     ptr = dict(
@@ -231,7 +231,8 @@ def write_kernel(fmt_name: str, args: argparse.Namespace) -> dict[str, Any]:
     fmt, d = get_format(fmt_name), args.head_dim
     c = dict(
         GK=d // fmt.key.channels, CK=fmt.key.channels, GV=d // fmt.value.channels, CV=fmt.value.channels,
-        HALF=d // 2, HAS_ROPE=True, IS_NEOX=True, BLOCK_T=16,
+        HALF=d // 2, HAS_ROPE=True, IS_NEOX=True, BLOCK_T=16, KEY_NORM=fmt.key.norm_offset(d) >= 0,
+        D_P2=triton.next_power_of_2(d),
     )  # fmt: skip
     ptr = dict(
         k_ptr="*bf16", v_ptr="*bf16", kcb_ptr="*fp32", vcb_ptr="*fp32", cache_ptr="*u8", slot_ptr="*i64",

@@ -60,7 +60,7 @@ def main() -> None:
             fmt, q, cache, kcb, vcb, table, seq_lens, qsl, rope = setup(fmt_name, batch, ctx, q_len)
             call = functools.partial(
                 paged_attention, q, cache, kcb, vcb, fmt.key_bytes(D), table, seq_lens, qsl, D**-0.5, rope, True,
-                q_len, out=torch.empty_like(q),
+                q_len, out=torch.empty_like(q), key_norm_offset=fmt.key.norm_offset(D),
             )  # fmt: skip
             if args.ablate:  # (block_n, warps, stages, segments, extra): 1 = no K gathers, 2 = no V, 4 = no RoPE
                 extra = [{"_ablate": a} for a in (0, 1, 2, 3, 4, 7)] + [{"head_major": False}, {"rope_split": True}]

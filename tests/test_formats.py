@@ -20,6 +20,7 @@ from vllm_cq.formats import (
         ("cq1", 16, 16, 16.0),
         ("cq_k4v2", 64, 32, 128 * 4 / 96),
         ("cq_k4v1", 64, 16, 6.4),
+        ("cq2n", 34, 32, 512 / 66),  # 32 code bytes + float16 key norm
     ],
 )
 def test_bytes_and_compression_at_head_dim_128(name, key_bytes, value_bytes, ratio):
@@ -36,6 +37,19 @@ def test_symmetric_names_match_paper_configs():
     assert get_format("cq4").value == CQSpec(2, 8)
     assert get_format("cq1").bits_per_channel == 1.0
     assert get_format("cq_k4v1").bits_per_channel == 2.5
+
+
+def test_norm_spec_layout_and_round_trip():
+    """The norm follows the codes, 2-byte aligned (a pad byte after an odd number of code bytes), and the
+    spec's dict keeps `norm`, so a cq2 codebook file never passes for cq2n."""
+    key = get_format("cq2n").key
+    assert key == CQSpec(4, 8, norm=True) and key != CQSpec(4, 8) and key.name == "4c8b+norm"
+    assert (key.code_bytes(128), key.norm_offset(128), key.bytes_per_token_head(128)) == (32, 32, 34)
+    odd = CQSpec(4, 8, norm=True)
+    assert (odd.code_bytes(36), odd.norm_offset(36), odd.bytes_per_token_head(36)) == (9, 10, 12)
+    assert CQSpec(4, 8).norm_offset(128) == -1
+    assert parse_spec(key.to_dict()) == key and parse_spec(CQSpec(4, 8).to_dict()) == CQSpec(4, 8)
+    assert "norm" not in CQSpec(4, 8).to_dict()  # files written before cq2n read the same
 
 
 def test_unknown_format_lists_known_names():

@@ -10,7 +10,9 @@ Slot layout, one (token, kv head) slot of a paged block, all uint8:
     | key code bytes (key.bytes_per_token_head(D)) | value code bytes (value.bytes_per_token_head(D)) |
 
 For CQ with b bits and c channels per group, a head of D channels has D/c groups; the group codes are
-packed little-endian, b bits each (b = 8: one byte per group).
+packed little-endian, b bits each (b = 8: one byte per group). A CQ spec with `norm` (cq2n's keys)
+codes the direction x/|x| and keeps |x| as float16 after the codes (one pad byte first when the codes
+end on an odd byte): | codes | (pad) | |x| f16 |.
 """
 
 from __future__ import annotations
@@ -46,10 +48,16 @@ class TensorQuantSpec(Protocol):
 @dataclass(frozen=True)
 class CQSpec:
     """Coupled quantization of one tensor: groups of `channels` contiguous channels, one `bits`-bit
-    index per group into a codebook of 2**bits centroids (per layer, per group)."""
+    index per group into a codebook of 2**bits centroids (per layer, per group).
+
+    `norm`: each token-head's L2 norm is stored beside the codes (float16) and the codes quantize the
+    unit direction x/|x|. For keys it is the one idea that made low-bit codes retrieve better at about
+    equal bytes (docs/design/key-norm.md); RoPE is a rotation, so the norm is the same before and after it.
+    """
 
     channels: int
     bits: int
+    norm: bool = False
     method: str = field(default="cq", init=False)
 
     def __post_init__(self) -> None:
@@ -72,7 +80,7 @@ class CQSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.channels}c{self.bits}b"
+        return f"{self.channels}c{self.bits}b" + ("+norm" if self.norm else "")
 
     def check_head_dim(self, head_dim: int) -> None:
         if head_dim <= 0 or head_dim % self.channels:
@@ -86,15 +94,27 @@ class CQSpec:
         self.check_head_dim(head_dim)
         return head_dim // self.channels
 
-    def bytes_per_token_head(self, head_dim: int) -> int:
+    def code_bytes(self, head_dim: int) -> int:
+        """Packed codes of one token-head."""
         return math.ceil(self.groups(head_dim) * self.bits / 8)
+
+    def norm_offset(self, head_dim: int) -> int:
+        """Byte offset of the float16 norm inside this tensor's bytes (2-byte aligned), -1 without one."""
+        if not self.norm:
+            return -1
+        n = self.code_bytes(head_dim)
+        return n + (n & 1)
+
+    def bytes_per_token_head(self, head_dim: int) -> int:
+        return self.norm_offset(head_dim) + 2 if self.norm else self.code_bytes(head_dim)
 
     def codebook_shape(self, num_kv_heads: int, head_dim: int) -> tuple[int, int, int]:
         """[num_kv_heads * head_dim / c, 2**b, c]: head-major, so a TP rank's heads are one slice."""
         return (num_kv_heads * self.groups(head_dim), self.num_centroids, self.channels)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "channels": self.channels, "bits": self.bits}
+        d = {"method": self.method, "channels": self.channels, "bits": self.bits}
+        return {**d, "norm": True} if self.norm else d
 
 
 @dataclass(frozen=True)
@@ -229,7 +249,7 @@ def parse_spec(d: dict) -> TensorQuantSpec:
     """Inverse of `TensorQuantSpec.to_dict` (codebook metadata stores specs this way)."""
     method = d.get("method")
     if method == "cq":
-        return CQSpec(int(d["channels"]), int(d["bits"]))
+        return CQSpec(int(d["channels"]), int(d["bits"]), bool(d.get("norm", False)))
     if method == "tq":
         return TernarySpec(int(d["levels"]), int(d["group"]))
     raise CQConfigError(f"unknown quantization method {method!r} in {d}")
@@ -244,6 +264,7 @@ _cq("cq2", CQSpec(4, 8), CQSpec(4, 8), "CQ 4c8b keys and values: 2 bits/channel"
 _cq("cq1", CQSpec(8, 8), CQSpec(8, 8), "CQ 8c8b keys and values: 1 bit/channel")
 _cq("cq_k4v2", CQSpec(2, 8), CQSpec(4, 8), "CQ keys 2c8b (4 bit), values 4c8b (2 bit)")
 _cq("cq_k4v1", CQSpec(2, 8), CQSpec(8, 8), "CQ keys 2c8b (4 bit), values 8c8b (1 bit)")
+_cq("cq2n", CQSpec(4, 8, norm=True), CQSpec(4, 8), "CQ 4c8b keys coded as direction + float16 norm, values 4c8b")
 register_format(
     KVFormat("kvtq", TernarySpec(4), TernarySpec(3), "KVTQ ternary, keys 4 levels, values 3, groups of 32 channels")
 )

@@ -53,6 +53,14 @@ def _gather_half(p_slot, m_n, cb_ptr, g0, NG: tl.constexpr, C: tl.constexpr, BLO
 
 
 @triton.jit
+def _key_norms(p_norm, m_n):
+    """[BLOCK_N] float32 key norms from two little-endian bytes per slot (float16), 0 for masked keys."""
+    lo = tl.load(p_norm, mask=m_n, other=0).to(tl.uint16)
+    hi = tl.load(p_norm + 1, mask=m_n, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _qk_part(
     b_s, p_q, m_row, p_slot, m_n, o_n, t, kcb, cos_sin_ptr, stride_cs, rope_rows, c: tl.constexpr,
     PAIRS: tl.constexpr, HALF: tl.constexpr, CK: tl.constexpr, BLOCK_N: tl.constexpr, IS_NEOX: tl.constexpr,
@@ -145,6 +153,7 @@ def _cq_attention_kernel(
     block_size,
     v_offset,
     win,  # recent window W (0: none): keys j <= i - W only, the window kernel attends the rest
+    norm_offset,  # byte of each key's float16 norm in its slot (KEY_NORM)
     G: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -162,6 +171,7 @@ def _cq_attention_kernel(
     ABLATE: tl.constexpr,
     ROPE_SPLIT: tl.constexpr,
     K_PARTS: tl.constexpr,
+    KEY_NORM: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     if HEAD_MAJOR:  # grid (q blocks, segments, kv heads): co-running programs share a head's codebooks
@@ -203,6 +213,8 @@ def _cq_attention_kernel(
                 b_s, p_q, m_row, p_slot, m_n, o_n, t, kcb, cos_sin_ptr, stride_cs, rope_rows, c, HALF // K_PARTS,
                 HALF, CK, BLOCK_N, IS_NEOX, HAS_ROPE, ROPE_SPLIT, ABLATE, IEEE,
             )  # fmt: skip
+        if KEY_NORM:  # keys coded as directions: q.k = |k| (q.R c), one float16 per key (cq2n)
+            b_s = b_s * _key_norms(p_slot + norm_offset, m_n)[None, :]
         b_s = b_s * qk_scale
         visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None] - win)
         b_s = tl.where(visible, b_s, float("-inf"))
@@ -246,6 +258,7 @@ def paged_attention(
     rope_split: bool | None = None,
     k_parts: int | None = None,
     window: WindowCache | None = None,
+    key_norm_offset: int = -1,
     _ablate: int = 0,
 ) -> torch.Tensor:
     """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
@@ -259,7 +272,8 @@ def paged_attention(
     parts without rope_split (cq4 and cq_k4v1 10-22% faster at 32K x 64 on 2026-12-02 than the old
     form, cq1 the same); prefill the old form, 64-key tiles, one part, rope_split (8K causal cq1 4.95 ms
     on 2026-11-23; the register-cut form took 7.30 ms on 2026-12-02). With a recent
-    `window` the codes cover keys j <= i - W and `window_triton` adds the exact window, one softmax."""
+    `window` the codes cover keys j <= i - W and `window_triton` adds the exact window, one softmax.
+    `key_norm_offset` >= 0: key codes are directions and each key's float16 norm sits at that slot byte."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -314,6 +328,7 @@ def paged_attention(
         kv_cache.shape[2],
         key_bytes,
         window.W if window is not None else 0,
+        max(key_norm_offset, 0),
         G=hq // hkv,
         BLOCK_Q=plan.block_q,
         BLOCK_M=plan.block_m,
@@ -331,6 +346,7 @@ def paged_attention(
         ABLATE=_ablate,
         ROPE_SPLIT=rope_split,
         K_PARTS=k_parts,
+        KEY_NORM=key_norm_offset >= 0,
         num_warps=num_warps or 4,
         num_stages=num_stages or (3 if decode else 1),
     )

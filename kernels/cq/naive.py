@@ -76,18 +76,40 @@ def unpack_codes(packed: torch.Tensor, bits: int, groups: int) -> torch.Tensor:
     return (bit.unflatten(-1, (groups, bits)) * weights).sum(-1)
 
 
+# Norms are stored as float16; one a float16 cannot hold is kept at its largest finite value.
+NORM_MAX = 65504.0
+# A zero key has no direction: it is coded as the direction of x / NORM_EPS (its stored norm is 0).
+NORM_EPS = 1e-6
+
+
 def quantize(x: torch.Tensor, codebook: torch.Tensor, spec: CQSpec) -> torch.Tensor:
-    """x [N, H, D] -> packed codes uint8 [N, H, spec.bytes_per_token_head(D)]."""
+    """x [N, H, D] -> packed codes uint8 [N, H, spec.bytes_per_token_head(D)]. With `spec.norm` the
+    codes are those of x/|x| and |x| follows them as float16 (see `vllm_cq.formats`)."""
     n, h, d = x.shape
-    codes = encode(x, codebook).view(n, h, spec.groups(d))
-    return pack_codes(codes, spec.bits)
+    if not spec.norm:
+        return pack_codes(encode(x, codebook).view(n, h, spec.groups(d)), spec.bits)
+    x = x.float()
+    norm = x.norm(dim=-1, keepdim=True)
+    codes = encode(x / norm.clamp_min(NORM_EPS), codebook).view(n, h, spec.groups(d))
+    out = torch.zeros(n, h, spec.bytes_per_token_head(d), dtype=torch.uint8, device=x.device)
+    out[..., : spec.code_bytes(d)] = pack_codes(codes, spec.bits)
+    f16 = norm.clamp_max(NORM_MAX).to(torch.float16)
+    out[..., spec.norm_offset(d) :] = f16.view(torch.uint8).view(n, h, 2)
+    return out
+
+
+def stored_norm(packed: torch.Tensor, spec: CQSpec, head_dim: int) -> torch.Tensor:
+    """The float16 norms of packed [N, H, nbytes] as float32 [N, H, 1]."""
+    o = spec.norm_offset(head_dim)
+    return packed[..., o : o + 2].contiguous().view(torch.float16).float()
 
 
 def dequantize(packed: torch.Tensor, codebook: torch.Tensor, spec: CQSpec, head_dim: int) -> torch.Tensor:
     """packed codes uint8 [N, H, nbytes] -> float32 [N, H, head_dim]."""
     n, h, _ = packed.shape
-    codes = unpack_codes(packed, spec.bits, spec.groups(head_dim)).reshape(n, -1)
-    return decode(codes, codebook).view(n, h, head_dim)
+    codes = unpack_codes(packed[..., : spec.code_bytes(head_dim)], spec.bits, spec.groups(head_dim))
+    x = decode(codes.reshape(n, -1), codebook).view(n, h, head_dim)
+    return x * stored_norm(packed, spec, head_dim) if spec.norm else x
 
 
 def write_kv_cache(

@@ -27,9 +27,16 @@ def token_seq_and_positions(
 
 
 def _triton_ok(device: torch.device, fmt: KVFormat) -> bool:
+    """8-bit codes; a stored norm is supported on keys only (the value kernels have no norm)."""
     if not triton_enabled(device):
         return False
-    return getattr(fmt.key, "bits", 0) == 8 and getattr(fmt.value, "bits", 0) == 8
+    eight_bit = getattr(fmt.key, "bits", 0) == 8 and getattr(fmt.value, "bits", 0) == 8
+    return eight_bit and not getattr(fmt.value, "norm", False)
+
+
+def key_norm_offset(fmt: KVFormat, head_dim: int) -> int:
+    """Where the kernels find a key's float16 norm in its slot (keys come first), -1 without one."""
+    return fmt.key.norm_offset(head_dim)
 
 
 def write_kv_cache(
@@ -54,7 +61,7 @@ def write_kv_cache(
 
         triton_write(
             key, value, kv_cache, slot_mapping, k_codebook, v_codebook, fmt.key_bytes(d),
-            query_start_loc, seq_lens, cos_sin_cache, is_neox,
+            query_start_loc, seq_lens, cos_sin_cache, is_neox, key_norm_offset(fmt, d),
         )  # fmt: skip
         return
     positions = None
@@ -116,4 +123,5 @@ def paged_attention(
         max_query_len,
         out=out,
         window=window,
+        key_norm_offset=key_norm_offset(fmt, d),
     )

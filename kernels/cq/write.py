@@ -51,6 +51,7 @@ def _encode_group(
     ROTATE: tl.constexpr,
     IS_NEOX: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    inv_norm=None,  # [BLOCK_T] float32: code x * inv_norm (the direction of a key with a stored norm)
 ):
     """Nearest of the group's 256 centroids for BLOCK_T tokens (the codebook is read once per BLOCK_T
     tokens). Groups of >= 8 channels: argmin |c|^2 - 2 x.c with the products as one float32 matmul
@@ -67,6 +68,8 @@ def _encode_group(
         b_x = tl.load(x_rows[:, None] + o[None, :], mask=m_x, other=0.0).to(tl.float32)
         if ROTATE:
             b_x = _unrope(x_rows[:, None], b_x, o[None, :], m_x, cos_rows[:, None], HALF, IS_NEOX)
+        if inv_norm is not None:
+            b_x = b_x * inv_norm[:, None]
         b_cb = tl.load(cb_ptr + (g * 256 + o_k[:, None]) * C + o_c[None, :], mask=m_c[None, :], other=0.0)
         b_norm = tl.sum(b_cb * b_cb, axis=1)  # [256]
         b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision="ieee")  # [BLOCK_T, 256]
@@ -78,11 +81,29 @@ def _encode_group(
             b_x = tl.load(x_rows + o, mask=m_t, other=0.0).to(tl.float32)
             if ROTATE:
                 b_x = _unrope(x_rows, b_x, o, m_t, cos_rows, HALF, IS_NEOX)
+            if inv_norm is not None:
+                b_x = b_x * inv_norm
             b_c = tl.load(cb_ptr + (g * 256 + o_k) * C + j)  # [256]
             b_diff = b_x[:, None] - b_c[None, :]
             b_d += b_diff * b_diff
         code = tl.argmin(b_d, axis=1)
     tl.store(dst + g, code.to(tl.uint8), mask=m_t)
+
+
+@triton.jit
+def _key_norm(x_rows, m_t, dst, norm_offset, is_first, D: tl.constexpr, D_P2: tl.constexpr):
+    """1/|x| of each token's key row (RoPE keeps the norm, so the post-RoPE row gives it); the program of
+    group 0 also stores |x| as float16 (two little-endian bytes at dst + norm_offset), clamped to float16's
+    largest finite value like the reference (`naive.NORM_MAX`, `naive.NORM_EPS`)."""
+    o_d = tl.arange(0, D_P2)
+    m = m_t[:, None] & (o_d < D)[None, :]
+    b_x = tl.load(x_rows[:, None] + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    norm = tl.sqrt(tl.sum(b_x * b_x, axis=1))
+    if is_first:
+        bits = tl.minimum(norm, 65504.0).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        tl.store(dst + norm_offset, (bits & 0xFF).to(tl.uint8), mask=m_t)
+        tl.store(dst + norm_offset + 1, (bits >> 8).to(tl.uint8), mask=m_t)
+    return 1.0 / tl.maximum(norm, 1e-6)
 
 
 @triton.jit
@@ -109,6 +130,7 @@ def _write_kv_kernel(
     stride_cs,
     block_size,
     v_offset,
+    norm_offset,  # byte of the key's float16 norm in the slot (KEY_NORM)
     GK: tl.constexpr,
     CK: tl.constexpr,
     GV: tl.constexpr,
@@ -117,6 +139,8 @@ def _write_kv_kernel(
     HAS_ROPE: tl.constexpr,
     IS_NEOX: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    KEY_NORM: tl.constexpr,
+    D_P2: tl.constexpr,
 ):
     i_h = tl.program_id(1)
     i_g = tl.program_id(2)  # key groups 0 .. GK-1, then value groups
@@ -143,7 +167,13 @@ def _write_kv_kernel(
             cos_rows = cos_sin_ptr + pos.to(tl.int64) * stride_cs
         x_rows = k_ptr + o_t64 * stride_kn + i_h * stride_kh
         cb = kcb_ptr + i_h * GK * 256 * CK
-        _encode_group(x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T)
+        if KEY_NORM:
+            inv_norm = _key_norm(x_rows, m_t, dst, norm_offset, i_g == 0, 2 * HALF, D_P2)
+            _encode_group(
+                x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, inv_norm
+            )
+        else:
+            _encode_group(x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T)
     else:
         x_rows = v_ptr + o_t64 * stride_vn + i_h * stride_vh
         cb = vcb_ptr + i_h * GV * 256 * CV
@@ -162,10 +192,12 @@ def write_kv_cache(
     seq_lens: torch.Tensor | None = None,
     cos_sin_cache: torch.Tensor | None = None,
     is_neox: bool = True,
+    key_norm_offset: int = -1,
 ) -> None:
     """Store codes of key/value [N, H, D] (codebooks float32 [H*D/c, 256, c]) at slot_mapping[n]
     (-1 = skip). With `cos_sin_cache`, keys are post-RoPE and token n sits at position
-    seq_lens[s] - q_len[s] + (n - query_start_loc[s]) of its sequence s."""
+    seq_lens[s] - q_len[s] + (n - query_start_loc[s]) of its sequence s. `key_norm_offset` >= 0: keys
+    are coded as direction (x/|x|) and |x| is stored as float16 at that byte of the slot (cq2n)."""
     n, h, d = key.shape
     gk_total, kk, ck = k_codebook.shape
     gv_total, kv, cv = v_codebook.shape
@@ -204,6 +236,7 @@ def write_kv_cache(
         cos_sin_cache.stride(0) if has_rope else 0,
         kv_cache.shape[2],
         key_bytes,
+        max(key_norm_offset, 0),
         GK=d // ck,
         CK=ck,
         GV=d // cv,
@@ -212,5 +245,7 @@ def write_kv_cache(
         HAS_ROPE=has_rope,
         IS_NEOX=is_neox,
         BLOCK_T=block_t,
+        KEY_NORM=key_norm_offset >= 0,
+        D_P2=triton.next_power_of_2(d),
         num_warps=4,
     )

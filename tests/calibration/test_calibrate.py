@@ -140,3 +140,23 @@ def test_cli_calibrates_several_formats_from_one_collection(tiny_llama, calib_te
     assert both["cq4"].keys[0].shape == (64, 256, 2) and both["cq1"].keys[0].shape == (16, 256, 8)
     assert main(["calibrate", str(model_dir), "--format", "cq4,cq1", *common, "--out", str(alone)]) == 2
     assert "--out names one file" in capsys.readouterr().err
+
+
+def test_norm_spec_fit_reports_the_stored_keys_error():
+    """A norm spec's codebook is fitted on unit directions weighted by |k|^2, and the error calibration
+    reports is the relative error of the keys as the plugin stores and reads them (codes + float16 norm)."""
+    from tests.conftest import rel_err
+    from vllm_cq.calibration.calibrate import fit_tensor
+    from vllm_cq.formats import get_format
+    from vllm_cq.kernels.cq import naive
+
+    spec = get_format("cq2n").key
+    x = torch.randn(1024, 2, 32) * torch.linspace(0.2, 3.0, 32) * torch.exp(torch.randn(1024, 1, 1))
+    cfg = CalibrationConfig(format="cq2n", weighting="uniform", iters=5, device="cpu")
+    cb, err, _ = fit_tensor(x, torch.ones_like(x), spec, cfg)
+    assert cb.shape == spec.codebook_shape(2, 32)
+    assert cb.norm(dim=-1).max() <= 1.0 + 1e-5  # centroids of unit vectors' groups
+    stored = naive.dequantize(naive.quantize(x, cb, spec), cb, spec, 32)
+    assert err == pytest.approx(rel_err(stored, x) ** 2, rel=2e-2)
+    with pytest.raises(CQConfigError, match="needs no calibration"):
+        CalibrationConfig(format="kvtq")

@@ -24,7 +24,7 @@ if torch.cuda.is_available():  # several engines in one session: each takes a sm
     # TF32 on CUDA: ~1e-3 off the exact reference, enough to flip near-tie codes of the next cq layer.
     # The plugin's own kernels ask for IEEE dots; this makes vLLM's match what the references compute.
     os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
-FORMATS = ("cq4", "cq2", "cq1", "cq_k4v1")
+FORMATS = ("cq4", "cq2", "cq1", "cq_k4v1", "cq2n")
 
 
 def calibrate(model: str, fmt: str, text: str, num_seqs: int = 8, iters: int = 15) -> None:

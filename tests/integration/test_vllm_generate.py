@@ -4,6 +4,7 @@ give the same tokens as misses; `--kv-cache-dtype-skip-layers` keeps chosen laye
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 
@@ -47,12 +48,10 @@ def reference_logprobs(
         for i, layer in enumerate(model.model.layers):
             if i in skip_layers:
                 continue
-            for proj, cb in ((layer.self_attn.k_proj, cbs.keys[i]), (layer.self_attn.v_proj, cbs.values[i])):
-                handles.append(
-                    proj.register_forward_hook(
-                        lambda _m, _i, out, cb=cb: naive.decode(naive.encode(out[0], cb), cb).view_as(out)
-                    )
-                )
+            attn, fmt = layer.self_attn, cbs.fmt
+            for proj, cb, spec in ((attn.k_proj, cbs.keys[i], fmt.key), (attn.v_proj, cbs.values[i], fmt.value)):
+                hook = functools.partial(stored, cb=cb, spec=spec, head_dim=cbs.model.head_dim)
+                handles.append(proj.register_forward_hook(hook))
     outs = []
     with torch.no_grad():
         for ids in prompt_ids:
@@ -62,6 +61,13 @@ def reference_logprobs(
     for h in handles:
         h.remove()
     return outs
+
+
+def stored(_module, _inputs, out: torch.Tensor, cb: torch.Tensor, spec, head_dim: int) -> torch.Tensor:
+    """Forward hook: what the cache gives back for k_proj/v_proj outputs [1, T, H * D], codes (and a
+    norm) decoded."""
+    x = out[0].reshape(out.shape[1], -1, head_dim)
+    return naive.dequantize(naive.quantize(x, cb, spec), cb, spec, head_dim).view_as(out)
 
 
 def engine_logprobs(engine) -> tuple[list[list[int]], list[torch.Tensor], list]:
@@ -86,6 +92,26 @@ def test_prompt_logprobs_match_reference_over_the_same_codes(llm, cq_model):
     assert err_q < 2e-3, (err_q, err_fp)
     # ... while the unquantized model differs by far more: the engine really attends over codes.
     assert err_fp > 10 * err_q, (err_q, err_fp)
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+
+
+def test_key_norm_format_matches_reference_over_the_same_codes(cq_model):
+    """cq2n (key directions coded, |k| in float16 beside them) through vLLM: prompt logprobs match the
+    transformers reference that stores keys the same way, and differ from plain cq2's codes."""
+    from vllm import LLM
+
+    engine = LLM(cq_model, kv_cache_dtype="cq2n", **ENGINE)
+    try:
+        ids, got, outs = engine_logprobs(engine)
+    finally:
+        del engine
+        gc.collect()
+    ref = reference_logprobs(cq_model, "cq2n", ids, quantize=True)
+    ref_cq2 = reference_logprobs(cq_model, "cq2", ids, quantize=True)
+    err = max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
+    err_cq2 = max(float((g - r).abs().max()) for g, r in zip(got, ref_cq2, strict=True))
+    assert err < 2e-3, (err, err_cq2)
+    assert err_cq2 > 10 * err, (err, err_cq2)
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
 
 

@@ -22,9 +22,10 @@ def correlated(n: int, h: int, d: int) -> torch.Tensor:
 
 
 def random_codebooks(fmt, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian centroids; a spec with a stored norm codes unit vectors, so its centroids are scaled to them."""
     k = torch.randn(fmt.key.codebook_shape(heads, head_dim))
     v = torch.randn(fmt.value.codebook_shape(heads, head_dim))
-    return k, v
+    return k / head_dim**0.5 if fmt.key.norm else k, v
 
 
 @settings(max_examples=40, deadline=None)
@@ -63,6 +64,52 @@ def test_roundtrip_error_decreases_with_bits():
         errs[name] = rel_err(naive.dequantize(packed, cb, spec, 32), x)
     assert errs["cq4"] < errs["cq2"] < errs["cq1"] < 1.0, errs
     assert errs["cq4"] < 0.1, errs
+
+
+def fit_norm_codebook(x: torch.Tensor, spec) -> torch.Tensor:
+    """k-means on each token-head's unit direction, weighted by |x|^2 (what calibration does for a norm spec)."""
+    n, h, d = x.shape
+    norm = x.norm(dim=-1, keepdim=True)
+    g = spec.groups(d)
+    xg = (x / norm).reshape(n, h * g, spec.channels).transpose(0, 1)
+    w = (norm**2).expand(n, h, g).reshape(n, h * g).T
+    return weighted_kmeans(xg, w, spec.num_centroids, iters=10)
+
+
+def test_norm_spec_round_trip_beats_plain_codes_on_keys_with_spread_norms():
+    """Keys whose token norms vary a lot (as real keys do): coding the direction and keeping |k| loses
+    less than coding k, with the same codebook size (cq2n vs cq2), and the stored norm is |k| in float16."""
+    x = correlated(2048, 2, 32) * torch.exp(torch.randn(2048, 1, 1))
+    plain, normed = get_format("cq2").key, get_format("cq2n").key
+    g = plain.groups(32)
+    cb = weighted_kmeans(x.reshape(-1, 2 * g, 4).transpose(0, 1), None, 256, iters=10)
+    err_plain = rel_err(naive.dequantize(naive.quantize(x, cb, plain), cb, plain, 32), x)
+    cbn = fit_norm_codebook(x, normed)
+    packed = naive.quantize(x, cbn, normed)
+    assert packed.shape == (2048, 2, normed.bytes_per_token_head(32))
+    assert torch.equal(naive.stored_norm(packed, normed, 32), x.norm(dim=-1, keepdim=True).half().float())
+    err_norm = rel_err(naive.dequantize(packed, cbn, normed, 32), x)
+    assert err_norm < 0.9 * err_plain, (err_norm, err_plain)
+
+
+def test_norm_spec_codes_a_scaled_centroid_exactly():
+    """x = s * (centroids whose concatenation is a unit vector): codes are those centroids, decode is
+    s (as float16) times them; a zero key decodes to zero."""
+    spec, d = get_format("cq2n").key, 32
+    g = spec.groups(d)
+    cb = torch.randn(g, 256, 4)
+    cb = cb / cb.norm(dim=-1, keepdim=True) / g**0.5  # every centroid has norm 1/sqrt(groups)
+    codes = torch.randint(0, 256, (50, g))
+    s = torch.rand(50, 1) * 30 + 0.1
+    x = (naive.decode(codes, cb) * s).view(50, 1, d)
+    x[7] = 0.0
+    packed = naive.quantize(x, cb, spec)
+    got = naive.unpack_codes(packed[..., : spec.code_bytes(d)], 8, g).view(50, g)
+    keep = torch.arange(50) != 7
+    assert torch.equal(got[keep], codes[keep])
+    want = naive.decode(codes, cb).view(50, 1, d) * s.half().float().view(50, 1, 1)
+    want[7] = 0.0
+    assert torch.allclose(naive.dequantize(packed, cb, spec, d), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("is_neox", [True, False])

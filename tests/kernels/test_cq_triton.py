@@ -81,8 +81,9 @@ def check_attention(fmt_name, seqs, hkv, ratio, d, is_neox, pre_rope, dtype=torc
     )
     max_q = max(q for _, q in seqs)
     got = attn_mod.paged_attention(
-        q_d, cache_d, kcb_d, vcb_d, fmt.key_bytes(d), table_d, seq_lens_d, qsl_d, scale, rope_d, is_neox, max_q, **kw
-    )
+        q_d, cache_d, kcb_d, vcb_d, fmt.key_bytes(d), table_d, seq_lens_d, qsl_d, scale, rope_d, is_neox, max_q,
+        key_norm_offset=fmt.key.norm_offset(d), **kw,
+    )  # fmt: skip
     assert got.dtype == dtype
     err = rel_err(got.float().cpu(), want)
     assert err < tol, (err, seqs)
@@ -96,9 +97,13 @@ FMT_GQA = pytest.mark.parametrize(
         ("cq_k4v1", 2, 8, False, True),
         ("cq2", 2, 2, True, False),
         ("cq_k4v2", 1, 3, True, True),
+        ("cq2n", 2, 4, True, True),
     ],
-    ids=["cq1-gqa1-neox", "cq4-gqa4-neox", "cq_k4v1-gqa8-gptj", "cq2-gqa2-norope", "cq_k4v2-gqa3-neox"],
-)
+    ids=[
+        "cq1-gqa1-neox", "cq4-gqa4-neox", "cq_k4v1-gqa8-gptj", "cq2-gqa2-norope", "cq_k4v2-gqa3-neox",
+        "cq2n-gqa4-neox",
+    ],
+)  # fmt: skip
 
 
 @runs_kernels
@@ -187,6 +192,8 @@ def test_attention_padded_batch_leaves_real_rows_exact():
         ("cq4", 1, 32, True, True),
         ("cq_k4v1", 3, 64, False, True),
         ("cq2", 2, 32, True, False),
+        ("cq2n", 2, 64, True, True),
+        ("cq2n", 1, 32, False, False),
     ],
 )
 def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope):
@@ -210,14 +217,15 @@ def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope
     got = poison.clone().to(DEVICE)
     k_d, v_d, slots_d, kcb_d, vcb_d, qsl_d, seq_lens_d, cs_d = to_dev(k, v, slots, kcb, vcb, qsl, seq_lens, cos_sin)
     write_mod.write_kv_cache(
-        k_d, v_d, got, slots_d, kcb_d, vcb_d, fmt.key_bytes(head_dim), qsl_d, seq_lens_d, cs_d, is_neox
-    )
+        k_d, v_d, got, slots_d, kcb_d, vcb_d, fmt.key_bytes(head_dim), qsl_d, seq_lens_d, cs_d, is_neox,
+        fmt.key.norm_offset(head_dim),
+    )  # fmt: skip
     mismatch = (got.cpu() != want).float().mean().item()
     assert mismatch < 2e-3, mismatch  # only near-ties after un-rotation rounding may resolve differently
 
 
 @gpu_only
-@pytest.mark.parametrize("fmt_name", ["cq1", "cq2", "cq4", "cq_k4v1"])
+@pytest.mark.parametrize("fmt_name", ["cq1", "cq2", "cq4", "cq_k4v1", "cq2n"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("decode", [True, False])
 def test_full_size_half_precision(fmt_name, dtype, decode):
