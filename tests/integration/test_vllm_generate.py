@@ -133,13 +133,11 @@ def test_prefix_cache_hit_gives_the_same_tokens(llm):
 
 def test_skip_layers_stay_in_model_dtype(cq_model, llm):
     """--kv-cache-dtype-skip-layers 0: layer 0 keeps a float cache (vLLM's own backend), layer 1 codes;
-    logprobs match the reference that quantizes layer 1 only, and differ from all-layers cq4."""
+    logprobs match the reference that quantizes layer 1 only, and differ from all-layers cq4. On CUDA
+    this needs vLLM's float32 Triton attention in IEEE (conftest): in TF32 the skip layer alone is 0.054
+    nats off the exact reference (H200, 2026-12-02, `gpu_session.sh skipdiag`), vLLM's numerics, not ours."""
     from vllm import LLM
 
-    if DEVICE == "cuda" and os.environ.get("VLLM_CQ_ALLOW_SKIP_LAYERS_ON_CUDA") != "1":  # refused there for now
-        with pytest.raises(Exception, match="skip-layers on CUDA"):
-            LLM(cq_model, kv_cache_dtype="cq4", kv_cache_dtype_skip_layers=["0"], **ENGINE)
-        return
     ids, got_all, _ = engine_logprobs(llm)
     skip = LLM(cq_model, kv_cache_dtype="cq4", kv_cache_dtype_skip_layers=["0"], **ENGINE)
     try:

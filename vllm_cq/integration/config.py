@@ -17,7 +17,6 @@ import torch
 from vllm_cq.codebooks import CodebookSet, ModelIdentity, default_codebook_path, load_codebooks
 from vllm_cq.errors import CodebookError, CQConfigError
 from vllm_cq.formats import get_format, is_plugin_dtype
-from vllm_cq.integration import compat
 from vllm_cq.support import check_architecture
 
 ENV_CODEBOOKS = "VLLM_CQ_CODEBOOKS"
@@ -166,18 +165,6 @@ def unsupported_features(vllm_config: Any) -> list[str]:
         ("pipeline parallelism", pc.pipeline_parallel_size > 1),
         ("decode context parallelism", getattr(pc, "decode_context_parallel_size", 1) > 1),
         ("prefill context parallelism", getattr(pc, "prefill_context_parallel_size", 1) > 1),
-        # Verified on CPU (CI). On CUDA (vLLM 0.26) the engine runs but its logprobs are 0.054 nats off the
-        # reference (tolerance 0.002; H200, 2026-12-01), so refused there until the GPU test passes
-        # (issue 10). Lead (2026-12-02, from vLLM 0.26's source): both groups get 64-token blocks in one
-        # group, no page mismatch; the float32 skip layer runs vLLM's Triton attention with TF32 dots,
-        # which the test's exact reference does not (`gpu_session.sh skipdiag` checks it). The backend
-        # now also refuses pages it cannot address (`CQAttentionImpl.check_pages`).
-        (
-            "--kv-cache-dtype-skip-layers on CUDA",
-            bool(getattr(cc, "kv_cache_dtype_skip_layers", None))
-            and compat.platform_is_cuda()
-            and os.environ.get("VLLM_CQ_ALLOW_SKIP_LAYERS_ON_CUDA") != "1",  # diagnosis only
-        ),
     ]
     if window_tokens(vllm_config):
         checks += [
