@@ -248,9 +248,9 @@ def run_meta(args: argparse.Namespace) -> dict[str, Any]:
 
 def ensure_codebooks(model: str, fmt: str) -> str | None:
     from vllm_cq.codebooks import default_codebook_path
-    from vllm_cq.formats import is_plugin_dtype
+    from vllm_cq.formats import get_format, is_plugin_dtype
 
-    if not is_plugin_dtype(fmt):
+    if not is_plugin_dtype(fmt) or not get_format(fmt).needs_codebook:  # auto/fp8, KVTQ
         return None
     path = default_codebook_path(model, fmt)
     if not os.path.exists(path):
