@@ -153,7 +153,7 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
         q_ptr="*bf16", out_ptr=out_t, ml_ptr="*fp32", cache_ptr="*u8", kcb_ptr="*bf16", vcb_ptr="*bf16",
         block_table_ptr="*i32", seq_lens_ptr="*i32", qsl_ptr="*i32", cos_sin_ptr="*fp32",
     )  # fmt: skip
-    stages = args.num_stages or (3 if decode else 1)
+    stages = args.num_stages or (1 if not decode else 2 if fmt.key.norm else 3)  # paged_attention's
     k = compile_aot(
         attention._cq_attention_kernel, ptr, c, {"qk_scale"}, args.arch, ints=launch_ints(fmt_name, decode, args),
         num_warps=args.num_warps, num_stages=stages,

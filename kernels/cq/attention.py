@@ -54,10 +54,10 @@ def _gather_half(p_slot, m_n, cb_ptr, g0, NG: tl.constexpr, C: tl.constexpr, BLO
 
 @triton.jit
 def _key_norms(p_norm, m_n):
-    """[BLOCK_N] float32 key norms from two little-endian bytes per slot (float16), 0 for masked keys."""
-    lo = tl.load(p_norm, mask=m_n, other=0).to(tl.uint16)
-    hi = tl.load(p_norm + 1, mask=m_n, other=0).to(tl.uint16)
-    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    """[BLOCK_N] float32 key norms, one float16 load per key (2-byte aligned in the slot), 0 for masked
+    keys. Two byte loads assembled into a float16 cost the decode kernel half its occupancy (sm_90,
+    kernel_resources.py: shared memory 47 -> 79 KB, 4 -> 2 programs per SM)."""
+    return tl.load(p_norm.to(tl.pointer_type(tl.float16)), mask=m_n, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -348,7 +348,10 @@ def paged_attention(
         K_PARTS=k_parts,
         KEY_NORM=key_norm_offset >= 0,
         num_warps=num_warps or 4,
-        num_stages=num_stages or (3 if decode else 1),
+        # a stored key norm at 3 decode stages doubles the pipeline's shared memory (4 -> 2 programs per
+        # SM on sm_90, kernel_resources.py); at 2 it has cq2's profile (106 registers, 46 KB, 4 per SM).
+        # Not timed yet: the H200 run of 2026-12-02 (cq2n 12.47 vs cq2 10.27 ms, 64 x 32K) used 3.
+        num_stages=num_stages or (1 if not decode else 2 if key_norm_offset >= 0 else 3),
     )
     if window is not None:
         return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale, window_block_n)
