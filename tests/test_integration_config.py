@@ -72,11 +72,11 @@ def test_window_capacity_at_8k():
 def test_window_blocks_give_equal_pages_for_every_format(head_dim, dtype_bytes):
     """The cq page (cq block x slot bytes) equals the window page (window block x model-dtype bytes of
     K and V); both blocks are multiples of 16 and as small as that allows; window blocks over 256 tokens
-    are refused (KVTQ at head_dim 128, cq2n) with one clear error."""
+    are refused (KVTQ at head_dim 128) with one clear error, except that a cq page may be padded (cq2n)."""
     import math
 
     from vllm_cq.formats import format_names, get_format
-    from vllm_cq.integration.config import window_block_sizes
+    from vllm_cq.integration.config import window_block_sizes, window_page_padding
 
     full = 2 * head_dim * dtype_bytes
     accepted = []
@@ -85,10 +85,13 @@ def test_window_blocks_give_equal_pages_for_every_format(head_dim, dtype_bytes):
         try:
             cq_block, win_block = window_block_sizes(name, head_dim, dtype_bytes)
         except CQConfigError as e:
-            # KVTQ at head_dim 128; cq2n's 2-byte norm makes its slot 2 (mod 4) bytes everywhere
-            assert (name.startswith("kvtq") and head_dim == 128 or name == "cq2n") and "window blocks of" in str(e)
+            assert name.startswith("kvtq") and head_dim == 128 and "window blocks of" in str(e)
             continue
         accepted.append(name)
+        if window_page_padding(name, head_dim, dtype_bytes):  # cq2n: a padded code page, under 1% unused
+            assert cq_block * slot < win_block * full <= cq_block * slot / 0.99 and cq_block % 16 == 0
+            assert win_block % 16 == 0 and win_block <= 256
+            continue
         assert cq_block * slot == win_block * full
         assert cq_block % 16 == 0 and win_block % 16 == 0 and win_block <= 256
         assert math.gcd(cq_block // 16, win_block // 16) == 1  # no smaller pair of multiples of 16
@@ -205,12 +208,23 @@ def test_the_window_runs_on_cuda(monkeypatch):
     assert unsupported_features(window_config("cq4", kv_cache_dtype_skip_layers=["0"])) == []
 
 
-def test_key_norm_format_serves_codes_only_until_its_pages_align():
-    """cq2n's 66-byte slots (34 at head_dim 64) share no small page with model-dtype window tokens: the
-    window block would be 528 (272) tokens. The bare dtype serves codes only; an explicit window is one
-    clear error, not a silently huge window."""
-    from vllm_cq.integration.config import window_block_sizes, window_tokens
+def test_key_norm_format_gets_its_window_through_padded_code_pages(monkeypatch):
+    """cq2n's 66-byte slots (34 at head_dim 64) share no small page with model-dtype tokens (equal pages
+    would need 528- or 272-token window blocks): the code page is padded up to a window page instead, with
+    whole 16-token code blocks and under 1% padding. Where vLLM's padded pages are not verified (0.26),
+    the bare dtype serves codes only and an explicit window is one clear error."""
+    from vllm_cq.integration import compat
+    from vllm_cq.integration.config import _window_pages, window_block_sizes, window_page_padding, window_tokens
 
-    assert window_tokens(window_config("cq2n")) == 0 and window_tokens(window_config("cq2n", head_dim=64)) == 0
-    with pytest.raises(CQConfigError, match="window blocks of 528 tokens"):
-        window_block_sizes("cq2n", 128, 2)
+    assert window_block_sizes("cq2n", 128, 2) == (496, 64) and window_page_padding("cq2n", 128, 2) == 32
+    assert window_block_sizes("cq2n", 64, 4) == (240, 16) and window_page_padding("cq2n", 64, 4) == 32
+    assert window_page_padding("cq1", 128, 2) == 0
+    assert window_tokens(window_config("cq2n")) == 128
+    monkeypatch.setattr(compat, "padded_pages_supported", lambda: False)
+    _window_pages.cache_clear()
+    try:
+        assert window_tokens(window_config("cq2n")) == 0 and window_tokens(window_config("cq1")) == 128
+        with pytest.raises(CQConfigError, match="window blocks of 528 tokens .* or padded code pages"):
+            window_block_sizes("cq2n", 128, 2)
+    finally:
+        _window_pages.cache_clear()

@@ -36,11 +36,16 @@ def test_pages_the_kernels_cannot_address_stop_the_first_step():
     i32 = torch.zeros(2, dtype=torch.int32)
     md = CQAttentionMetadata(1, 1, i32, i32[:1], i32.view(1, 2), i32[:1].long(), block_size=32)
     impl.check_pages(torch.zeros(5, 2, 32, 64, dtype=torch.uint8), md)  # cq4 at head_dim 64: 64-byte slots
+    page = 2 * 32 * 64
+    padded = torch.zeros(5 * (page + 32), dtype=torch.uint8).as_strided((5, 2, 32, 64), (page + 32, 32 * 64, 64, 1))
+    impl.check_pages(padded, md)  # blocks further apart than their slots (a padded page) are fine
     for bad in (
         torch.zeros(5, 2, 16, 64, dtype=torch.uint8),  # blocks of another size than the block table's
         torch.zeros(5, 2, 32, 32, dtype=torch.uint8),  # another slot size
         torch.zeros(5, 2, 32, 64, dtype=torch.float16),  # not code pages
         torch.zeros(5, 32, 2, 64, dtype=torch.uint8),  # another layout
+        torch.zeros(5, 32, 2, 64, dtype=torch.uint8).transpose(1, 2),  # right shape, heads not block-major
+        torch.zeros(5, 2, 32, 128, dtype=torch.uint8)[..., :64],  # right shape, slots not dense
     ):
         with pytest.raises(CQConfigError, match="the kernels address"):
             impl.check_pages(bad, md)

@@ -108,10 +108,17 @@ def windowed_reference(model_dir: str, fmt: str, window: int | None) -> list[tor
     if window is not None:
         cbs = load_codebooks(default_codebook_path(model_dir, fmt))
 
-        def coder(cb):
-            return lambda x: naive.decode(naive.encode(x.reshape(x.shape[0], -1), cb), cb).reshape(x.shape)
+        d = cbs.model.head_dim
 
-        quantizers = [(coder(k), coder(v)) for k, v in zip(cbs.keys, cbs.values, strict=True)]
+        def coder(cb, spec):  # what the cache gives back: codes (and a key norm) decoded
+            return lambda x: naive.dequantize(
+                naive.quantize(x.reshape(x.shape[0], -1, d).float(), cb, spec), cb, spec, d
+            ).reshape(x.shape)
+
+        fmt_spec = cbs.fmt
+        quantizers = [
+            (coder(k, fmt_spec.key), coder(v, fmt_spec.value)) for k, v in zip(cbs.keys, cbs.values, strict=True)
+        ]
         handles = _fakequant().install_window(model, quantizers, window)
     outs = []
     try:
@@ -176,6 +183,34 @@ def test_window_with_a_format_whose_token_is_not_whole_slots(cq_model, monkeypat
         err = max_err(got, windowed_reference(cq_model, "cq_k4v1", 32))
         codes_only = max_err(got, windowed_reference(cq_model, "cq_k4v1", 0))
         assert err < 2e-3 and codes_only > 10 * err, (err, codes_only)
+
+
+def test_window_over_padded_code_pages_key_norm_format(cq_model, monkeypatch):
+    """cq2n (34-byte slots at head_dim 64) and 512-byte float32 tokens share no small page: the code page of
+    240 tokens (8,160 B per head) is padded to the 16-token window page (8,192 B), and vLLM hands the
+    backend blocks 8,192 B apart. W = 32 in 64-token chunks matches the windowed reference (direction codes
+    times float16 norms) as cq4 does, and a prefix-cache hit gives the same tokens."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, to inspect it
+    with running(cq_model, "cq2n", additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64) as llm:
+        assert kv_groups(llm) == [("FullAttentionSpec", 240, 2), ("SlidingWindowSpec", 16, 2)]
+        pages = {g.kv_cache_spec.page_size_bytes for g in kv_cache_groups(llm)}
+        assert pages == {2 * 16 * 512}, pages  # 2 kv heads x 16 window tokens x 512 B
+        ctx = llm.llm_engine.vllm_config.compilation_config.static_forward_context
+        codes = [v.kv_cache for k, v in ctx.items() if k.endswith(".attn")]
+        codes = [c[0] if isinstance(c, list) else c for c in codes]
+        assert [(tuple(c.shape[1:]), c.stride(0)) for c in codes] == [((2, 240, 34), 2 * 16 * 512)] * 2
+        got, outs = prompt_logprobs(llm)
+        err = max_err(got, windowed_reference(cq_model, "cq2n", 32))
+        codes_only = max_err(got, windowed_reference(cq_model, "cq2n", 0))
+        assert err < 2e-3 and codes_only > 10 * err, (err, codes_only)
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=16, temperature=0)
+        prompts = [{"prompt_token_ids": ids} for ids in PROMPT_IDS]
+        miss = llm.generate(prompts, sp)
+        hit = llm.generate(prompts, sp)
+        assert (hit[0].num_cached_tokens or 0) >= 240, hit[0].num_cached_tokens
+        assert [o.outputs[0].token_ids for o in hit] == [o.outputs[0].token_ids for o in miss]
 
 
 def test_window_covering_every_token_is_exact_attention(cq_model):

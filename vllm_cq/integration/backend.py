@@ -118,10 +118,20 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
         blocks of the block table's size. A mismatch (e.g. a block table in other units than the tensor)
         would write and read the wrong slots without an error, so it stops the first step instead."""
         want = (self.num_kv_heads, md.block_size or kv_cache.shape[2], self.fmt.slot_bytes(self.head_size))
-        if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 4 or tuple(kv_cache.shape[1:]) != want:
+        # within a block the slots are dense; blocks may be further apart (vLLM pads a cq page up to its
+        # window page when their bytes share no small multiple: cq2n)
+        dense = (want[1] * want[2], want[2], 1)
+        if (
+            kv_cache.dtype != torch.uint8
+            or kv_cache.dim() != 4
+            or tuple(kv_cache.shape[1:]) != want
+            or tuple(kv_cache.stride()[1:]) != dense
+            or kv_cache.stride(0) < want[0] * dense[0]
+        ):
             raise CQConfigError(
                 f"--kv-cache-dtype {self.fmt.name}: vLLM allocated KV pages {tuple(kv_cache.shape)} "
-                f"{kv_cache.dtype}, the kernels address [blocks, {want[0]}, {want[1]}, {want[2]}] uint8; this "
+                f"{kv_cache.dtype} (strides {kv_cache.stride()}), the kernels address [blocks, {want[0]}, {want[1]}, "
+                f"{want[2]}] uint8 with dense blocks; this "
                 "vLLM configuration is not supported"
             )
 

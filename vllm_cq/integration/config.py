@@ -72,20 +72,47 @@ def window_block_sizes(fmt_name: str, head_dim: int, dtype_bytes: int) -> tuple[
     (256, 16), one 512-byte token being 16 slots of 32 bytes. When a token is not a whole number of
     slots the window block grows too: cq_k4v1 (80-byte slots) gets (512, 80), and cq_k4v2 (96-byte
     slots) gets (256, 48). vLLM then aligns prefix-cache hits to the least common multiple of the two
-    blocks, 2,560 tokens for cq_k4v1. A pair whose window block would exceed WINDOW_MAX_BLOCK tokens
-    is refused: each sequence holds at least two window blocks in the model dtype.
+    blocks, 2,560 tokens for cq_k4v1. When that pair's window block would exceed WINDOW_MAX_BLOCK
+    tokens (cq2n's 66-byte slots: 528), the cq page is padded instead (`window_page_padding`): the
+    smallest window block whose page holds a whole number of 16-token cq blocks' worth of slots with at
+    most PAD_MAX_FRACTION left over, e.g. cq2n at head_dim 128 in bf16: (496, 64), 32 bytes of padding
+    per 32 KiB page and head. Padded pages need a vLLM line where they are verified (`compat`); elsewhere,
+    and for KVTQ at head_dim 128, the window is refused with one clear error.
     """
-    slot = get_format(fmt_name).slot_bytes(head_dim)
+    return _window_pages(fmt_name, head_dim, dtype_bytes)[:2]
+
+
+PAD_MAX_FRACTION = 0.01  # padded cq pages: at most this share of a page left unused
+
+
+def window_page_padding(fmt_name: str, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes per KV head by which a cq page falls short of its window page (0: equal pages, no padding)."""
+    return _window_pages(fmt_name, head_dim, dtype_bytes)[2]
+
+
+@functools.cache
+def _window_pages(fmt_name: str, head_dim: int, dtype_bytes: int) -> tuple[int, int, int]:
+    fmt = get_format(fmt_name)
+    slot = fmt.slot_bytes(head_dim)
     full = 2 * head_dim * dtype_bytes
     g = math.gcd(full, slot)
     cq_block, win_block = WINDOW_MIN_BLOCK * (full // g), WINDOW_MIN_BLOCK * (slot // g)
-    if win_block > WINDOW_MAX_BLOCK:
-        raise CQConfigError(
-            f"{WINDOW_KEY} is not supported with --kv-cache-dtype {fmt_name} at head_dim {head_dim} yet: pages "
-            f"of equal bytes for {slot}-byte slots and {full}-byte model-dtype tokens need window blocks of "
-            f"{win_block} tokens (at most {WINDOW_MAX_BLOCK}); use a cq format"
-        )
-    return cq_block, win_block
+    if win_block <= WINDOW_MAX_BLOCK:
+        return cq_block, win_block, 0
+    from vllm_cq.integration import compat
+
+    if fmt.family == "cq" and compat.padded_pages_supported():
+        for win_block in range(WINDOW_MIN_BLOCK, WINDOW_MAX_BLOCK + 1, WINDOW_MIN_BLOCK):
+            page = win_block * full
+            cq_block = page // slot // WINDOW_MIN_BLOCK * WINDOW_MIN_BLOCK
+            if cq_block and page - cq_block * slot <= PAD_MAX_FRACTION * page:
+                return cq_block, win_block, page - cq_block * slot
+    raise CQConfigError(
+        f"{WINDOW_KEY} is not supported with --kv-cache-dtype {fmt_name} at head_dim {head_dim} on this vLLM "
+        f"yet: pages of equal bytes for {slot}-byte slots and {full}-byte model-dtype tokens need window blocks "
+        f"of {WINDOW_MIN_BLOCK * (slot // g)} tokens (at most {WINDOW_MAX_BLOCK}) or padded code pages; "
+        f"use {WINDOW_KEY} 0 or another format"
+    )
 
 
 def resolve_codebook_path(fmt_name: str, additional_config: Any, model: str) -> str:
