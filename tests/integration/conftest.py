@@ -27,6 +27,11 @@ if torch.cuda.is_available():  # several engines in one session: each takes a sm
 FORMATS = ("cq4", "cq2", "cq1", "cq_k4v1", "cq2n")
 
 
+def max_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest per-token logprob difference between two lists of prompt logprobs."""
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
 def calibrate(model: str, fmt: str, text: str, num_seqs: int = 8, iters: int = 15) -> None:
     """Quick codebooks for a tiny model, through the real CLI, to MODEL/vllm-cq/FMT.safetensors."""
     args = f"calibrate {model} --format {fmt} --text {text} --num-seqs {num_seqs} --seq-len 128 --iters {iters}"

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.integration.conftest import ENGINE
+from tests.integration.conftest import ENGINE, max_err
 from vllm_cq.codebooks import default_codebook_path, load_codebooks
 from vllm_cq.kernels.cq import naive
 
@@ -85,8 +85,7 @@ def test_prompt_logprobs_match_reference_over_the_same_codes(llm, cq_model):
     ids, got, outs = engine_logprobs(llm)
     ref_q = reference_logprobs(cq_model, "cq4", ids, quantize=True)
     ref_fp = reference_logprobs(cq_model, "cq4", ids, quantize=False)
-    err_q = max(float((g - r).abs().max()) for g, r in zip(got, ref_q, strict=True))
-    err_fp = max(float((g - r).abs().max()) for g, r in zip(got, ref_fp, strict=True))
+    err_q, err_fp = max_err(got, ref_q), max_err(got, ref_fp)
     # Stated tolerance: 2e-3 nats per token against the same codes (float32 model; RoPE is undone
     # and redone in float32, which can flip a near-tie code now and then).
     assert err_q < 2e-3, (err_q, err_fp)
@@ -106,12 +105,9 @@ def test_key_norm_format_matches_reference_over_the_same_codes(cq_model):
     finally:
         del engine
         gc.collect()
-    ref = reference_logprobs(cq_model, "cq2n", ids, quantize=True)
-    ref_cq2 = reference_logprobs(cq_model, "cq2", ids, quantize=True)
-    err = max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
-    err_cq2 = max(float((g - r).abs().max()) for g, r in zip(got, ref_cq2, strict=True))
-    assert err < 2e-3, (err, err_cq2)
-    assert err_cq2 > 10 * err, (err, err_cq2)
+    err = max_err(got, reference_logprobs(cq_model, "cq2n", ids, quantize=True))
+    err_cq2 = max_err(got, reference_logprobs(cq_model, "cq2", ids, quantize=True))
+    assert err < 2e-3 < 10 * err < err_cq2, (err, err_cq2)
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
 
 
@@ -144,8 +140,8 @@ def test_skip_layers_stay_in_model_dtype(cq_model, llm):
         ids2, got, _ = engine_logprobs(skip)
         cc = skip.llm_engine.vllm_config.cache_config
         ref = reference_logprobs(cq_model, "cq4", ids2, quantize=True, skip_layers=(0,))
-        err = max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
-        moved = max(float((g - r).abs().max()) for g, r in zip(got, got_all, strict=True))
+        err = max_err(got, ref)
+        moved = max_err(got, got_all)
         assert err < 2e-3 < moved, (err, moved)
         assert ids2 == ids
         # page bytes per token: float32 layer 0 (2 heads x 64 x K,V x 4 B) + cq4 layer 1 (2 x 64 B)

@@ -9,7 +9,7 @@ import gc
 import pytest
 import torch
 
-from tests.integration.conftest import ENGINE
+from tests.integration.conftest import ENGINE, max_err
 from tests.integration.test_vllm_generate import PROMPTS, engine_logprobs
 from vllm_cq.formats import get_format
 from vllm_cq.kernels.kvtq import naive
@@ -69,8 +69,8 @@ def test_kvtq_prompt_logprobs_match_reference(tiny_llama, fmt_name):
         gc.collect()
     ref_q = reference_logprobs(tiny_llama, fmt_name, ids)
     ref_fp = reference_logprobs(tiny_llama, None, ids)
-    err_q = max(float((g - r).abs().max()) for g, r in zip(got, ref_q, strict=True))
-    err_fp = max(float((g - r).abs().max()) for g, r in zip(got, ref_fp, strict=True))
+    err_q = max_err(got, ref_q)
+    err_fp = max_err(got, ref_fp)
     assert err_q < 2e-3, (err_q, err_fp)
     if fmt_name == "kvtq1":  # one ternary level is coarse: the cache visibly changes the logprobs
         assert err_fp > 10 * err_q, (err_q, err_fp)
@@ -90,6 +90,6 @@ def test_kvtq_with_skip_layers(tiny_llama):
         gc.collect()
     ref = reference_logprobs(tiny_llama, "kvtq1", ids, skip_layers=(0,))
     ref_all = reference_logprobs(tiny_llama, "kvtq1", ids)
-    err = max(float((g - r).abs().max()) for g, r in zip(got, ref, strict=True))
-    moved = max(float((g - r).abs().max()) for g, r in zip(got, ref_all, strict=True))
+    err = max_err(got, ref)
+    moved = max_err(got, ref_all)
     assert err < 2e-3 < moved, (err, moved)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.conftest import ENGINE
+from tests.integration.conftest import ENGINE, max_err
 from vllm_cq.codebooks import default_codebook_path, load_codebooks
 from vllm_cq.kernels.cq import naive
 
@@ -143,8 +143,19 @@ def prompt_logprobs(llm) -> tuple[list[torch.Tensor], list]:
     return got, outs
 
 
-def max_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+def prefix_hit_matches_miss(llm, min_cached: int) -> list:
+    """The two prompts generated twice: the second time from the prefix cache (at least `min_cached`
+    tokens), with the same tokens. Requests without prompt logprobs: vLLM recomputes prompts that ask
+    for them. Returns the first (miss) outputs."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=16, temperature=0)
+    prompts = [{"prompt_token_ids": ids} for ids in PROMPT_IDS]
+    miss = llm.generate(prompts, sp)
+    hit = llm.generate(prompts, sp)
+    assert (hit[0].num_cached_tokens or 0) >= min_cached, hit[0].num_cached_tokens
+    assert [o.outputs[0].token_ids for o in hit] == [o.outputs[0].token_ids for o in miss]
+    return miss
 
 
 def test_window_logprobs_match_the_windowed_reference_and_prefix_hits(cq_model):
@@ -160,15 +171,7 @@ def test_window_logprobs_match_the_windowed_reference_and_prefix_hits(cq_model):
         # stated tolerance as for the window-less cq4 test: 2e-3 nats per token (float32)
         assert err < 2e-3, (err, max_err(got, ref_codes), max_err(got, ref_exact))
         assert max_err(got, ref_codes) > 10 * err and max_err(got, ref_exact) > 10 * err
-        # prefix caching (requests without prompt logprobs: vLLM recomputes prompts that ask for them)
-        from vllm import SamplingParams
-
-        sp = SamplingParams(max_tokens=16, temperature=0)
-        prompts = [{"prompt_token_ids": ids} for ids in PROMPT_IDS]
-        miss = llm.generate(prompts, sp)
-        hit = llm.generate(prompts, sp)
-        assert (hit[0].num_cached_tokens or 0) >= 128, hit[0].num_cached_tokens
-        assert [o.outputs[0].token_ids for o in hit] == [o.outputs[0].token_ids for o in miss]
+        miss = prefix_hit_matches_miss(llm, 128)
         assert [o.outputs[0].token_ids[:4] for o in miss] == [o.outputs[0].token_ids for o in outs]
 
 
@@ -199,18 +202,11 @@ def test_window_over_padded_code_pages_key_norm_format(cq_model, monkeypatch):
         codes = [v.kv_cache for k, v in ctx.items() if k.endswith(".attn")]
         codes = [c[0] if isinstance(c, list) else c for c in codes]
         assert [(tuple(c.shape[1:]), c.stride(0)) for c in codes] == [((2, 240, 34), 2 * 16 * 512)] * 2
-        got, outs = prompt_logprobs(llm)
+        got, _ = prompt_logprobs(llm)
         err = max_err(got, windowed_reference(cq_model, "cq2n", 32))
         codes_only = max_err(got, windowed_reference(cq_model, "cq2n", 0))
         assert err < 2e-3 and codes_only > 10 * err, (err, codes_only)
-        from vllm import SamplingParams
-
-        sp = SamplingParams(max_tokens=16, temperature=0)
-        prompts = [{"prompt_token_ids": ids} for ids in PROMPT_IDS]
-        miss = llm.generate(prompts, sp)
-        hit = llm.generate(prompts, sp)
-        assert (hit[0].num_cached_tokens or 0) >= 240, hit[0].num_cached_tokens
-        assert [o.outputs[0].token_ids for o in hit] == [o.outputs[0].token_ids for o in miss]
+        prefix_hit_matches_miss(llm, 240)
 
 
 def test_window_covering_every_token_is_exact_attention(cq_model):
