@@ -283,6 +283,9 @@ def paged_attention(
     assert d & (d - 1) == 0 and d >= 32, "head_dim must be a power of two >= 32 for the Triton path"
     assert query.stride(2) == 1 and hq % hkv == 0
     assert (d // 2) % ck == 0 and ck % 2 == 0, "centroids must not straddle a RoPE half or split a pair"
+    assert key_norm_offset < 0 or (key_norm_offset % 2 == 0 and all(st % 2 == 0 for st in kv_cache.stride()[:3])), (
+        "key norms are read as float16: 2-byte aligned slots"
+    )
     has_rope = cos_sin_cache is not None
     if has_rope:
         assert cos_sin_cache.shape[1] == d, "partial rotary embeddings take the reference path"
