@@ -214,20 +214,16 @@ def test_key_norm_format_gets_its_window_through_padded_code_pages(monkeypatch):
     whole 16-token code blocks and under 1% padding. Where vLLM's padded pages are not verified (0.26),
     the bare dtype serves codes only and an explicit window is one clear error."""
     from vllm_cq.integration import compat
-    from vllm_cq.integration.config import _window_pages, window_block_sizes, window_page_padding, window_tokens
+    from vllm_cq.integration.config import window_block_sizes, window_page_padding, window_tokens
 
     assert window_block_sizes("cq2n", 128, 2) == (496, 64) and window_page_padding("cq2n", 128, 2) == 32
     assert window_block_sizes("cq2n", 64, 4) == (240, 16) and window_page_padding("cq2n", 64, 4) == 32
     assert window_page_padding("cq1", 128, 2) == 0
     assert window_tokens(window_config("cq2n")) == 128
     monkeypatch.setattr(compat, "padded_pages_supported", lambda: False)
-    _window_pages.cache_clear()
-    try:
-        assert window_tokens(window_config("cq2n")) == 0 and window_tokens(window_config("cq1")) == 128
-        with pytest.raises(CQConfigError, match="window blocks of 528 tokens .* or padded code pages"):
-            window_block_sizes("cq2n", 128, 2)
-    finally:
-        _window_pages.cache_clear()
+    assert window_tokens(window_config("cq2n")) == 0 and window_tokens(window_config("cq1")) == 128
+    with pytest.raises(CQConfigError, match="window blocks of 528 tokens .* or padded code pages"):
+        window_block_sizes("cq2n", 128, 2)
 
 
 def test_padded_pages_only_where_verified(monkeypatch):

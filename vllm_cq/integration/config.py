@@ -90,7 +90,6 @@ def window_page_padding(fmt_name: str, head_dim: int, dtype_bytes: int) -> int:
     return _window_pages(fmt_name, head_dim, dtype_bytes)[2]
 
 
-@functools.cache
 def _window_pages(fmt_name: str, head_dim: int, dtype_bytes: int) -> tuple[int, int, int]:
     fmt = get_format(fmt_name)
     slot = fmt.slot_bytes(head_dim)
