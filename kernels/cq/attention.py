@@ -62,9 +62,10 @@ def _key_norms(p_norm, m_n):
 
 @triton.jit
 def _qk_part(
-    b_s, p_q, m_row, p_slot, m_n, o_n, t, kcb, cos_sin_ptr, stride_cs, rope_rows, c: tl.constexpr,
+    b_s, p_q, m_row, p_slot, m_n, o_n, t, kcb, cos_sin_ptr, stride_cs, rope_rows, b_norm, c: tl.constexpr,
     PAIRS: tl.constexpr, HALF: tl.constexpr, CK: tl.constexpr, BLOCK_N: tl.constexpr, IS_NEOX: tl.constexpr,
     HAS_ROPE: tl.constexpr, ROPE_SPLIT: tl.constexpr, ABLATE: tl.constexpr, IEEE: tl.constexpr,
+    NORM_ON_KEYS: tl.constexpr,
 ):  # fmt: skip
     """b_s + the scores over RoPE pairs [c * PAIRS, (c + 1) * PAIRS) of one key tile: gather, rotate,
     multiply. A part of the pairs at a time keeps fewer float32 key, cos and sin values live (K_PARTS);
@@ -88,6 +89,9 @@ def _qk_part(
     else:
         b_k = _gather_half(p_slot, m_n, kcb, c * 2 * PAIRS // CK, 2 * PAIRS // CK, CK, BLOCK_N).to(tl.float32)
         k1, k2 = tl.split(tl.reshape(b_k, (BLOCK_N, PAIRS, 2)))
+    if NORM_ON_KEYS:  # the key tile's layout, where the code bytes were read: no per-score reload
+        k1 = k1 * b_norm[:, None]
+        k2 = k2 * b_norm[:, None]
     if HAS_ROPE and not (ABLATE & 4) and not ROPE_SPLIT:
         # this tile's own rows: loaded per tile, so they are not live across the loop
         p_ck = cos_sin_ptr + o_n[:, None] * stride_cs + o_i[None, :]
@@ -172,6 +176,7 @@ def _cq_attention_kernel(
     ROPE_SPLIT: tl.constexpr,
     K_PARTS: tl.constexpr,
     KEY_NORM: tl.constexpr,
+    NORM_ON_KEYS: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     if HEAD_MAJOR:  # grid (q blocks, segments, kv heads): co-running programs share a head's codebooks
@@ -208,13 +213,17 @@ def _cq_attention_kernel(
         blk = tl.load(p_bt + o_n // block_size, mask=m_n, other=0).to(tl.int64)
         p_slot = cache_ptr + blk * stride_cb + i_kvh * stride_ch + (o_n % block_size) * stride_co  # [BLOCK_N]
         b_s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        # keys coded as directions (cq2n): q.k = |k| (q.R c), one float16 norm per key, applied to the key
+        # tile (NORM_ON_KEYS) or to the scores
+        b_norm = _key_norms(p_slot + norm_offset, m_n) if KEY_NORM else m_n.to(tl.float32)
         for c in tl.static_range(K_PARTS):
             b_s = _qk_part(
-                b_s, p_q, m_row, p_slot, m_n, o_n, t, kcb, cos_sin_ptr, stride_cs, rope_rows, c, HALF // K_PARTS,
-                HALF, CK, BLOCK_N, IS_NEOX, HAS_ROPE, ROPE_SPLIT, ABLATE, IEEE,
+                b_s, p_q, m_row, p_slot, m_n, o_n, t, kcb, cos_sin_ptr, stride_cs, rope_rows, b_norm, c,
+                HALF // K_PARTS, HALF, CK, BLOCK_N, IS_NEOX, HAS_ROPE, ROPE_SPLIT, ABLATE, IEEE,
+                KEY_NORM and NORM_ON_KEYS,
             )  # fmt: skip
-        if KEY_NORM:  # keys coded as directions: q.k = |k| (q.R c), one float16 per key (cq2n)
-            b_s = b_s * _key_norms(p_slot + norm_offset, m_n)[None, :]
+        if KEY_NORM and not NORM_ON_KEYS:
+            b_s = b_s * b_norm[None, :]
         b_s = b_s * qk_scale
         visible = m_n[None, :] & (o_n[None, :] <= q_pos[:, None] - win)
         b_s = tl.where(visible, b_s, float("-inf"))
@@ -259,6 +268,7 @@ def paged_attention(
     k_parts: int | None = None,
     window: WindowCache | None = None,
     key_norm_offset: int = -1,
+    norm_on_keys: bool | None = None,
     _ablate: int = 0,
 ) -> torch.Tensor:
     """query [T, Hq, D] -> out [T, Hq, D] (query's dtype unless `out` is given); causal, sequence s owns
@@ -273,7 +283,8 @@ def paged_attention(
     form, cq1 the same); prefill the old form, 64-key tiles, one part, rope_split (8K causal cq1 4.95 ms
     on 2026-11-23; the register-cut form took 7.30 ms on 2026-12-02). With a recent
     `window` the codes cover keys j <= i - W and `window_triton` adds the exact window, one softmax.
-    `key_norm_offset` >= 0: key codes are directions and each key's float16 norm sits at that slot byte."""
+    `key_norm_offset` >= 0: key codes are directions and each key's float16 norm sits at that slot byte;
+    `norm_on_keys` scales the gathered key tile by it instead of the scores (default: prefill only)."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -300,6 +311,10 @@ def paged_attention(
         rope_split = not decode
     block_n = block_n or (32 if decode else 64)  # decode at 64: twice the registers (kernel_resources.py)
     k_parts = k_parts or (2 if decode else 1)  # kernel_resources.py: 4 spills in cq2 decode
+    if norm_on_keys is None:  # sm_90 static counts (kernel_resources.py --norm-on), untimed: prefill's score-
+        # layout norm load re-reads the block table per score column (loop: 2,986 -> 2,476 instructions, 728
+        # -> 600 spill bytes with the norm on the keys); decode's 16-row scores are cheaper to scale
+        norm_on_keys = not decode
     assert k_parts & (k_parts - 1) == 0, "k_parts must be a power of two"
     k_parts = max(1, min(k_parts, (d // 2) // max(16, ck)))
     plan = plan_launch(query, out, hkv, num_seqs, max_query_len, num_segments, block_m, 2 if window else 1)
@@ -350,6 +365,7 @@ def paged_attention(
         ROPE_SPLIT=rope_split,
         K_PARTS=k_parts,
         KEY_NORM=key_norm_offset >= 0,
+        NORM_ON_KEYS=norm_on_keys,
         num_warps=num_warps or 4,
         # a stored key norm at 3 decode stages doubles the pipeline's shared memory (4 -> 2 programs per
         # SM on sm_90, kernel_resources.py); at 2 it has cq2's profile (106 registers, 46 KB, 4 per SM).

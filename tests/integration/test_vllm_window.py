@@ -209,6 +209,23 @@ def test_window_over_padded_code_pages_key_norm_format(cq_model, monkeypatch):
         prefix_hit_matches_miss(llm, 240)
 
 
+@pytest.mark.parametrize("fmt, blocks", [("cq1n", (4096, 144)), ("cq_k2nv1", (4096, 208))])
+def test_window_with_key_norm_formats_of_large_code_blocks(cq_model, calib_text, fmt, blocks, monkeypatch):
+    """cq1n (18-byte slots at head_dim 64) and cq_k2nv1 (26) pair with 512-byte float32 tokens only at
+    code blocks of 4,096 tokens, longer than max_model_len: one code block per sequence, window blocks
+    of 144 / 208 tokens. W = 32 matches the windowed reference (direction codes times float16 norms)."""
+    from tests.integration.conftest import calibrate
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, to inspect it
+    calibrate(cq_model, fmt, calib_text)
+    with running(cq_model, fmt, additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64) as llm:
+        assert kv_groups(llm) == [("FullAttentionSpec", blocks[0], 2), ("SlidingWindowSpec", blocks[1], 2)]
+        got, _ = prompt_logprobs(llm)
+        err = max_err(got, windowed_reference(cq_model, fmt, 32))
+        codes_only = max_err(got, windowed_reference(cq_model, fmt, 0))
+        assert err < 2e-3 and codes_only > 10 * err, (err, codes_only)
+
+
 def test_window_covering_every_token_is_exact_attention(cq_model):
     """W >= max_model_len: no key is read from the codes, so logprobs equal the unquantized model's."""
     with running(cq_model, "cq1", additional_config={"cq_recent_window": 1024}) as llm:

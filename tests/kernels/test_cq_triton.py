@@ -98,10 +98,11 @@ FMT_GQA = pytest.mark.parametrize(
         ("cq2", 2, 2, True, False),
         ("cq_k4v2", 1, 3, True, True),
         ("cq2n", 2, 4, True, True),
+        ("cq1n", 1, 2, False, True),
     ],
     ids=[
         "cq1-gqa1-neox", "cq4-gqa4-neox", "cq_k4v1-gqa8-gptj", "cq2-gqa2-norope", "cq_k4v2-gqa3-neox",
-        "cq2n-gqa4-neox",
+        "cq2n-gqa4-neox", "cq1n-gqa2-gptj",
     ],
 )  # fmt: skip
 
