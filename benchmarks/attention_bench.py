@@ -75,8 +75,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq:cq_k4v1": ("cq", "cq_k4v1"),
     "cq:cq_k4v2": ("cq", "cq_k4v2"),
     "cq:cq2n": ("cq", "cq2n"),
-    "cq:cq1n": ("cq", "cq1n"),
-    "cq:cq_k2nv1": ("cq", "cq_k2nv1"),
+    "cq:cq_k4v05": ("cq", "cq_k4v05"),
     # the default recent window (128 exact tokens beside the codes): window pages, the merge, the window write
     "cq-w128:cq4": ("cq-w128", "cq4"),
     "cq-w128:cq1": ("cq-w128", "cq1"),

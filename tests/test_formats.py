@@ -21,8 +21,7 @@ from vllm_cq.formats import (
         ("cq_k4v2", 64, 32, 128 * 4 / 96),
         ("cq_k4v1", 64, 16, 6.4),
         ("cq2n", 34, 32, 512 / 66),  # 32 code bytes + float16 key norm
-        ("cq1n", 18, 16, 512 / 34),
-        ("cq_k2nv1", 34, 16, 512 / 50),
+        ("cq_k4v05", 64, 8, 512 / 72),  # values: one byte per 16 channels
     ],
 )
 def test_bytes_and_compression_at_head_dim_128(name, key_bytes, value_bytes, ratio):

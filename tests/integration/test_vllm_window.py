@@ -209,11 +209,11 @@ def test_window_over_padded_code_pages_key_norm_format(cq_model, monkeypatch):
         prefix_hit_matches_miss(llm, 240)
 
 
-@pytest.mark.parametrize("fmt, blocks", [("cq1n", (4096, 144)), ("cq_k2nv1", (4096, 208))])
-def test_window_with_key_norm_formats_of_large_code_blocks(cq_model, calib_text, fmt, blocks, monkeypatch):
-    """cq1n (18-byte slots at head_dim 64) and cq_k2nv1 (26) pair with 512-byte float32 tokens only at
-    code blocks of 4,096 tokens, longer than max_model_len: one code block per sequence, window blocks
-    of 144 / 208 tokens. W = 32 matches the windowed reference (direction codes times float16 norms)."""
+@pytest.mark.parametrize("fmt, blocks", [("cq_k4v05", (2048, 144))])
+def test_window_with_code_blocks_longer_than_the_model(cq_model, calib_text, fmt, blocks, monkeypatch):
+    """cq_k4v05 (36-byte slots at head_dim 64: 32 key bytes, 4 value bytes of 16-channel codes) pairs
+    with 512-byte float32 tokens at code blocks of 2,048 tokens, longer than max_model_len: one code
+    block per sequence, window blocks of 144 tokens. W = 32 matches the windowed reference."""
     from tests.integration.conftest import calibrate
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, to inspect it

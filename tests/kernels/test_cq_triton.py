@@ -98,11 +98,11 @@ FMT_GQA = pytest.mark.parametrize(
         ("cq2", 2, 2, True, False),
         ("cq_k4v2", 1, 3, True, True),
         ("cq2n", 2, 4, True, True),
-        ("cq1n", 1, 2, False, True),
+        ("cq_k4v05", 2, 2, True, True),
     ],
     ids=[
         "cq1-gqa1-neox", "cq4-gqa4-neox", "cq_k4v1-gqa8-gptj", "cq2-gqa2-norope", "cq_k4v2-gqa3-neox",
-        "cq2n-gqa4-neox", "cq1n-gqa2-gptj",
+        "cq2n-gqa4-neox", "cq_k4v05-gqa2-neox",
     ],
 )  # fmt: skip
 
@@ -226,7 +226,7 @@ def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope
 
 
 @gpu_only
-@pytest.mark.parametrize("fmt_name", ["cq1", "cq2", "cq4", "cq_k4v1", "cq2n"])
+@pytest.mark.parametrize("fmt_name", ["cq1", "cq2", "cq4", "cq_k4v1", "cq2n", "cq_k4v05"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("decode", [True, False])
 def test_full_size_half_precision(fmt_name, dtype, decode):

