@@ -264,8 +264,8 @@ _cq("cq2", CQSpec(4, 8), CQSpec(4, 8), "CQ 4c8b keys and values: 2 bits/channel"
 _cq("cq1", CQSpec(8, 8), CQSpec(8, 8), "CQ 8c8b keys and values: 1 bit/channel")
 _cq("cq_k4v2", CQSpec(2, 8), CQSpec(4, 8), "CQ keys 2c8b (4 bit), values 4c8b (2 bit)")
 _cq("cq_k4v1", CQSpec(2, 8), CQSpec(8, 8), "CQ keys 2c8b (4 bit), values 8c8b (1 bit)")
-_cq("cq2n", CQSpec(4, 8, norm=True), CQSpec(4, 8), "CQ 4c8b keys coded as direction + float16 norm, values 4c8b")
 _cq("cq_k4v05", CQSpec(2, 8), CQSpec(16, 8), "CQ keys 2c8b (4 bit), values 16c8b (0.5 bit)")
+_cq("cq2n", CQSpec(4, 8, norm=True), CQSpec(4, 8), "CQ 4c8b keys coded as direction + float16 norm, values 4c8b")
 register_format(
     KVFormat("kvtq", TernarySpec(4), TernarySpec(3), "KVTQ ternary, keys 4 levels, values 3, groups of 32 channels")
 )
