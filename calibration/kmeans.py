@@ -14,9 +14,12 @@ import torch
 from vllm_cq.kernels.cq.naive import encode
 
 
-def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """||x - c||^2 for x [G, N, c] and one centroid per group c [G, c] -> [G, N]."""
-    return ((x - c[:, None, :]) ** 2).sum(-1)
+def _sq_dist(xt: torch.Tensor, c: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """||x - c||^2 for x given channel-major, xt [G, c, N], and one centroid per group c [G, c] -> [G, N],
+    in the scratch `buf` (xt's shape). Channel-major because a sum over a last dim of 2-16 channels is 20x
+    slower on a CPU (5.6 vs 0.27 ms for 48 x 8,192 x 4), and k-means++ takes 255 of these per codebook;
+    the scratch because a fresh buffer of that size costs as much again in page faults."""
+    return torch.sub(xt, c[:, :, None], out=buf).square_().sum(1)
 
 
 def _draw(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -25,8 +28,7 @@ def _draw(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     probabilities to the host 256 times per codebook. Rows that sum to zero (all mass on already
     chosen points) fall back to uniform sampling; zero-probability points are never drawn."""
     p = p.double()
-    p = torch.where(p.sum(-1, keepdim=True) <= 0, torch.ones_like(p), p)
-    cdf = p.cumsum(-1)
+    cdf = (p + (p.sum(-1, keepdim=True) <= 0)).cumsum_(-1)  # all-zero rows: + 1 everywhere
     u = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64).to(p.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
 
@@ -37,12 +39,14 @@ def kmeans_pp_init(x: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Ge
     rows = torch.arange(G, device=x.device)
     first = _draw(w, generator).to(x.device)
     cents = torch.empty(G, k, c, dtype=x.dtype, device=x.device)
+    xt = x.transpose(1, 2).contiguous()
+    buf = torch.empty_like(xt)
     cents[:, 0] = x[rows, first]
-    d2 = _sq_dist(x, cents[:, 0])
+    d2 = _sq_dist(xt, cents[:, 0], buf)
     for j in range(1, k):
         idx = _draw(w * d2, generator).to(x.device)
         cents[:, j] = x[rows, idx]
-        d2 = torch.minimum(d2, _sq_dist(x, cents[:, j]))
+        torch.minimum(d2, _sq_dist(xt, cents[:, j], buf), out=d2)
     return cents
 
 

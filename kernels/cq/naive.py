@@ -24,13 +24,18 @@ from vllm_cq.kernels.rope import apply_rope
 from vllm_cq.kernels.window import WindowCache, attend_with_window, code_and_window_ranges
 
 # Distances computed at once in `encode` (elements). 2**24 floats = 64 MiB, so encoding a
-# 32K x 8 x 128 tensor against 256 centroids per group streams instead of needing 4 GiB.
+# 32K x 8 x 128 tensor against 256 centroids per group streams instead of needing 4 GiB. On a CPU
+# a 1 MiB chunk stays in cache: 4-5x faster (48 groups x 8,192 vectors x 256 centroids: 0.09 s vs
+# 0.48 s on 2 cores), which is most of calibration's k-means; a GPU wants the big chunks (launches).
 ENCODE_CHUNK_ELEMS = 1 << 24
+ENCODE_CHUNK_ELEMS_CPU = 1 << 18
 
 
-def encode(x: torch.Tensor, codebook: torch.Tensor, chunk_elems: int = ENCODE_CHUNK_ELEMS) -> torch.Tensor:
+def encode(x: torch.Tensor, codebook: torch.Tensor, chunk_elems: int | None = None) -> torch.Tensor:
     """Nearest-centroid codes [N, G] for x [N, ..., G*c] (any trailing layout that flattens to G*c)."""
     G, K, c = codebook.shape
+    if chunk_elems is None:
+        chunk_elems = ENCODE_CHUNK_ELEMS_CPU if x.device.type == "cpu" else ENCODE_CHUNK_ELEMS
     n = x.shape[0]
     xg = x.reshape(n, G, c)
     cb = codebook.float()
