@@ -368,12 +368,6 @@ def window_step(layer: Any) -> tuple[int, torch.Tensor, Any] | None:
 # --- small accessors the backend uses ----------------------------------------------------------------
 
 
-def platform_is_cuda() -> bool:
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cuda())
-
-
 def current_vllm_config() -> Any:
     from vllm.config import get_current_vllm_config
 
