@@ -311,9 +311,9 @@ def paged_attention(
         rope_split = not decode
     block_n = block_n or (32 if decode else 64)  # decode at 64: twice the registers (kernel_resources.py)
     k_parts = k_parts or (2 if decode else 1)  # kernel_resources.py: 4 spills in cq2 decode
-    if norm_on_keys is None:  # sm_90 static counts (kernel_resources.py --norm-on), untimed: prefill's score-
-        # layout norm load re-reads the block table per score column (loop: 2,986 -> 2,476 instructions, 728
-        # -> 600 spill bytes with the norm on the keys); decode's 16-row scores are cheaper to scale
+    if norm_on_keys is None:  # prefill's score-layout norm load re-reads the block table per score column
+        # (sm_90, kernel_resources.py --norm-on: loop 2,986 -> 2,476 instructions, spills 728 -> 600 B; H200
+        # 8K causal cq2n 11.24 -> 7.99 ms); decode's 16-row scores are cheaper to scale (10.48 ms at 64 x 32K)
         norm_on_keys = not decode
     assert k_parts & (k_parts - 1) == 0, "k_parts must be a power of two"
     k_parts = max(1, min(k_parts, (d // 2) // max(16, ck)))
@@ -368,8 +368,8 @@ def paged_attention(
         NORM_ON_KEYS=norm_on_keys,
         num_warps=num_warps or 4,
         # a stored key norm at 3 decode stages doubles the pipeline's shared memory (4 -> 2 programs per
-        # SM on sm_90, kernel_resources.py); at 2 it has cq2's profile (106 registers, 46 KB, 4 per SM).
-        # Not timed yet: the H200 run of 2026-12-02 (cq2n 12.47 vs cq2 10.27 ms, 64 x 32K) used 3.
+        # SM on sm_90, kernel_resources.py); at 2 it has cq2's profile (106 registers, 46 KB, 4 per SM):
+        # H200, 64 x 32K, cq2n 12.47 ms at 3 stages, 10.48 at 2 (cq2 10.27).
         num_stages=num_stages or (1 if not decode else 2 if key_norm_offset >= 0 else 3),
     )
     if window is not None:
