@@ -209,20 +209,19 @@ def test_window_over_padded_code_pages_key_norm_format(cq_model, monkeypatch):
         prefix_hit_matches_miss(llm, 240)
 
 
-@pytest.mark.parametrize("fmt, blocks", [("cq_k4v05", (2048, 144))])
-def test_window_with_code_blocks_longer_than_the_model(cq_model, calib_text, fmt, blocks, monkeypatch):
+def test_window_with_code_blocks_longer_than_the_model(cq_model, calib_text, monkeypatch):
     """cq_k4v05 (36-byte slots at head_dim 64: 32 key bytes, 4 value bytes of 16-channel codes) pairs
     with 512-byte float32 tokens at code blocks of 2,048 tokens, longer than max_model_len: one code
     block per sequence, window blocks of 144 tokens. W = 32 matches the windowed reference."""
     from tests.integration.conftest import calibrate
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process, to inspect it
-    calibrate(cq_model, fmt, calib_text)
-    with running(cq_model, fmt, additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64) as llm:
-        assert kv_groups(llm) == [("FullAttentionSpec", blocks[0], 2), ("SlidingWindowSpec", blocks[1], 2)]
+    calibrate(cq_model, "cq_k4v05", calib_text)
+    with running(cq_model, "cq_k4v05", additional_config={"cq_recent_window": 32}, max_num_batched_tokens=64) as llm:
+        assert kv_groups(llm) == [("FullAttentionSpec", 2048, 2), ("SlidingWindowSpec", 144, 2)]
         got, _ = prompt_logprobs(llm)
-        err = max_err(got, windowed_reference(cq_model, fmt, 32))
-        codes_only = max_err(got, windowed_reference(cq_model, fmt, 0))
+        err = max_err(got, windowed_reference(cq_model, "cq_k4v05", 32))
+        codes_only = max_err(got, windowed_reference(cq_model, "cq_k4v05", 0))
         assert err < 2e-3 and codes_only > 10 * err, (err, codes_only)
 
 
