@@ -76,6 +76,20 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq:cq_k4v2": ("cq", "cq_k4v2"),
     "cq:cq2n": ("cq", "cq2n"),
     "cq:cq_k4v05": ("cq", "cq_k4v05"),
+    # decode through one kernel or the other (the "cq" rows take what the dispatch picks)
+    "cq-triton:cq4": ("cq-triton", "cq4"),
+    "cq-triton:cq2": ("cq-triton", "cq2"),
+    "cq-triton:cq1": ("cq-triton", "cq1"),
+    "cq-triton:cq_k4v1": ("cq-triton", "cq_k4v1"),
+    "cq-triton:cq_k4v05": ("cq-triton", "cq_k4v05"),
+    "cq-cuda:cq4": ("cq-cuda", "cq4"),
+    "cq-cuda:cq2": ("cq-cuda", "cq2"),
+    "cq-cuda:cq1": ("cq-cuda", "cq1"),
+    "cq-cuda:cq_k4v1": ("cq-cuda", "cq_k4v1"),
+    "cq-cuda:cq_k4v05": ("cq-cuda", "cq_k4v05"),
+    # the CUDA decode kernel with its RoPE rows advanced by rotation instead of read per key (opt-in)
+    "cq-cuda-rec:cq1": ("cq-cuda-rec", "cq1"),
+    "cq-cuda-rec:cq_k4v1": ("cq-cuda-rec", "cq_k4v1"),
     # the default recent window (128 exact tokens beside the codes): window pages, the merge, the window write
     "cq-w128:cq4": ("cq-w128", "cq4"),
     "cq-w128:cq1": ("cq-w128", "cq1"),
@@ -93,7 +107,13 @@ BACKENDS: dict[str, tuple[str, str]] = {
 TQ_LEVELWISE = {"tq": "none", "tq-lw": "kv", "tq-lw-k": "k", "tq-lw-v": "v"}
 # opt-in variants -> the word that picks them all; not picked by their kv dtype, so `--backends kvtq` or
 # `--backends cq1` stays as it was
-OPT_IN = {"tq-lw": "levelwise", "tq-lw-k": "levelwise", "tq-lw-v": "levelwise", "cq-w128": "window"}
+OPT_IN = {
+    "tq-lw": "levelwise",
+    "tq-lw-k": "levelwise",
+    "tq-lw-v": "levelwise",
+    "cq-w128": "window",
+    "cq-cuda-rec": "rope-recurrence",
+}
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
 
 
@@ -383,7 +403,9 @@ def window_inputs(inp: Inputs, W: int, block: int = 16) -> tuple[Any, torch.Tens
     return inp.storages[key]
 
 
-def _cq_fn(inp: Inputs, fmt_name: str, kind: str, window: int = 0) -> Callable[[], Any]:
+def _cq_fn(
+    inp: Inputs, fmt_name: str, kind: str, window: int = 0, decode_kernel: str | None = None, rope_mode: int = 0
+) -> Callable[[], Any]:
     from vllm_cq.formats import get_format
     from vllm_cq.kernels import rope
     from vllm_cq.kernels.cq import ops
@@ -447,6 +469,17 @@ def _cq_fn(inp: Inputs, fmt_name: str, kind: str, window: int = 0) -> Callable[[
     extras = dict(common, scale=SCALE, out=out, k_codebook_attn=kcb_attn, v_codebook_attn=vcb_attn)
     extras.pop("query_start_loc")
     extras.pop("seq_lens")
+    if decode_kernel is not None:
+        if kind != "decode":
+            raise Unsupported(f"cq-{decode_kernel} picks the decode kernel; prefill rows are the cq rows")
+        extras["decode_kernel"] = decode_kernel
+    if rope_mode:  # a variant of the CUDA decode kernel, called directly
+        from vllm_cq.kernels.cq import decode_cuda
+
+        return lambda: decode_cuda.paged_attention(
+            inp.query, cache, kcb_attn, vcb_attn, fmt.key_bytes(HEAD_DIM), inp.block_table, inp.seq_lens,
+            inp.query_start_loc, SCALE, cos_sin, out=out, window=win, rope_mode=rope_mode,
+        )  # fmt: skip
     return lambda: cq_paged_attention(
         ops, inp.query, cache, kcb, vcb, fmt, inp.block_table, inp.seq_lens, inp.query_start_loc, **extras
     )
@@ -492,6 +525,10 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _cq_fn(inp, kv, kind)
     if backend == "cq-w128":
         return _cq_fn(inp, kv, kind, window=128)
+    if backend in ("cq-triton", "cq-cuda"):
+        return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
+    if backend == "cq-cuda-rec":
+        return _cq_fn(inp, kv, kind, decode_kernel="cuda", rope_mode=2)
     if backend in TQ_LEVELWISE:
         return _tq_fn(inp, kv, kind, TQ_LEVELWISE[backend])
     raise ValueError(backend)

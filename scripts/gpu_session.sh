@@ -327,6 +327,45 @@ case "${1:-tests}" in
     grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/e2e.log" | grep -E "^\||rc |->|\[|Error|error" | tail -20 | cut -c1-220
     pack bench1
     ;;
+  cuda)
+    # fifth session (2026-12-02): the CUDA decode kernel (shared-memory codebooks) against the reference on the
+    # GPU, the Triton decode tests beside it; needs no vLLM (run it before staging)
+    mkdir -p "$OUT/w"
+    python3 -c "import cuda.bindings, torch; print('cuda-bindings', cuda.bindings.__version__, 'torch', torch.__version__)"
+    timeout 400 python3 -m pytest -q --tb=short tests/kernels/test_cq_decode_cuda.py 2>&1 | tee "$OUT/w/cuda-kernels.log" | tail -30 | cut -c1-400
+    pack cuda
+    ;;
+  iter)
+    # a kernel iteration without vLLM: the CUDA decode kernel's tests, then cq decode rows only
+    mkdir -p "$OUT/w"
+    timeout 300 python3 -m pytest -q --tb=short tests/kernels/test_cq_decode_cuda.py ${ITER_K:+-k "$ITER_K"} 2>&1 \
+      | tee "$OUT/w/cuda-kernels.log" | tail -8 | cut -c1-300
+    timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-iter.json" \
+      --backends "${KERNEL_BACKENDS:-cq-cuda:cq1,cq-cuda-rec:cq1}" --contexts "${CONTEXTS:-4k,32k}" \
+      --batches "${BATCHES:-16,64}" --kinds decode --timers graph_cold --budget-s 180 > "$OUT/w/kernels.log" 2>&1
+    echo "attention_bench rc=$?"
+    grep -E "^\| (kind|decode)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
+    pack iter
+    ;;
+  s5)
+    # fifth session: decode grid (issue 5's contexts x batches) FA3 bf16/fp8 vs the Triton and CUDA cq decode
+    # kernels, the other formats at 32K x 64, then e2e cq1 through the CUDA decode kernel
+    mkdir -p "$OUT/w"
+    VLLM_CQ_DECODE_KERNEL=cuda timeout 330 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-h200-2026-12-02-cuda.json" \
+      --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq-triton:cq1,cq-cuda:cq1,cq-cuda-rec:cq1}" \
+      --contexts "${CONTEXTS:-1k,4k,16k,32k}" --batches "${BATCHES:-1,16,64}" --kinds decode --timers graph_cold \
+      --budget-s 300 > "$OUT/w/kernels.log" 2>&1
+    echo "attention_bench rc=$?"
+    grep -E "^\| (kind|decode)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -45
+    if [ -n "${E2E_FORMATS-cq1}" ]; then
+      python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
+      VLLM_CQ_DECODE_KERNEL=cuda VLLM_CQ_STACK_DUMP_S=120 timeout 250 python3 benchmarks/e2e_throughput.py $M8B \
+        --formats "${E2E_FORMATS:-cq1}" --workloads 128x4096+512 --engine "{\"kv_cache_memory_bytes\": $KV_H100}" \
+        --tag kv-h100-cuda --out "$OUT/w/e2e-h200-cuda.json" --timeout 240 --budget-s 245 > "$OUT/w/e2e.log" 2>&1
+      grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/e2e.log" | grep -E "^\||rc |->|\[|Error|error" | tail -20 | cut -c1-220
+    fi
+    pack s5
+    ;;
   bench-kernels)
     python3 benchmarks/attention_bench.py --out-dir "$OUT" --seed-dir benchmarks/results "${@:2}" \
       > "$OUT/bench-kernels.log" 2>&1

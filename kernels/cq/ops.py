@@ -1,6 +1,7 @@
 """Entry points the attention backend calls: write codes into the paged cache, attend over codes.
 
-CUDA tensors with 8-bit codes take the Triton kernels (`write.py`, `attention.py`); everything else
+CUDA tensors with 8-bit codes take the Triton kernels (`write.py`, `attention.py`), decode-only steps the
+CUDA kernel with shared-memory codebooks where it covers the shape (`decode_cuda.py`); everything else
 (CPU, other bit widths, partial rotary) takes the plain-torch reference (`naive.py`), which the
 kernels are tested against. `VLLM_CQ_KERNELS=reference` forces the reference everywhere (debugging).
 """
@@ -90,11 +91,15 @@ def paged_attention(
     k_codebook_attn: torch.Tensor | None = None,
     v_codebook_attn: torch.Tensor | None = None,
     window: WindowCache | None = None,
+    decode_kernel: str | None = None,
 ) -> torch.Tensor:
     """Same contract as `naive.paged_attention` (causal), written into `out` when given (else a new
     tensor in query's dtype). `max_query_len` (vLLM's, host-side) picks the decode or prefill tiling;
     `*_codebook_attn` are the codebooks in the model dtype for the tensor-core path (default: as given).
     A recent `window` (keys i - W < j <= i exact) runs in both (Triton path verified on the H200).
+    Decode-only steps take the CUDA kernel (`decode_cuda.py`) where it covers the shape;
+    `decode_kernel` "cuda" or "triton" overrides that choice (default: VLLM_CQ_DECODE_KERNEL, then
+    whether the CUDA kernel is verified).
     """
     d = query.shape[-1]
     triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0 and d >= 32
@@ -104,16 +109,27 @@ def paged_attention(
             cos_sin_cache, is_neox, window=window,
         )  # fmt: skip
         return into_out(res, out, query.dtype)
+    from vllm_cq.kernels.cq import decode_cuda
     from vllm_cq.kernels.cq.attention import paged_attention as triton_paged_attention
 
     if max_query_len is None:
         max_query_len = max_query_len_of(query_start_loc)
+    kcb = k_codebook if k_codebook_attn is None else k_codebook_attn
+    vcb = v_codebook if v_codebook_attn is None else v_codebook_attn
+    key_bytes, norm_offset = fmt.key_bytes(d), key_norm_offset(fmt, d)
+    if max_query_len <= 1 and decode_cuda.supports(
+        query, kv_cache, kcb, vcb, cos_sin_cache, is_neox, key_bytes, norm_offset, decode_kernel
+    ):
+        return decode_cuda.paged_attention(
+            query, kv_cache, kcb, vcb, key_bytes, block_table, seq_lens, query_start_loc, scale, cos_sin_cache,
+            out=out, window=window,
+        )  # fmt: skip
     return triton_paged_attention(
         query,
         kv_cache,
-        k_codebook if k_codebook_attn is None else k_codebook_attn,
-        v_codebook if v_codebook_attn is None else v_codebook_attn,
-        fmt.key_bytes(d),
+        kcb,
+        vcb,
+        key_bytes,
         block_table,
         seq_lens,
         query_start_loc,
@@ -123,5 +139,5 @@ def paged_attention(
         max_query_len,
         out=out,
         window=window,
-        key_norm_offset=key_norm_offset(fmt, d),
+        key_norm_offset=norm_offset,
     )

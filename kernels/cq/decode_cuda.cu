@@ -1,0 +1,438 @@
+// Decode attention over CQ codes with the codebooks resident in shared memory (issue 5).
+//
+// CUDA C++, compiled at first use by NVRTC (decode_cuda.py); no headers, so it builds anywhere
+// NVRTC runs (CI compiles it for sm_90 on a CPU machine). Instantiated through -D macros:
+//   G          query heads per KV head (<= 8: the rows of one m16 MMA tile, padded)
+//   HEAD_DIM   16 | HEAD_DIM; CK, CV: channels per key / value centroid (8-bit codes)
+//   NW         warps per CTA
+//   ROPE_MODE  0: keys stored post-RoPE / no RoPE, 1: cos/sin rows read per key from vLLM's
+//              cos_sin_cache, 2: the rows advanced by an 8-position rotation per key tile (re-read
+//              every RESEED steps)
+//   IS_BF16    1: bfloat16 model, 0: float16
+//
+// Why this shape: Triton cannot index shared memory, so the Triton kernel gathers every centroid row
+// from L1/L2, one dependent uncoalesced request per code group per key (the bound it hits). Here the
+// K and V codebooks of one KV head (2 x 64 KB at head_dim 128, model dtype) are staged once per CTA
+// and every centroid is one 16-byte shared-memory load.
+//
+// Layout (FlashAttention-2 style register pipeline, mma.sync m16n8k16, fp32 accumulation):
+//   S = Q K^T: M = query rows of the GQA group (G <= 8, rows 8..15 zero), N = 8 keys, K = head dims in a
+//     permuted order: lane quad member tig owns RoPE pairs [tig*PPT, (tig+1)*PPT), so a pair (p, p+HALF)
+//     sits in one register (rotation in registers) and each thread gathers whole key centroids.
+//   O^T = V^T P^T: M = head dims (thread gid owns dims [gid*VDT, (gid+1)*VDT)), N = query rows, K = 16
+//     keys: P^T is the S accumulator of the two 8-key tiles as it stands (no shuffles), and each
+//     thread gathers whole value centroid slices.
+// Each warp walks its own contiguous share of the segment's 16-key steps with its own online softmax;
+// the CTA merges its warps and writes one split-KV partial (acc, max, sum) that the Triton merge
+// kernel (`varlen.merge_segments` or the window merge) combines.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define HALF (HEAD_DIM / 2)
+#define GK (HEAD_DIM / CK)
+#define GV (HEAD_DIM / CV)
+#define KSTEPS (HEAD_DIM / 16)   // k-steps of S = Q K^T, m-tiles of O^T = V^T P^T
+#define PPT (HALF / 4)           // RoPE pairs per quad member
+#define NGT (PPT / CK)           // key groups per thread in each half of the head
+#define VDT (HEAD_DIM / 8)       // value dims per thread
+#define VLEN (VDT < CV ? VDT : CV)  // value channels gathered per chunk
+#define NGV (VDT / VLEN)         // value chunks (code bytes) per key and thread
+#define RESEED 64                // ROPE_MODE 2: steps between re-reads of the cos/sin rows
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+#if (PPT % CK) != 0 || (HALF % 8) != 0 || G > 8 || (VDT % VLEN) != 0
+#error "unsupported CQ decode instance"
+#endif
+
+template <int N> struct Bytes;
+template <> struct Bytes<1> { typedef u8 T; };
+template <> struct Bytes<2> { typedef u16 T; };
+template <> struct Bytes<4> { typedef u32 T; };
+template <> struct Bytes<8> { typedef u64 T; };
+
+__device__ __forceinline__ float lo_f(u32 w) {
+#if IS_BF16
+    return __uint_as_float(w << 16);
+#else
+    float f;
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l; }" : "=f"(f) : "r"(w));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ float hi_f(u32 w) {
+#if IS_BF16
+    return __uint_as_float(w & 0xffff0000u);
+#else
+    float f;
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(w));
+    return f;
+#endif
+}
+
+// (lo, hi) -> one register of two 16-bit values, lo in the low half (the MMA's lower index)
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+#if IS_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+#if IS_BF16
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// N 16-bit values (N even) from an address aligned to 2N bytes, as N/2 words
+template <int N>
+__device__ __forceinline__ void lds_words(const u16* src, u32* dst) {
+    if constexpr (N % 8 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 8; ++i) {
+            uint4 v = reinterpret_cast<const uint4*>(src)[i];
+            dst[4 * i] = v.x; dst[4 * i + 1] = v.y; dst[4 * i + 2] = v.z; dst[4 * i + 3] = v.w;
+        }
+    } else if constexpr (N == 4) {
+        uint2 v = *reinterpret_cast<const uint2*>(src);
+        dst[0] = v.x; dst[1] = v.y;
+    } else {
+        static_assert(N == 2, "centroid slices of 2, 4 or a multiple of 8 channels");
+        dst[0] = *reinterpret_cast<const u32*>(src);
+    }
+}
+
+template <int N> struct CodeWord { typedef u32 T; };  // N code bytes held in the narrowest register
+template <> struct CodeWord<8> { typedef u64 T; };
+typedef typename CodeWord<NGT>::T KCodes;
+typedef typename CodeWord<NGV>::T VCodes;
+
+template <typename W>
+__device__ __forceinline__ u32 code_at(W bytes, int j) { return (u32)(bytes >> (8 * j)) & 0xffu; }
+
+template <int N>
+__device__ __forceinline__ typename CodeWord<N>::T ldg_bytes(const u8* p) {
+    if constexpr (N == 8) {
+        return __ldg(reinterpret_cast<const unsigned long long*>(p));
+    } else if constexpr (N == 4) {
+        return __ldg(reinterpret_cast<const unsigned int*>(p));
+    } else if constexpr (N == 2) {
+        return (u32)__ldg(reinterpret_cast<const unsigned short*>(p));
+    } else {
+        static_assert(N == 1, "1, 2, 4 or 8 code bytes per load");
+        return (u32)__ldg(p);
+    }
+}
+
+// A 16-key step's code bytes for this thread: keys gid and 8 + gid (for S), and keys 2tig, 2tig+1,
+// 2tig+8, 2tig+9 (for O).
+struct Codes {
+    KCodes k[2][2];  // [n-tile][half of the head]
+    VCodes v[4];
+};
+
+__device__ __forceinline__ void load_codes(
+    Codes& c, const u8* step_base, i64 stride_co, int gid, int tig, int v_byte) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+        const u8* slot = step_base + (i64)(nt * 8 + gid) * stride_co;
+        c.k[nt][0] = ldg_bytes<NGT>(slot + tig * NGT);
+        c.k[nt][1] = ldg_bytes<NGT>(slot + GK / 2 + tig * NGT);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int key = 2 * tig + (j & 1) + (j >> 1) * 8;
+        c.v[j] = ldg_bytes<NGV>(step_base + (i64)key * stride_co + v_byte);
+    }
+}
+
+__device__ __forceinline__ void load_rope(
+    const float* __restrict__ cs, i64 stride_cs, int pos, int tig, float* cs_c, float* cs_s) {
+    const float* row = cs + (i64)pos * stride_cs + tig * PPT;
+#pragma unroll
+    for (int i = 0; i < PPT; i += 4) {
+        float4 c = __ldg(reinterpret_cast<const float4*>(row + i));
+        float4 s = __ldg(reinterpret_cast<const float4*>(row + HALF + i));
+        cs_c[i] = c.x; cs_c[i + 1] = c.y; cs_c[i + 2] = c.z; cs_c[i + 3] = c.w;
+        cs_s[i] = s.x; cs_s[i + 1] = s.y; cs_s[i + 2] = s.z; cs_s[i + 3] = s.w;
+    }
+}
+
+// S[gid][2tig, 2tig+1] for one 8-key tile: this thread supplies key gid's B fragment (its pairs,
+// rotated), receives the scores of keys 2tig and 2tig+1.
+__device__ __forceinline__ void qk_tile(
+    float* s, const u32* qa0, const u32* qa2, const u16* kcb, const KCodes* kcodes, int tig,
+    const float* cs_c, const float* cs_s) {
+    u32 w1[PPT / 2], w2[PPT / 2];  // centroid coordinates of the first and second half's pairs
+#pragma unroll
+    for (int j = 0; j < NGT; ++j) {
+        const int g1 = tig * NGT + j;
+        lds_words<CK>(kcb + ((g1 * 256 + (int)code_at(kcodes[0], j)) * CK), w1 + j * (CK / 2));
+        lds_words<CK>(kcb + (((GK / 2 + g1) * 256 + (int)code_at(kcodes[1], j)) * CK), w2 + j * (CK / 2));
+    }
+    u32 b[PPT];  // b[i] = (rotated k[p_i], rotated k[p_i + HALF])
+#pragma unroll
+    for (int i = 0; i < PPT; ++i) {
+        const float x1 = (i & 1) ? hi_f(w1[i / 2]) : lo_f(w1[i / 2]);
+        const float x2 = (i & 1) ? hi_f(w2[i / 2]) : lo_f(w2[i / 2]);
+#if ROPE_MODE == 0
+        b[i] = pack2(x1, x2);
+#else
+        b[i] = pack2(x1 * cs_c[i] - x2 * cs_s[i], x2 * cs_c[i] + x1 * cs_s[i]);
+#endif
+    }
+    s[0] = s[1] = s[2] = s[3] = 0.f;
+#pragma unroll
+    for (int k = 0; k < KSTEPS; ++k) mma16816(s, qa0[k], 0u, qa2[k], 0u, b[k], b[KSTEPS + k]);
+}
+
+// (c, s) of this thread's pairs advanced by 8 positions; the rotation (dc | ds, [2][HALF]) sits in shared
+// memory (32 registers fewer than holding it)
+__device__ __forceinline__ void rope_advance(float* c, float* s, const float* rot8, int tig) {
+#pragma unroll
+    for (int i = 0; i < PPT; i += 4) {
+        const float4 dc = *reinterpret_cast<const float4*>(rot8 + tig * PPT + i);
+        const float4 ds = *reinterpret_cast<const float4*>(rot8 + HALF + tig * PPT + i);
+        const float dcs[4] = {dc.x, dc.y, dc.z, dc.w}, dss[4] = {ds.x, ds.y, ds.z, ds.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float cn = c[i + j] * dcs[j] - s[i + j] * dss[j];
+            s[i + j] = s[i + j] * dcs[j] + c[i + j] * dss[j];
+            c[i + j] = cn;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
+    const u16* __restrict__ q,        // [T, Hq, D]
+    float* __restrict__ part,         // [T, Hq, S, D] float32
+    float* __restrict__ ml,           // [T, Hq, S, 2]
+    const u8* __restrict__ cache,     // [num_blocks, Hkv, block_size, slot_bytes]
+    const u16* __restrict__ kcb_g,    // [Hkv * GK, 256, CK]
+    const u16* __restrict__ vcb_g,    // [Hkv * GV, 256, CV]
+    const int* __restrict__ block_table,  // [num_seqs, max_blocks]
+    const int* __restrict__ seq_lens,     // [num_seqs]
+    const int* __restrict__ qsl,          // [num_seqs + 1]
+    const float* __restrict__ cos_sin,    // [max_pos, D]: cos | sin
+    i64 stride_qt, i64 stride_qh, i64 stride_cb, i64 stride_ch, i64 stride_co, i64 stride_bt,
+    i64 stride_cs, int rope_rows, float qk_scale, int block_size, int log2_block_size, int v_offset, int win) {
+    extern __shared__ __align__(16) u8 smem[];
+    u16* kcb = reinterpret_cast<u16*>(smem);
+    u16* vcb = kcb + GK * 256 * CK;
+    __shared__ float red_m[NW][8];
+    __shared__ float red_l[NW][8];
+
+    const int seg = blockIdx.x, num_segments = gridDim.x;
+    const int i_s = blockIdx.y;
+    const int h = blockIdx.z, hq = gridDim.z * G;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+
+    const int q_start = qsl[i_s];
+    if (qsl[i_s + 1] - q_start < 1) return;  // no token (padded batch entry)
+    const int seq_len = seq_lens[i_s];
+    const int kv_len = max(seq_len - win, 0);  // decode: one query at position seq_len - 1
+
+    // stage this head's codebooks (model dtype), 16 bytes per thread and load
+    {
+        const uint4* src_k = reinterpret_cast<const uint4*>(kcb_g + (i64)h * (GK * 256 * CK));
+        const uint4* src_v = reinterpret_cast<const uint4*>(vcb_g + (i64)h * (GV * 256 * CV));
+        uint4* dst = reinterpret_cast<uint4*>(smem);
+        constexpr int n16 = HEAD_DIM * 256 * 2 / 16;  // each codebook: D * 256 values of 2 bytes
+        for (int i = threadIdx.x; i < n16; i += NW * 32) {
+            dst[i] = __ldg(src_k + i);
+            dst[n16 + i] = __ldg(src_v + i);
+        }
+    }
+
+    // query fragments (rows gid < G; rows 8..15 of the tile are zero registers)
+    u32 qa0[KSTEPS], qa2[KSTEPS];
+    {
+        const u16* qr = q + (i64)q_start * stride_qt + (i64)(h * G + gid) * stride_qh;
+#pragma unroll
+        for (int k = 0; k < KSTEPS; ++k) {
+            const int p0 = tig * PPT + k, p1 = tig * PPT + KSTEPS + k;
+            qa0[k] = gid < G ? ((u32)qr[p0] | ((u32)qr[p0 + HALF] << 16)) : 0u;
+            qa2[k] = gid < G ? ((u32)qr[p1] | ((u32)qr[p1 + HALF] << 16)) : 0u;
+        }
+    }
+
+    // this warp's share of this segment's 16-key steps
+    const int steps = (kv_len + 15) / 16;
+    const int per_seg = (steps + num_segments - 1) / num_segments;
+    const int seg_lo = min(seg * per_seg, steps), seg_hi = min(seg_lo + per_seg, steps);
+    const int per_warp = (seg_hi - seg_lo + NW - 1) / NW;
+    const int st_lo = min(seg_lo + warp * per_warp, seg_hi), st_hi = min(st_lo + per_warp, seg_hi);
+
+    const int* bt = block_table + (i64)i_s * stride_bt;
+    const u8* head_base = cache + (i64)h * stride_ch;
+    const int v_byte = v_offset + (gid * VDT) / CV;
+    const int v_off = (gid * VDT) % CV;  // channel offset inside the value centroid (VDT < CV)
+
+    float o[KSTEPS][4];
+#pragma unroll
+    for (int k = 0; k < KSTEPS; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.f;
+    float m_run = NEG_INF, l_run = 0.f;
+
+    float cs_c[ROPE_MODE ? PPT : 1], cs_s[ROPE_MODE ? PPT : 1];
+#if ROPE_MODE == 2
+    __shared__ __align__(16) float rot8[2 * HALF];  // rotation by 8 positions: row 8 / row 0 (vLLM's scaled
+    for (int i = threadIdx.x; i < HALF; i += NW * 32) {  // caches hold mscale * cos, mscale * sin)
+        const float m0 = cos_sin[i];
+        rot8[i] = cos_sin[8 * stride_cs + i] / m0;
+        rot8[HALF + i] = cos_sin[8 * stride_cs + HALF + i] / m0;
+    }
+#endif
+
+    __syncthreads();  // codebooks staged
+
+    // Software pipeline over the steps: the page of step st + 3 and the codes of step st + 2 are in
+    // flight while step st computes (page -> codes is a dependent pair of loads; one step ahead left
+    // every warp waiting on it).
+    auto page_of = [&](int st) -> i64 { return st < st_hi ? (i64)bt[(st * 16) >> log2_block_size] : 0; };
+    auto step_base = [&](int st, i64 blk) -> const u8* {
+        return head_base + blk * stride_cb + (i64)((st * 16) & (block_size - 1)) * stride_co;
+    };
+    Codes cur, nxt, nxt2;
+    i64 pg2 = 0, pg3 = 0;
+    if (st_lo < st_hi) {
+        load_codes(cur, step_base(st_lo, page_of(st_lo)), stride_co, gid, tig, v_byte);
+        if (st_lo + 1 < st_hi) load_codes(nxt, step_base(st_lo + 1, page_of(st_lo + 1)), stride_co, gid, tig, v_byte);
+        pg2 = page_of(st_lo + 2);
+    }
+
+    for (int st = st_lo; st < st_hi; ++st) {
+        if (st + 2 < st_hi) load_codes(nxt2, step_base(st + 2, pg2), stride_co, gid, tig, v_byte);
+        pg3 = page_of(st + 3);
+        const int n0 = st * 16;
+
+        // scores of keys n0 + {2tig, 2tig+1} (s[0..1]) and n0 + 8 + {2tig, 2tig+1} (s[2..3]), row gid
+        float s0[4], s1[4];
+#if ROPE_MODE == 1
+        load_rope(cos_sin, stride_cs, min(n0 + gid, rope_rows - 1), tig, cs_c, cs_s);
+        qk_tile(s0, qa0, qa2, kcb, cur.k[0], tig, cs_c, cs_s);
+        load_rope(cos_sin, stride_cs, min(n0 + 8 + gid, rope_rows - 1), tig, cs_c, cs_s);
+        qk_tile(s1, qa0, qa2, kcb, cur.k[1], tig, cs_c, cs_s);
+#elif ROPE_MODE == 2
+        if ((st - st_lo) % RESEED == 0) load_rope(cos_sin, stride_cs, min(n0 + gid, rope_rows - 1), tig, cs_c, cs_s);
+        qk_tile(s0, qa0, qa2, kcb, cur.k[0], tig, cs_c, cs_s);
+        rope_advance(cs_c, cs_s, rot8, tig);
+        qk_tile(s1, qa0, qa2, kcb, cur.k[1], tig, cs_c, cs_s);
+        rope_advance(cs_c, cs_s, rot8, tig);
+#else
+        qk_tile(s0, qa0, qa2, kcb, cur.k[0], tig, cs_c, cs_s);
+        qk_tile(s1, qa0, qa2, kcb, cur.k[1], tig, cs_c, cs_s);
+#endif
+        float p[4] = {s0[0], s0[1], s1[0], s1[1]};
+        float mx = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + 2 * tig + (j & 1) + (j >> 1) * 8;
+            p[j] = n < kv_len ? p[j] * qk_scale : NEG_INF;
+            mx = fmaxf(mx, p[j]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run, mx);
+        const float m_use = m_new == NEG_INF ? 0.f : m_new;
+        const float alpha = exp2f(m_run - m_use);
+        float psum = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            p[j] = exp2f(p[j] - m_use);
+            psum += p[j];
+        }
+        l_run = l_run * alpha + psum;
+        m_run = m_new;
+        if (__any_sync(0xffffffffu, alpha != 1.f)) {  // rows 2tig, 2tig+1 of O^T's columns
+            const float a_lo = __shfl_sync(0xffffffffu, alpha, (2 * tig) * 4);
+            const float a_hi = __shfl_sync(0xffffffffu, alpha, (2 * tig + 1) * 4);
+#pragma unroll
+            for (int k = 0; k < KSTEPS; ++k) {
+                o[k][0] *= a_lo; o[k][1] *= a_hi; o[k][2] *= a_lo; o[k][3] *= a_hi;
+            }
+        }
+        const u32 pb0 = pack2(p[0], p[1]), pb1 = pack2(p[2], p[3]);
+
+        // value slices of keys 2tig, 2tig+1, 2tig+8, 2tig+9: dims [gid*VDT, (gid+1)*VDT)
+        u32 vw[4][VDT / 2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int c = 0; c < NGV; ++c) {
+                const int g = (gid * VDT) / CV + c;
+                lds_words<VLEN>(vcb + ((g * 256 + (int)code_at(cur.v[j], c)) * CV + v_off), vw[j] + c * (VLEN / 2));
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < KSTEPS; ++k) {  // m-tile k: dims gid*VDT + k (rows gid) and + KSTEPS + k (rows gid+8)
+            const u32 sel = (k & 1) ? 0x7632u : 0x5410u;
+            const int wl = k / 2, wh = (KSTEPS + k) / 2;
+            const u32 a0 = __byte_perm(vw[0][wl], vw[1][wl], sel);
+            const u32 a1 = __byte_perm(vw[0][wh], vw[1][wh], sel);
+            const u32 a2 = __byte_perm(vw[2][wl], vw[3][wl], sel);
+            const u32 a3 = __byte_perm(vw[2][wh], vw[3][wh], sel);
+            mma16816(o[k], a0, a1, a2, a3, pb0, pb1);
+        }
+        cur = nxt;
+        nxt = nxt2;
+        pg2 = pg3;
+    }
+
+    // merge the warps: row sums over the quad, then (max, sum, acc) per warp through shared memory
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    __syncthreads();  // everyone is done with the codebooks: reuse their space for the accumulators
+    float* red_o = reinterpret_cast<float*>(smem);  // [NW][8][D]
+    if (tig == 0) {
+        red_m[warp][gid] = m_run;
+        red_l[warp][gid] = l_run;
+    }
+#pragma unroll
+    for (int k = 0; k < KSTEPS; ++k) {
+        const int d_lo = gid * VDT + k, d_hi = gid * VDT + KSTEPS + k;
+        float* r0 = red_o + (warp * 8 + 2 * tig) * HEAD_DIM;
+        float* r1 = r0 + HEAD_DIM;
+        r0[d_lo] = o[k][0]; r1[d_lo] = o[k][1];
+        r0[d_hi] = o[k][2]; r1[d_hi] = o[k][3];
+    }
+    __syncthreads();
+    const int t = q_start;
+    for (int idx = threadIdx.x; idx < G * HEAD_DIM; idx += NW * 32) {
+        const int r = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        float m_all = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) m_all = fmaxf(m_all, red_m[w][r]);
+        const float m_use = m_all == NEG_INF ? 0.f : m_all;
+        float acc = 0.f, l = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float sc = exp2f(red_m[w][r] - m_use);
+            acc += sc * red_o[(w * 8 + r) * HEAD_DIM + d];
+            l += sc * red_l[w][r];
+        }
+        const i64 pi = ((i64)t * hq + h * G + r) * num_segments + seg;
+        part[pi * HEAD_DIM + d] = acc;
+        if (d == 0) {
+            ml[pi * 2] = m_all;
+            ml[pi * 2 + 1] = l;
+        }
+    }
+}

@@ -1,0 +1,333 @@
+"""Decode attention over CQ codes with shared-memory codebooks: the CUDA kernel `decode_cuda.cu`,
+compiled at first use by NVRTC and launched through the CUDA driver API (`cuda-bindings`) on torch's
+current stream, so it is captured by vLLM's CUDA graphs like any other launch.
+
+Why CUDA and not Triton: the kernel needs to index shared memory (one 16-byte centroid load per code
+group per key); Triton 3.6, the one vLLM 0.26's torch pins, cannot express that
+(`docs/design/smem-codebook-decode.md`). The Triton kernel (`attention.py`) stays the portable path and
+the fallback; the torch reference (`naive.py`) is the oracle both are tested against.
+
+Scope: decode-only steps (one new token per sequence), 8-bit codes, bfloat16/float16 models, NeoX RoPE
+over the whole head or keys without RoPE, GQA groups of <= 8 query heads. Everything else takes the
+Triton kernel (`supports` says which).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_cq.kernels.varlen import LaunchPlan
+from vllm_cq.kernels.window import WindowCache
+
+SOURCE = Path(__file__).with_name("decode_cuda.cu")
+LOG2E = 1.4426950408889634
+NUM_WARPS = 8
+# 0: keys without RoPE; 1: cos/sin rows read per key; 2: rows advanced by an 8-position rotation
+ROPE_TABLE, ROPE_RECURRENCE = 1, 2
+DEFAULT_ROPE_MODE = ROPE_TABLE
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One compiled specialization (the -D macros of decode_cuda.cu)."""
+
+    group: int  # query heads per KV head
+    head_dim: int
+    ck: int  # channels per key centroid
+    cv: int  # channels per value centroid
+    bf16: bool
+    rope_mode: int
+    num_warps: int = NUM_WARPS
+
+    def defines(self) -> list[str]:
+        return [
+            f"-DG={self.group}",
+            f"-DHEAD_DIM={self.head_dim}",
+            f"-DCK={self.ck}",
+            f"-DCV={self.cv}",
+            f"-DNW={self.num_warps}",
+            f"-DROPE_MODE={self.rope_mode}",
+            f"-DIS_BF16={int(self.bf16)}",
+        ]
+
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory: both codebooks of one KV head in the model dtype."""
+        return 2 * self.head_dim * 256 * 2
+
+
+def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
+    """Shapes the kernel covers (decode_cuda.cu's #error line, and <= 227 KB of shared memory)."""
+    half = head_dim // 2
+    vdt = head_dim // 8
+    vlen = min(vdt, cv)
+    return (
+        1 <= group <= 8
+        and head_dim % 16 == 0
+        and (half // 4) % ck == 0
+        and ck % 2 == 0
+        and cv % 2 == 0
+        and head_dim % cv == 0
+        and vdt % vlen == 0
+        and (vlen in (2, 4) or vlen % 8 == 0)
+        and (ck in (2, 4) or ck % 8 == 0)
+        and 2 * head_dim * 512 <= 200 * 1024
+    )
+
+
+# The dispatch takes this kernel by default only once its GPU tests have passed (tests/kernels/
+# test_cq_decode_cuda.py on the H200); VLLM_CQ_DECODE_KERNEL=cuda|triton overrides either way.
+VERIFIED_ON_GPU = False
+
+
+def enabled(choice: str | None = None) -> bool:
+    """`choice` (else VLLM_CQ_DECODE_KERNEL) "cuda" or "triton" picks the decode kernel; neither: this one
+    once verified."""
+    choice = choice or os.environ.get("VLLM_CQ_DECODE_KERNEL", "")
+    if choice not in ("", "cuda", "triton"):
+        raise ValueError(f"decode kernel {choice!r}: expected 'cuda' or 'triton'")
+    return choice == "cuda" or (choice != "triton" and VERIFIED_ON_GPU)
+
+
+@functools.cache
+def toolchain_available() -> bool:
+    try:
+        from cuda.bindings import driver, nvrtc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    cos_sin_cache: torch.Tensor | None,
+    is_neox: bool,
+    key_bytes: int,
+    key_norm_offset: int,
+    choice: str | None = None,
+) -> bool:
+    """Whether `paged_attention` can take this decode call (else: the Triton kernel)."""
+    if not (query.is_cuda and enabled(choice) and toolchain_available()):
+        return False
+    t, hq, d = query.shape
+    hkv = kv_cache.shape[1]
+    gk, kk, ck = k_codebook.shape
+    gv, kv, cv = v_codebook.shape
+    if hq % hkv or kk != 256 or kv != 256 or key_norm_offset >= 0:
+        return False
+    if query.dtype not in (torch.bfloat16, torch.float16) or k_codebook.dtype != query.dtype:
+        return False
+    if v_codebook.dtype != query.dtype or not (k_codebook.is_contiguous() and v_codebook.is_contiguous()):
+        return False
+    if gk != hkv * d // ck or gv != hkv * d // cv or not shape_ok(hq // hkv, d, ck, cv):
+        return False
+    if query.stride(2) != 1 or kv_cache.stride(3) != 1 or kv_cache.data_ptr() % 16:
+        return False
+    bs = kv_cache.shape[2]
+    if any(s % 8 for s in kv_cache.stride()[:3]) or key_bytes % 8 or bs % 16 or bs & (bs - 1):
+        return False
+    if cos_sin_cache is not None:
+        if not is_neox or cos_sin_cache.shape[1] != d or cos_sin_cache.dtype != torch.float32:
+            return False
+        if cos_sin_cache.stride(1) != 1 or cos_sin_cache.stride(0) % 4 or cos_sin_cache.data_ptr() % 16:
+            return False
+        if cos_sin_cache.shape[0] <= 8:  # the recurrence's 8-position rotation is row 8
+            return False
+    return True
+
+
+def compile_options(arch: str, inst: Instance, verbose: bool = False) -> list[bytes]:
+    opts = ["-std=c++17", f"--gpu-architecture={arch}", "--use_fast_math", *inst.defines()]
+    if verbose:
+        opts.append("--ptxas-options=-v")
+    return [o.encode() for o in opts]
+
+
+def _check(res, what: str):
+    """cuda-bindings returns (status, *values): raise on a non-success status."""
+    status, *values = res if isinstance(res, tuple) else (res,)
+    if int(status) != 0:
+        raise RuntimeError(f"vllm-cq CUDA decode kernel: {what} failed ({status})")
+    return values[0] if len(values) == 1 else values
+
+
+def compile_cubin(inst: Instance, arch: str, verbose: bool = False) -> tuple[bytes, str]:
+    """NVRTC: decode_cuda.cu -> (cubin for `arch`, e.g. "sm_90", and the compile log). No GPU needed."""
+    from cuda.bindings import nvrtc
+
+    prog = _check(nvrtc.nvrtcCreateProgram(SOURCE.read_bytes(), b"decode_cuda.cu", 0, [], []), "nvrtcCreateProgram")
+    try:
+        opts = compile_options(arch, inst, verbose)
+        status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
+        size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        _check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        log_s = log.decode(errors="replace").rstrip("\x00 \n")
+        if int(status) != 0:
+            raise RuntimeError(f"vllm-cq CUDA decode kernel {inst} does not compile:\n{log_s}")
+        size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return cubin, log_s
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def ptxas_report(log: str) -> dict[str, int]:
+    """Registers, spill bytes and static shared memory from a `--ptxas-options=-v` compile log."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
+    return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": sum(int(s) for s in spill)}
+
+
+def resource_usage(inst: Instance, device_index: int = 0) -> dict[str, int]:
+    """Registers per thread and local (spill) bytes of the loaded kernel, from the driver: NVRTC 13.0's
+    log carries no ptxas report."""
+    from cuda.bindings import driver
+
+    _, func = _function(inst, device_index)
+    attrs = driver.CUfunction_attribute
+    regs = _check(driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_NUM_REGS, func), "cuFuncGetAttribute")
+    local = _check(driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, func), "cuFuncGetAttribute")
+    return {"registers": int(regs), "spill_bytes": int(local)}
+
+
+@functools.cache
+def _function(inst: Instance, device_index: int):
+    """Compile (once per instance and device) and load the kernel; returns the CUfunction."""
+    from cuda.bindings import driver
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    cubin, _ = compile_cubin(inst, f"sm_{major}{minor}")
+    torch.cuda.init()  # torch makes the device's primary context current; the module loads into it
+    _check(driver.cuInit(0), "cuInit")
+    module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    func = _check(driver.cuModuleGetFunction(module, b"cq_decode_kernel"), "cuModuleGetFunction")
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    _check(driver.cuFuncSetAttribute(func, attr, inst.smem_bytes()), "cuFuncSetAttribute")
+    return module, func
+
+
+def num_segments_for(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Split-KV segments: about two waves of one CTA per SM (the codebooks take most of an SM's shared
+    memory), at least 2 (the window merge and `LaunchPlan.finish` read partials), at most 16. A function of
+    the batch shape only, so a CUDA graph captured for a batch size keeps its split."""
+    want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
+    return max(2, min(16, 1 << max(0, (want - 1).bit_length())))
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    key_bytes: int,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    cos_sin_cache: torch.Tensor | None,
+    win: int = 0,
+    num_segments: int | None = None,
+    rope_mode: int | None = None,
+    num_warps: int = NUM_WARPS,
+) -> LaunchPlan:
+    """Split-KV partials of a decode-only step (every sequence has <= 1 new token) into a `LaunchPlan`:
+    the caller finishes it (`plan.finish`) or merges a recent window into it. Codebooks are in the model
+    dtype, [Hkv * D / c, 256, c]; `win` > 0 attends only to keys at least `win` older than the query."""
+    t, hq, d = query.shape
+    hkv = kv_cache.shape[1]
+    num_seqs = seq_lens.shape[0]
+    g = hq // hkv
+    if rope_mode is None:
+        rope_mode = DEFAULT_ROPE_MODE if cos_sin_cache is not None else 0
+    inst = Instance(g, d, k_codebook.shape[2], v_codebook.shape[2], query.dtype == torch.bfloat16, rope_mode, num_warps)
+    dev = query.device
+    if num_segments is None:
+        num_segments = num_segments_for(num_seqs, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)
+    part = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=dev)
+    ml = torch.empty(t, hq, num_segments, 2, dtype=torch.float32, device=dev)
+    plan = LaunchPlan(1, max(16, 1 << (g - 1).bit_length()), num_segments, part, ml, 0, 0)
+    if t == 0 or num_seqs == 0:
+        return plan
+    from cuda.bindings import driver
+
+    _, func = _function(inst, dev.index if dev.index is not None else torch.cuda.current_device())
+    assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32 and query_start_loc.dtype == torch.int32
+    cs = cos_sin_cache if cos_sin_cache is not None else query
+    args = [
+        ctypes.c_void_p(query.data_ptr()),
+        ctypes.c_void_p(part.data_ptr()),
+        ctypes.c_void_p(ml.data_ptr()),
+        ctypes.c_void_p(kv_cache.data_ptr()),
+        ctypes.c_void_p(k_codebook.data_ptr()),
+        ctypes.c_void_p(v_codebook.data_ptr()),
+        ctypes.c_void_p(block_table.data_ptr()),
+        ctypes.c_void_p(seq_lens.data_ptr()),
+        ctypes.c_void_p(query_start_loc.data_ptr()),
+        ctypes.c_void_p(cs.data_ptr()),
+        ctypes.c_int64(query.stride(0)),
+        ctypes.c_int64(query.stride(1)),
+        ctypes.c_int64(kv_cache.stride(0)),
+        ctypes.c_int64(kv_cache.stride(1)),
+        ctypes.c_int64(kv_cache.stride(2)),
+        ctypes.c_int64(block_table.stride(0)),
+        ctypes.c_int64(cos_sin_cache.stride(0) if cos_sin_cache is not None else 0),
+        ctypes.c_int32(cos_sin_cache.shape[0] if cos_sin_cache is not None else 1),
+        ctypes.c_float(float(scale) * LOG2E),
+        ctypes.c_int32(kv_cache.shape[2]),
+        ctypes.c_int32(kv_cache.shape[2].bit_length() - 1),
+        ctypes.c_int32(key_bytes),
+        ctypes.c_int32(win),
+    ]
+    ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    stream = driver.CUstream(torch.cuda.current_stream(dev).cuda_stream)
+    _check(
+        driver.cuLaunchKernel(
+            func, num_segments, num_seqs, hkv, num_warps * 32, 1, 1, inst.smem_bytes(), stream,
+            ctypes.addressof(ptrs), 0,
+        ),
+        "cuLaunchKernel",
+    )  # fmt: skip
+    return plan
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    key_bytes: int,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    cos_sin_cache: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    window: WindowCache | None = None,
+    **launch,
+) -> torch.Tensor:
+    """The decode step's attention into `out` [T, Hq, D] (new in query's dtype when None): the codes'
+    partials merged, with a recent `window`'s exact part when given (`window_triton`)."""
+    if out is None:
+        out = torch.empty_like(query)
+    plan = paged_attention_decode(
+        query, kv_cache, k_codebook, v_codebook, key_bytes, block_table, seq_lens, query_start_loc, scale,
+        cos_sin_cache, window.W if window is not None else 0, **launch,
+    )  # fmt: skip
+    if query.shape[0] == 0:
+        return out
+    if window is not None:
+        from vllm_cq.kernels.window_triton import attend_window_and_merge
+
+        return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale)
+    return plan.finish(out, query_start_loc)

@@ -1,0 +1,179 @@
+"""The CUDA decode kernel with shared-memory codebooks (`kernels/cq/decode_cuda.cu`).
+
+On a CPU machine: every instance the dispatch can pick compiles with NVRTC for sm_90 without register
+spills. On a GPU: the kernel against the torch reference on randomized batches (page boundaries, odd
+lengths, GQA ratios, several sequences, split-KV segments, a recent window, half precision)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.conftest import rel_err
+from tests.kernels.test_cq_naive import make_paged, random_codebooks, slots_of
+from vllm_cq.formats import get_format
+from vllm_cq.kernels.cq import decode_cuda, naive
+from vllm_cq.kernels.rope import build_cos_sin_cache
+
+pytest.importorskip("cuda.bindings")
+GPU = torch.cuda.is_available()
+gpu_only = pytest.mark.skipif(not GPU, reason="runs the kernel: needs a GPU")
+
+# formats the kernel covers (8-bit codes, no stored norm) and their centroid widths
+FORMATS = ["cq1", "cq2", "cq4", "cq_k4v1", "cq_k4v2", "cq_k4v05"]
+
+
+def centroid_dims(fmt_name: str) -> tuple[int, int]:
+    fmt = get_format(fmt_name)
+    return fmt.key.codebook_shape(1, 128)[2], fmt.value.codebook_shape(1, 128)[2]
+
+
+def instances() -> list[decode_cuda.Instance]:
+    out = []
+    for name in FORMATS:
+        ck, cv = centroid_dims(name)
+        for d in (64, 128):
+            for g in (1, 4, 8):
+                if decode_cuda.shape_ok(g, d, ck, cv):
+                    out.append(decode_cuda.Instance(g, d, ck, cv, True, decode_cuda.DEFAULT_ROPE_MODE))
+    ck, cv = centroid_dims("cq1")
+    out += [decode_cuda.Instance(4, 128, ck, cv, bf16, mode) for bf16 in (True, False) for mode in (0, 1, 2)]
+    return list(dict.fromkeys(out))
+
+
+@pytest.mark.parametrize("inst", instances(), ids=str)
+def test_compiles_for_sm90_without_spills(inst):
+    cubin, log = decode_cuda.compile_cubin(inst, "sm_90", verbose=True)
+    rep = decode_cuda.ptxas_report(log)
+    assert cubin[:4] == b"\x7fELF"
+    if rep["registers"] < 0 and GPU:  # NVRTC 13.0 (the GPU image's) prints no ptxas report: ask the driver
+        rep = decode_cuda.resource_usage(inst)
+    assert 0 < rep["registers"] <= 255 and rep["spill_bytes"] == 0, (rep, log)
+
+
+def test_shape_coverage_matches_the_formats():
+    """Llama-3.1-8B's shape (head_dim 128, GQA 4) is covered for every 8-bit format without a stored norm;
+    wider GQA groups and key centroids wider than a quad member's RoPE pairs are not."""
+    assert all(decode_cuda.shape_ok(4, 128, *centroid_dims(name)) for name in FORMATS)
+    assert all(decode_cuda.shape_ok(g, 64, 8, 8) for g in range(1, 9))
+    assert not decode_cuda.shape_ok(9, 128, 8, 8), "GQA groups above 8 rows take the Triton kernel"
+    assert not decode_cuda.shape_ok(4, 128, 32, 8), "key centroids must fit a quad member's RoPE pairs"
+    assert not decode_cuda.shape_ok(4, 32, 8, 8), "head_dim 32: 4 RoPE pairs per quad member < 8 channels"
+
+
+def random_decode_batch(seed: int, max_len: int) -> list[tuple[int, int]]:
+    """(seq_len, 1) per sequence: page edges, odd lengths, one-token sequences, a long one."""
+    rng = random.Random(seed)
+    lens = [1, 15, 16, 17, 33, rng.randint(2, max_len) | 1, 16 * rng.randint(1, max_len // 16), max_len]
+    rng.shuffle(lens)
+    return [(L, 1) for L in lens[: rng.randint(3, len(lens))]]
+
+
+def run_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, num_segments=None, rope_mode=None, bs=16):
+    fmt = get_format(fmt_name)
+    nblk, table, seq_lens, qsl = make_paged(seqs, bs)
+    kcb, vcb = random_codebooks(fmt, hkv, d)
+    kcb, vcb = kcb.to(dtype).float(), vcb.to(dtype).float()  # the kernel's centroids, exactly
+    cache = torch.randint(0, 256, (nblk, hkv, bs, fmt.slot_bytes(d)), dtype=torch.uint8)
+    for s, (L, _) in enumerate(seqs):
+        k, v = torch.randn(L, hkv, d), torch.randn(L, hkv, d)
+        naive.write_kv_cache(k, v, cache, slots_of(table, s, torch.arange(L), bs), kcb, vcb, fmt)
+    cs = build_cos_sin_cache(d, max(L for L, _ in seqs) + 1) if rope else None
+    q = torch.randn(int(qsl[-1]), hkv * ratio, d).to(dtype)
+    scale = d**-0.5
+    want = naive.paged_attention(q.float(), cache, kcb, vcb, fmt, table, seq_lens, qsl, scale, cs, True)
+    dev = "cuda"
+    out = decode_cuda.paged_attention(
+        q.to(dev), cache.to(dev), kcb.to(dtype).to(dev), vcb.to(dtype).to(dev), fmt.key_bytes(d), table.to(dev),
+        seq_lens.to(dev), qsl.to(dev), scale, None if cs is None else cs.to(dev), num_segments=num_segments,
+        rope_mode=rope_mode,
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    got = out.float().cpu()
+    assert not got.isnan().any()
+    return rel_err(got, want)
+
+
+@gpu_only
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    "fmt_name, hkv, ratio, d",
+    [("cq1", 2, 4, 128), ("cq1", 3, 1, 64), ("cq2", 1, 8, 128), ("cq_k4v1", 2, 3, 128), ("cq_k4v2", 2, 2, 64),
+     ("cq_k4v05", 2, 4, 128), ("cq1", 1, 5, 128)],
+)  # fmt: skip
+@pytest.mark.parametrize("rope_mode", [1, 2])
+def test_decode_matches_reference(seed, fmt_name, hkv, ratio, d, rope_mode):
+    seqs = random_decode_batch(seed, 300)
+    segments = [2, 4, 16][seed]
+    err = run_case(fmt_name, seqs, hkv, ratio, d, torch.bfloat16, True, num_segments=segments, rope_mode=rope_mode)
+    assert err < 2e-2, (err, seqs)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rope", [True, False])
+def test_decode_dtypes_and_keys_without_rope(dtype, rope):
+    err = run_case("cq1", random_decode_batch(5, 200), 2, 4, 128, dtype, rope)
+    assert err < 2e-2, err
+
+
+@gpu_only
+@pytest.mark.parametrize("fmt_name", ["cq1", "cq2", "cq_k4v1", "cq_k4v05"])
+def test_full_size_long_context(fmt_name):
+    """Llama-3.1-8B's head shape at contexts in the thousands, where the warps each walk many steps (and
+    the recurrence re-reads its rows)."""
+    rng = random.Random(11)
+    seqs = [(rng.randint(1000, 5000), 1) for _ in range(4)]
+    for mode in (1, 2):
+        err = run_case(fmt_name, seqs, 8, 4, 128, torch.bfloat16, True, rope_mode=mode)
+        assert err < 2e-2, (mode, err)
+
+
+@gpu_only
+@pytest.mark.parametrize("W", [1, 16, 35, 10**6])
+def test_window_merge_matches_reference(monkeypatch, W):
+    """Codes for keys older than the window, the exact window merged by window_triton: same answer as the
+    reference's window attention."""
+    from tests.kernels import test_window
+
+    monkeypatch.setattr(test_window, "D", 64)
+    seqs = test_window.random_seqs(random.Random(W), "decode", 64, 16)
+    b = test_window.Batch("cq1", seqs, 2, 4, 64, 16, W, win_dtype=torch.bfloat16)
+    b.kcb, b.vcb = b.kcb.bfloat16().float(), b.vcb.bfloat16().float()
+    b.q = b.q.bfloat16().float()
+    want = b.attend(b.window)
+    g = b.on("cuda")
+    got = decode_cuda.paged_attention(
+        g.q.bfloat16(), g.cache, g.kcb.bfloat16(), g.vcb.bfloat16(), b.fmt.key_bytes(64), g.table, g.seq_lens,
+        g.qsl, b.scale, g.rope, window=g.window,
+    ).float().cpu()  # fmt: skip
+    assert not got.isnan().any()
+    assert rel_err(got, want) < 2e-2, (rel_err(got, want), seqs)
+
+
+@gpu_only
+def test_ops_dispatch_takes_the_cuda_kernel_for_decode(monkeypatch):
+    """ops.paged_attention routes decode steps here when enabled and gives the Triton kernel's answer."""
+    from vllm_cq.kernels.cq import ops
+
+    fmt, d, bs = get_format("cq1"), 128, 16
+    seqs = random_decode_batch(3, 120)
+    nblk, table, seq_lens, qsl = make_paged(seqs, bs)
+    kcb, vcb = random_codebooks(fmt, 2, d)
+    cache = torch.randint(0, 256, (nblk, 2, bs, fmt.slot_bytes(d)), dtype=torch.uint8, device="cuda")
+    cs = build_cos_sin_cache(d, 200).cuda()
+    q = torch.randn(len(seqs), 8, d, dtype=torch.bfloat16, device="cuda")
+    args = (q, cache, kcb.cuda(), vcb.cuda(), fmt, table.cuda(), seq_lens.cuda(), qsl.cuda(), d**-0.5, cs, True, 1)
+    kw = dict(k_codebook_attn=kcb.bfloat16().cuda(), v_codebook_attn=vcb.bfloat16().cuda())
+    calls = []
+    real = decode_cuda.paged_attention_decode
+    monkeypatch.setattr(decode_cuda, "paged_attention_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("VLLM_CQ_DECODE_KERNEL", "triton")
+    want = ops.paged_attention(*args, **kw).float()
+    assert not calls
+    monkeypatch.setenv("VLLM_CQ_DECODE_KERNEL", "cuda")
+    got = ops.paged_attention(*args, **kw).float()
+    assert calls
+    assert rel_err(got.cpu(), want.cpu()) < 2e-2
