@@ -101,6 +101,17 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
 #endif
 }
 
+// a * b + c on two packed 16-bit values (one rounding), the model's format
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 d;
+#if IS_BF16
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#else
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+#endif
+    return d;
+}
+
 // N 16-bit values (N even) from an address aligned to 2N bytes, as N/2 words
 template <int N>
 __device__ __forceinline__ void lds_words(const u16* src, u32* dst) {
@@ -175,41 +186,45 @@ __device__ __forceinline__ void load_rope(
     }
 }
 
-// S[gid][2tig, 2tig+1] for one 8-key tile: this thread supplies key gid's B fragment (its pairs,
-// rotated), receives the scores of keys 2tig and 2tig+1.
+// S[gid][2tig, 2tig+1] for one 8-key tile: this thread supplies key gid's B fragment, receives the
+// scores of keys 2tig and 2tig+1. MMA k order: k-step k takes dims (tig*PPT + 2k, +1) in its low columns
+// and their RoPE partners (HALF + tig*PPT + 2k, +1) in its high ones, so a centroid word (two adjacent
+// channels) is one B register as gathered, and the rotation runs on packed pairs: y1 = x1 c - x2 s,
+// y2 = x2 c + x1 s with (cw, sw, nsw) = packed cos, sin, -sin of the key's position.
 __device__ __forceinline__ void qk_tile(
     float* s, const u32* qa0, const u32* qa2, const u16* kcb, const KCodes* kcodes, int tig,
-    const float* cs_c, const float* cs_s) {
-    u32 w1[PPT / 2], w2[PPT / 2];  // centroid coordinates of the first and second half's pairs
+    const u32* cw, const u32* sw, const u32* nsw) {
+    u32 w1[KSTEPS], w2[KSTEPS];  // first- and second-half centroid words of this thread's pairs
 #pragma unroll
     for (int j = 0; j < NGT; ++j) {
         const int g1 = tig * NGT + j;
         lds_words<CK>(kcb + ((g1 * 256 + (int)code_at(kcodes[0], j)) * CK), w1 + j * (CK / 2));
         lds_words<CK>(kcb + (((GK / 2 + g1) * 256 + (int)code_at(kcodes[1], j)) * CK), w2 + j * (CK / 2));
     }
-    u32 b[PPT];  // b[i] = (rotated k[p_i], rotated k[p_i + HALF])
-#pragma unroll
-    for (int i = 0; i < PPT; ++i) {
-        const float x1 = (i & 1) ? hi_f(w1[i / 2]) : lo_f(w1[i / 2]);
-        const float x2 = (i & 1) ? hi_f(w2[i / 2]) : lo_f(w2[i / 2]);
-#if ROPE_MODE == 0
-        b[i] = pack2(x1, x2);
-#else
-        b[i] = pack2(x1 * cs_c[i] - x2 * cs_s[i], x2 * cs_c[i] + x1 * cs_s[i]);
-#endif
-    }
     s[0] = s[1] = s[2] = s[3] = 0.f;
 #pragma unroll
-    for (int k = 0; k < KSTEPS; ++k) mma16816(s, qa0[k], 0u, qa2[k], 0u, b[k], b[KSTEPS + k]);
+    for (int k = 0; k < KSTEPS; ++k) {
+#if ROPE_MODE == 0
+        mma16816(s, qa0[k], 0u, qa2[k], 0u, w1[k], w2[k]);
+#else
+        const u32 y1 = fma2(w1[k], cw[k], fma2(w2[k], nsw[k], 0u));
+        const u32 y2 = fma2(w2[k], cw[k], fma2(w1[k], sw[k], 0u));
+        mma16816(s, qa0[k], 0u, qa2[k], 0u, y1, y2);
+#endif
+    }
 }
 
-// (c, s) of this thread's pairs advanced by 8 positions; the rotation (dc | ds, [2][HALF]) sits in shared
-// memory (32 registers fewer than holding it)
-__device__ __forceinline__ void rope_advance(float* c, float* s, const float* rot8, int tig) {
+// Rotations in shared memory, [2][4][PPT + 4] (cos | sin, per quad member, padded so the four members'
+// float4 reads hit distinct banks)
+#define ROT_ROW (PPT + 4)
+__device__ __forceinline__ const float* rot_at(const float* rot, int sc, int t) { return rot + (sc * 4 + t) * ROT_ROW; }
+
+// (c, s) of this thread's pairs advanced by the rotation `rot` (16 positions)
+__device__ __forceinline__ void rope_advance(float* c, float* s, const float* rot, int tig) {
 #pragma unroll
     for (int i = 0; i < PPT; i += 4) {
-        const float4 dc = *reinterpret_cast<const float4*>(rot8 + tig * PPT + i);
-        const float4 ds = *reinterpret_cast<const float4*>(rot8 + HALF + tig * PPT + i);
+        const float4 dc = *reinterpret_cast<const float4*>(rot_at(rot, 0, tig) + i);
+        const float4 ds = *reinterpret_cast<const float4*>(rot_at(rot, 1, tig) + i);
         const float dcs[4] = {dc.x, dc.y, dc.z, dc.w}, dss[4] = {ds.x, ds.y, ds.z, ds.w};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -217,6 +232,16 @@ __device__ __forceinline__ void rope_advance(float* c, float* s, const float* ro
             s[i + j] = s[i + j] * dcs[j] + c[i + j] * dss[j];
             c[i + j] = cn;
         }
+    }
+}
+
+// packed (cos, sin, -sin) words of this thread's pairs in the MMA k order
+__device__ __forceinline__ void pack_rope(const float* c, const float* s, u32* cw, u32* sw, u32* nsw) {
+#pragma unroll
+    for (int k = 0; k < KSTEPS; ++k) {
+        cw[k] = pack2(c[2 * k], c[2 * k + 1]);
+        sw[k] = pack2(s[2 * k], s[2 * k + 1]);
+        nsw[k] = sw[k] ^ 0x80008000u;
     }
 }
 
@@ -262,15 +287,44 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
         }
     }
 
-    // query fragments (rows gid < G; rows 8..15 of the tile are zero registers)
-    u32 qa0[KSTEPS], qa2[KSTEPS];
+#if ROPE_MODE != 0
+    // pure rotations by 8 and 16 positions: rows 8 and 16 over row 0 (vLLM's scaled caches hold
+    // mscale * cos, mscale * sin; the rows read per key keep their mscale)
+    __shared__ __align__(16) float rot8[2 * 4 * ROT_ROW], rot16[2 * 4 * ROT_ROW];
+    for (int i = threadIdx.x; i < HALF; i += NW * 32) {
+        const float m0 = cos_sin[i];
+        const int t = i / PPT, j = i % PPT;
+        rot8[(0 * 4 + t) * ROT_ROW + j] = cos_sin[8 * stride_cs + i] / m0;
+        rot8[(1 * 4 + t) * ROT_ROW + j] = cos_sin[8 * stride_cs + HALF + i] / m0;
+        rot16[(0 * 4 + t) * ROT_ROW + j] = cos_sin[16 * stride_cs + i] / m0;
+        rot16[(1 * 4 + t) * ROT_ROW + j] = cos_sin[16 * stride_cs + HALF + i] / m0;
+    }
+#endif
+    __syncthreads();  // codebooks and rotations staged
+
+    // query fragments (rows gid < G; rows 8..15 of the tile are zero registers), in qk_tile's k order.
+    // The second 8-key tile of a step sits 8 positions after the first: q . R(n + 8) k = (R(-8) q) . (R(n) k),
+    // so it takes the query rotated by -8 positions (qb*) and the same cos/sin as the first.
+    u32 qa0[KSTEPS], qa2[KSTEPS], qb0[KSTEPS], qb2[KSTEPS];
     {
         const u16* qr = q + (i64)q_start * stride_qt + (i64)(h * G + gid) * stride_qh;
 #pragma unroll
         for (int k = 0; k < KSTEPS; ++k) {
-            const int p0 = tig * PPT + k, p1 = tig * PPT + KSTEPS + k;
-            qa0[k] = gid < G ? ((u32)qr[p0] | ((u32)qr[p0 + HALF] << 16)) : 0u;
-            qa2[k] = gid < G ? ((u32)qr[p1] | ((u32)qr[p1 + HALF] << 16)) : 0u;
+            const int p = tig * PPT + 2 * k;
+            const u32 w1 = gid < G ? *reinterpret_cast<const u32*>(qr + p) : 0u;
+            const u32 w2 = gid < G ? *reinterpret_cast<const u32*>(qr + HALF + p) : 0u;
+            qa0[k] = w1;
+            qa2[k] = w2;
+#if ROPE_MODE == 0
+            qb0[k] = w1;
+            qb2[k] = w2;
+#else
+            const float* c8 = rot_at(rot8, 0, tig) + 2 * k;
+            const float* s8 = rot_at(rot8, 1, tig) + 2 * k;
+            const float x1l = lo_f(w1), x1h = hi_f(w1), x2l = lo_f(w2), x2h = hi_f(w2);
+            qb0[k] = pack2(x1l * c8[0] + x2l * s8[0], x1h * c8[1] + x2h * s8[1]);
+            qb2[k] = pack2(x2l * c8[0] - x1l * s8[0], x2h * c8[1] - x1h * s8[1]);
+#endif
         }
     }
 
@@ -291,17 +345,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
     for (int k = 0; k < KSTEPS; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.f;
     float m_run = NEG_INF, l_run = 0.f;
 
-    float cs_c[ROPE_MODE ? PPT : 1], cs_s[ROPE_MODE ? PPT : 1];
-#if ROPE_MODE == 2
-    __shared__ __align__(16) float rot8[2 * HALF];  // rotation by 8 positions: row 8 / row 0 (vLLM's scaled
-    for (int i = threadIdx.x; i < HALF; i += NW * 32) {  // caches hold mscale * cos, mscale * sin)
-        const float m0 = cos_sin[i];
-        rot8[i] = cos_sin[8 * stride_cs + i] / m0;
-        rot8[HALF + i] = cos_sin[8 * stride_cs + HALF + i] / m0;
-    }
-#endif
-
-    __syncthreads();  // codebooks staged
+    float cs_c[ROPE_MODE ? PPT : 1], cs_s[ROPE_MODE ? PPT : 1];  // cos/sin of position n0 + gid (fp32)
+    u32 cw[KSTEPS], sw[KSTEPS], nsw[KSTEPS];
 
     // Software pipeline over the steps: the page of step st + 3 and the codes of step st + 2 are in
     // flight while step st computes (page -> codes is a dependent pair of loads; one step ahead left
@@ -323,23 +368,18 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
         pg3 = page_of(st + 3);
         const int n0 = st * 16;
 
-        // scores of keys n0 + {2tig, 2tig+1} (s[0..1]) and n0 + 8 + {2tig, 2tig+1} (s[2..3]), row gid
+        // scores of keys n0 + {2tig, 2tig+1} (s0) and n0 + 8 + {2tig, 2tig+1} (s1), row gid
         float s0[4], s1[4];
 #if ROPE_MODE == 1
         load_rope(cos_sin, stride_cs, min(n0 + gid, rope_rows - 1), tig, cs_c, cs_s);
-        qk_tile(s0, qa0, qa2, kcb, cur.k[0], tig, cs_c, cs_s);
-        load_rope(cos_sin, stride_cs, min(n0 + 8 + gid, rope_rows - 1), tig, cs_c, cs_s);
-        qk_tile(s1, qa0, qa2, kcb, cur.k[1], tig, cs_c, cs_s);
+        pack_rope(cs_c, cs_s, cw, sw, nsw);
 #elif ROPE_MODE == 2
         if ((st - st_lo) % RESEED == 0) load_rope(cos_sin, stride_cs, min(n0 + gid, rope_rows - 1), tig, cs_c, cs_s);
-        qk_tile(s0, qa0, qa2, kcb, cur.k[0], tig, cs_c, cs_s);
-        rope_advance(cs_c, cs_s, rot8, tig);
-        qk_tile(s1, qa0, qa2, kcb, cur.k[1], tig, cs_c, cs_s);
-        rope_advance(cs_c, cs_s, rot8, tig);
-#else
-        qk_tile(s0, qa0, qa2, kcb, cur.k[0], tig, cs_c, cs_s);
-        qk_tile(s1, qa0, qa2, kcb, cur.k[1], tig, cs_c, cs_s);
+        pack_rope(cs_c, cs_s, cw, sw, nsw);
+        rope_advance(cs_c, cs_s, rot16, tig);
 #endif
+        qk_tile(s0, qa0, qa2, kcb, cur.k[0], tig, cw, sw, nsw);
+        qk_tile(s1, qb0, qb2, kcb, cur.k[1], tig, cw, sw, nsw);
         float p[4] = {s0[0], s0[1], s1[0], s1[1]};
         float mx = NEG_INF;
 #pragma unroll

@@ -132,6 +132,8 @@ def supports(
         return False
     if query.stride(2) != 1 or kv_cache.stride(3) != 1 or kv_cache.data_ptr() % 16:
         return False
+    if query.stride(0) % 2 or query.stride(1) % 2 or query.data_ptr() % 4:  # queries read as channel pairs
+        return False
     bs = kv_cache.shape[2]
     if any(s % 8 for s in kv_cache.stride()[:3]) or key_bytes % 8 or bs % 16 or bs & (bs - 1):
         return False
@@ -140,7 +142,7 @@ def supports(
             return False
         if cos_sin_cache.stride(1) != 1 or cos_sin_cache.stride(0) % 4 or cos_sin_cache.data_ptr() % 16:
             return False
-        if cos_sin_cache.shape[0] <= 8:  # the recurrence's 8-position rotation is row 8
+        if cos_sin_cache.shape[0] <= 16:  # rows 8 and 16 are the 8- and 16-position rotations
             return False
     return True
 
@@ -263,6 +265,7 @@ def paged_attention_decode(
 
     _, func = _function(inst, dev.index if dev.index is not None else torch.cuda.current_device())
     assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32 and query_start_loc.dtype == torch.int32
+    assert cos_sin_cache is None or cos_sin_cache.shape[0] > 16, "rows 8 and 16 are the 8-/16-position rotations"
     cs = cos_sin_cache if cos_sin_cache is not None else query
     args = [
         ctypes.c_void_p(query.data_ptr()),
