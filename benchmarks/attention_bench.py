@@ -90,6 +90,11 @@ BACKENDS: dict[str, tuple[str, str]] = {
     # the CUDA decode kernel with its RoPE rows advanced by rotation instead of read per key (opt-in)
     "cq-cuda-rec:cq1": ("cq-cuda-rec", "cq1"),
     "cq-cuda-rec:cq_k4v1": ("cq-cuda-rec", "cq_k4v1"),
+    # launch variants of the CUDA decode kernel (opt-in, "cuda-variants"): rope mode r, warps w, unroll u
+    "cq-cuda-r1w8u3:cq1": ("cq-cuda-r1w8u3", "cq1"),
+    "cq-cuda-r2w8u3:cq1": ("cq-cuda-r2w8u3", "cq1"),
+    "cq-cuda-r2w10u1:cq1": ("cq-cuda-r2w10u1", "cq1"),
+    "cq-cuda-r1w10u1:cq1": ("cq-cuda-r1w10u1", "cq1"),
     # the default recent window (128 exact tokens beside the codes): window pages, the merge, the window write
     "cq-w128:cq4": ("cq-w128", "cq4"),
     "cq-w128:cq1": ("cq-w128", "cq1"),
@@ -113,6 +118,7 @@ OPT_IN = {
     "tq-lw-v": "levelwise",
     "cq-w128": "window",
     "cq-cuda-rec": "rope-recurrence",
+    **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
 
@@ -404,7 +410,13 @@ def window_inputs(inp: Inputs, W: int, block: int = 16) -> tuple[Any, torch.Tens
 
 
 def _cq_fn(
-    inp: Inputs, fmt_name: str, kind: str, window: int = 0, decode_kernel: str | None = None, rope_mode: int = 0
+    inp: Inputs,
+    fmt_name: str,
+    kind: str,
+    window: int = 0,
+    decode_kernel: str | None = None,
+    rope_mode: int = 0,
+    launch: dict | None = None,
 ) -> Callable[[], Any]:
     from vllm_cq.formats import get_format
     from vllm_cq.kernels import rope
@@ -478,7 +490,7 @@ def _cq_fn(
 
         return lambda: decode_cuda.paged_attention(
             inp.query, cache, kcb_attn, vcb_attn, fmt.key_bytes(HEAD_DIM), inp.block_table, inp.seq_lens,
-            inp.query_start_loc, SCALE, cos_sin, out=out, window=win, rope_mode=rope_mode,
+            inp.query_start_loc, SCALE, cos_sin, out=out, window=win, rope_mode=rope_mode, **(launch or {}),
         )  # fmt: skip
     return lambda: cq_paged_attention(
         ops, inp.query, cache, kcb, vcb, fmt, inp.block_table, inp.seq_lens, inp.query_start_loc, **extras
@@ -529,6 +541,9 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
     if backend == "cq-cuda-rec":
         return _cq_fn(inp, kv, kind, decode_kernel="cuda", rope_mode=2)
+    if m := re.fullmatch(r"cq-cuda-r(\d)w(\d+)u(\d)", backend):
+        launch = dict(num_warps=int(m.group(2)), unroll=int(m.group(3)))
+        return _cq_fn(inp, kv, kind, decode_kernel="cuda", rope_mode=int(m.group(1)), launch=launch)
     if backend in TQ_LEVELWISE:
         return _tq_fn(inp, kv, kind, TQ_LEVELWISE[backend])
     raise ValueError(backend)

@@ -9,6 +9,7 @@
 //              cos_sin_cache, 2: the rows advanced by an 8-position rotation per key tile (re-read
 //              every RESEED steps)
 //   IS_BF16    1: bfloat16 model, 0: float16
+//   UNROLL     steps per unrolled main-loop body (lets the compiler drop the code pipeline's copies)
 //
 // Why this shape: Triton cannot index shared memory, so the Triton kernel gathers every centroid row
 // from L1/L2, one dependent uncoalesced request per code group per key (the bound it hits). Here the
@@ -42,6 +43,7 @@ typedef long long i64;
 #define VLEN (VDT < CV ? VDT : CV)  // value channels gathered per chunk
 #define NGV (VDT / VLEN)         // value chunks (code bytes) per key and thread
 #define RESEED 64                // ROPE_MODE 2: steps between re-reads of the cos/sin rows
+#define LAZY_MAX 8.f             // log2 headroom of the lazily rescaled running max
 #define NEG_INF (-__int_as_float(0x7f800000))
 
 #if (PPT % CK) != 0 || (HALF % 8) != 0 || G > 8 || (VDT % VLEN) != 0
@@ -192,8 +194,8 @@ __device__ __forceinline__ void load_rope(
 // channels) is one B register as gathered, and the rotation runs on packed pairs: y1 = x1 c - x2 s,
 // y2 = x2 c + x1 s with (cw, sw, nsw) = packed cos, sin, -sin of the key's position.
 __device__ __forceinline__ void qk_tile(
-    float* s, const u32* qa0, const u32* qa2, const u16* kcb, const KCodes* kcodes, int tig,
-    const u32* cw, const u32* sw, const u32* nsw) {
+    float* s, const u32 (*qt)[4], const u16* kcb, const KCodes* kcodes, int tig, const u32* cw, const u32* sw,
+    const u32* nsw) {
     u32 w1[KSTEPS], w2[KSTEPS];  // first- and second-half centroid words of this thread's pairs
 #pragma unroll
     for (int j = 0; j < NGT; ++j) {
@@ -201,17 +203,19 @@ __device__ __forceinline__ void qk_tile(
         lds_words<CK>(kcb + ((g1 * 256 + (int)code_at(kcodes[0], j)) * CK), w1 + j * (CK / 2));
         lds_words<CK>(kcb + (((GK / 2 + g1) * 256 + (int)code_at(kcodes[1], j)) * CK), w2 + j * (CK / 2));
     }
-    s[0] = s[1] = s[2] = s[3] = 0.f;
+    float acc[2][4] = {};  // even and odd k-steps: two MMA dependency chains of half the length
 #pragma unroll
     for (int k = 0; k < KSTEPS; ++k) {
 #if ROPE_MODE == 0
-        mma16816(s, qa0[k], 0u, qa2[k], 0u, w1[k], w2[k]);
+        mma16816(acc[k & 1], qt[k][0], qt[k][1], qt[k][2], qt[k][3], w1[k], w2[k]);
 #else
         const u32 y1 = fma2(w1[k], cw[k], fma2(w2[k], nsw[k], 0u));
         const u32 y2 = fma2(w2[k], cw[k], fma2(w1[k], sw[k], 0u));
-        mma16816(s, qa0[k], 0u, qa2[k], 0u, y1, y2);
+        mma16816(acc[k & 1], qt[k][0], qt[k][1], qt[k][2], qt[k][3], y1, y2);
 #endif
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s[i] = acc[0][i] + acc[1][i];
 }
 
 // Rotations in shared memory, [2][4][PPT + 4] (cos | sin, per quad member, padded so the four members'
@@ -302,10 +306,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
 #endif
     __syncthreads();  // codebooks and rotations staged
 
-    // query fragments (rows gid < G; rows 8..15 of the tile are zero registers), in qk_tile's k order.
-    // The second 8-key tile of a step sits 8 positions after the first: q . R(n + 8) k = (R(-8) q) . (R(n) k),
-    // so it takes the query rotated by -8 positions (qb*) and the same cos/sin as the first.
-    u32 qa0[KSTEPS], qa2[KSTEPS], qb0[KSTEPS], qb2[KSTEPS];
+    // Query fragments in qk_tile's k order. The second 8-key tile of a step sits 8 positions after the
+    // first: q . R(n + 8) k = (R(-8) q) . (R(n) k), so rows gid + 8 of the MMA's A tile hold the query
+    // rotated by -8 positions: one A tile for both key tiles (the first tile's scores come from rows gid,
+    // the second's from rows gid + 8) and one cos/sin per step.
+    u32 qt[KSTEPS][4];
     {
         const u16* qr = q + (i64)q_start * stride_qt + (i64)(h * G + gid) * stride_qh;
 #pragma unroll
@@ -313,17 +318,17 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
             const int p = tig * PPT + 2 * k;
             const u32 w1 = gid < G ? *reinterpret_cast<const u32*>(qr + p) : 0u;
             const u32 w2 = gid < G ? *reinterpret_cast<const u32*>(qr + HALF + p) : 0u;
-            qa0[k] = w1;
-            qa2[k] = w2;
+            qt[k][0] = w1;
+            qt[k][2] = w2;
 #if ROPE_MODE == 0
-            qb0[k] = w1;
-            qb2[k] = w2;
+            qt[k][1] = w1;
+            qt[k][3] = w2;
 #else
             const float* c8 = rot_at(rot8, 0, tig) + 2 * k;
             const float* s8 = rot_at(rot8, 1, tig) + 2 * k;
             const float x1l = lo_f(w1), x1h = hi_f(w1), x2l = lo_f(w2), x2h = hi_f(w2);
-            qb0[k] = pack2(x1l * c8[0] + x2l * s8[0], x1h * c8[1] + x2h * s8[1]);
-            qb2[k] = pack2(x2l * c8[0] - x1l * s8[0], x2h * c8[1] - x1h * s8[1]);
+            qt[k][1] = pack2(x1l * c8[0] + x2l * s8[0], x1h * c8[1] + x2h * s8[1]);
+            qt[k][3] = pack2(x2l * c8[0] - x1l * s8[0], x2h * c8[1] - x1h * s8[1]);
 #endif
         }
     }
@@ -363,6 +368,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
         pg2 = page_of(st_lo + 2);
     }
 
+#pragma unroll UNROLL
     for (int st = st_lo; st < st_hi; ++st) {
         if (st + 2 < st_hi) load_codes(nxt2, step_base(st + 2, pg2), stride_co, gid, tig, v_byte);
         pg3 = page_of(st + 3);
@@ -378,9 +384,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
         pack_rope(cs_c, cs_s, cw, sw, nsw);
         rope_advance(cs_c, cs_s, rot16, tig);
 #endif
-        qk_tile(s0, qa0, qa2, kcb, cur.k[0], tig, cw, sw, nsw);
-        qk_tile(s1, qb0, qb2, kcb, cur.k[1], tig, cw, sw, nsw);
-        float p[4] = {s0[0], s0[1], s1[0], s1[1]};
+        qk_tile(s0, qt, kcb, cur.k[0], tig, cw, sw, nsw);
+        qk_tile(s1, qt, kcb, cur.k[1], tig, cw, sw, nsw);
+        float p[4] = {s0[0], s0[1], s1[2], s1[3]};  // rows gid (query) of tile 0, gid + 8 (rotated query) of tile 1
         float mx = NEG_INF;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -390,24 +396,26 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run, mx);
-        const float m_use = m_new == NEG_INF ? 0.f : m_new;
-        const float alpha = exp2f(m_run - m_use);
-        float psum = 0.f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            p[j] = exp2f(p[j] - m_use);
-            psum += p[j];
-        }
-        l_run = l_run * alpha + psum;
-        m_run = m_new;
-        if (__any_sync(0xffffffffu, alpha != 1.f)) {  // rows 2tig, 2tig+1 of O^T's columns
-            const float a_lo = __shfl_sync(0xffffffffu, alpha, (2 * tig) * 4);
+        // Lazy rescaling (as FlashAttention-4 does): the running max moves only when a tile's max passes
+        // it by more than LAZY_MAX (log2 units), so most steps skip the rescale and its shuffles. Exact:
+        // the sums and the accumulator share the stale max; p <= 2^LAZY_MAX stays far inside bf16 range.
+        if (__any_sync(0xffffffffu, mx > m_run + LAZY_MAX)) {
+            const float m_new = mx > m_run + LAZY_MAX ? mx : m_run;
+            const float alpha = exp2f(m_run - (m_new == NEG_INF ? 0.f : m_new));
+            l_run *= alpha;
+            m_run = m_new;
+            const float a_lo = __shfl_sync(0xffffffffu, alpha, (2 * tig) * 4);  // rows 2tig, 2tig+1 of O^T
             const float a_hi = __shfl_sync(0xffffffffu, alpha, (2 * tig + 1) * 4);
 #pragma unroll
             for (int k = 0; k < KSTEPS; ++k) {
                 o[k][0] *= a_lo; o[k][1] *= a_hi; o[k][2] *= a_lo; o[k][3] *= a_hi;
             }
+        }
+        const float m_use = m_run == NEG_INF ? 0.f : m_run;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            p[j] = exp2f(p[j] - m_use);
+            l_run += p[j];
         }
         const u32 pb0 = pack2(p[0], p[1]), pb1 = pack2(p[2], p[3]);
 

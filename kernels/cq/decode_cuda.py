@@ -15,6 +15,7 @@ Triton kernel (`supports` says which).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 import re
@@ -29,9 +30,13 @@ from vllm_cq.kernels.window import WindowCache
 SOURCE = Path(__file__).with_name("decode_cuda.cu")
 LOG2E = 1.4426950408889634
 NUM_WARPS = 8
-# 0: keys without RoPE; 1: cos/sin rows read per key; 2: rows advanced by an 8-position rotation
+# 0: keys without RoPE; 1: cos/sin rows read per step; 2: rows advanced by a 16-position rotation.
+# H200, cq1 64 x 32K (2026-12-02): mode 2 1.45 ms, mode 1 1.54; with UNROLL 3 1.37 and 1.49.
 ROPE_TABLE, ROPE_RECURRENCE = 1, 2
-DEFAULT_ROPE_MODE = ROPE_TABLE
+DEFAULT_ROPE_MODE = ROPE_RECURRENCE
+# Main-loop unroll: 3 drops the code pipeline's register copies; an instance that would spill with it
+# (cq4 at head_dim 128 and one query head per KV head, 12 bytes) takes 1 (`Instance.fallback`).
+DEFAULT_UNROLL = 3
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,11 @@ class Instance:
     bf16: bool
     rope_mode: int
     num_warps: int = NUM_WARPS
+    unroll: int = DEFAULT_UNROLL
+
+    def fallback(self) -> Instance | None:
+        """What to use instead when this instance spills registers: no unrolling."""
+        return dataclasses.replace(self, unroll=1) if self.unroll > 1 else None
 
     def defines(self) -> list[str]:
         return [
@@ -55,6 +65,7 @@ class Instance:
             f"-DNW={self.num_warps}",
             f"-DROPE_MODE={self.rope_mode}",
             f"-DIS_BF16={int(self.bf16)}",
+            f"-DUNROLL={self.unroll}",
         ]
 
     def smem_bytes(self) -> int:
@@ -196,7 +207,7 @@ def resource_usage(inst: Instance, device_index: int = 0) -> dict[str, int]:
     log carries no ptxas report."""
     from cuda.bindings import driver
 
-    _, func = _function(inst, device_index)
+    _, func = _load(inst, device_index)
     attrs = driver.CUfunction_attribute
     regs = _check(driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_NUM_REGS, func), "cuFuncGetAttribute")
     local = _check(driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, func), "cuFuncGetAttribute")
@@ -205,7 +216,16 @@ def resource_usage(inst: Instance, device_index: int = 0) -> dict[str, int]:
 
 @functools.cache
 def _function(inst: Instance, device_index: int):
-    """Compile (once per instance and device) and load the kernel; returns the CUfunction."""
+    """The CUfunction to launch for `inst`: its own build, or its fallback's where it spills."""
+    module, func = _load(inst, device_index)
+    if inst.fallback() is not None and resource_usage(inst, device_index)["spill_bytes"] > 0:
+        return _function(inst.fallback(), device_index)
+    return module, func
+
+
+@functools.cache
+def _load(inst: Instance, device_index: int):
+    """Compile (once per instance and device) and load the kernel; returns (module, CUfunction)."""
     from cuda.bindings import driver
 
     major, minor = torch.cuda.get_device_capability(device_index)
@@ -217,6 +237,41 @@ def _function(inst: Instance, device_index: int):
     attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     _check(driver.cuFuncSetAttribute(func, attr, inst.smem_bytes()), "cuFuncSetAttribute")
     return module, func
+
+
+def _instance(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    cos_sin_cache: torch.Tensor | None,
+    rope_mode: int | None = None,
+    num_warps: int = NUM_WARPS,
+    unroll: int = DEFAULT_UNROLL,
+) -> Instance:
+    if rope_mode is None:
+        rope_mode = DEFAULT_ROPE_MODE if cos_sin_cache is not None else 0
+    g = query.shape[1] // kv_cache.shape[1]
+    bf16 = query.dtype == torch.bfloat16
+    return Instance(g, query.shape[2], k_codebook.shape[2], v_codebook.shape[2], bf16, rope_mode, num_warps, unroll)
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def prepare(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    cos_sin_cache: torch.Tensor | None,
+) -> None:
+    """Compile and load the instance a decode step of this shape will launch, outside any CUDA graph
+    capture: vLLM captures decode graphs after its prefill-shaped profiling run, and loading a module
+    while a stream captures is not allowed. `ops.paged_attention` calls this on prefill steps."""
+    if not torch.cuda.is_current_stream_capturing():
+        _function(_instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache), _device_index(query))
 
 
 def num_segments_for(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -242,6 +297,7 @@ def paged_attention_decode(
     num_segments: int | None = None,
     rope_mode: int | None = None,
     num_warps: int = NUM_WARPS,
+    unroll: int = DEFAULT_UNROLL,
 ) -> LaunchPlan:
     """Split-KV partials of a decode-only step (every sequence has <= 1 new token) into a `LaunchPlan`:
     the caller finishes it (`plan.finish`) or merges a recent window into it. Codebooks are in the model
@@ -250,9 +306,7 @@ def paged_attention_decode(
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
     g = hq // hkv
-    if rope_mode is None:
-        rope_mode = DEFAULT_ROPE_MODE if cos_sin_cache is not None else 0
-    inst = Instance(g, d, k_codebook.shape[2], v_codebook.shape[2], query.dtype == torch.bfloat16, rope_mode, num_warps)
+    inst = _instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache, rope_mode, num_warps, unroll)
     dev = query.device
     if num_segments is None:
         num_segments = num_segments_for(num_seqs, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)
@@ -263,7 +317,7 @@ def paged_attention_decode(
         return plan
     from cuda.bindings import driver
 
-    _, func = _function(inst, dev.index if dev.index is not None else torch.cuda.current_device())
+    _, func = _function(inst, _device_index(query))
     assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32 and query_start_loc.dtype == torch.int32
     assert cos_sin_cache is None or cos_sin_cache.shape[0] > 16, "rows 8 and 16 are the 8-/16-position rotations"
     cs = cos_sin_cache if cos_sin_cache is not None else query
