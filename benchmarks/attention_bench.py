@@ -9,7 +9,11 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
   fa3-cg  the same with num_splits <= 32 (vLLM's setting under full CUDA graphs; decode only)
   triton  vllm.v1.attention.ops.triton_unified_attention.unified_attention (TRITON_ATTN backend):
           2D kernel for prefill and batch > 16, 3D split-softmax kernel for batch <= 16; bf16 and fp8
-  cq      vllm_cq.kernels.cq.ops.paged_attention / write_kv_cache per format (cq4, cq2, cq1, cq_k4v1)
+  cq      vllm_cq.kernels.cq.ops.paged_attention / write_kv_cache per format (cq4, cq2, cq1, cq_k4v1):
+          the dispatch's choice (decode: the CUDA kernel where it covers the shape, else Triton)
+  cq-triton / cq-cuda  the same call with decode_kernel="triton" / "cuda" (decode rows only)
+  cq-cuda-rec, cq-cuda-r{1,2}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
+          directly (RoPE rows read per step (1) or advanced by rotation (2), warps, unroll)
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
   tq-lw   the same KVTQ attention with levelwise="kv" (digits straight into the dots, scales once per
           level and group; `kernels/kvtq/triton_ops.py`), tq-lw-k / tq-lw-v one side only; opt-in:

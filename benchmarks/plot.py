@@ -30,9 +30,9 @@ COLORS = {
     "cq_k4v1": "#8c564b",
     "cq_k4v2": "#e377c2",
 }
-STYLES = {"fa3": "-", "fa3-cg": ":", "triton": "--", "cq": "-"}
-MARKERS = {"fa3": "o", "fa3-cg": "x", "triton": "s", "cq": "^"}
-BACKEND_ORDER = ["fa3", "fa3-cg", "triton", "cq"]
+STYLES = {"fa3": "-", "fa3-cg": ":", "triton": "--", "cq": "-", "cq-triton": "--", "cq-cuda": "-"}
+MARKERS = {"fa3": "o", "fa3-cg": "x", "triton": "s", "cq": "^", "cq-triton": "v", "cq-cuda": "^"}
+BACKEND_ORDER = ["fa3", "fa3-cg", "triton", "cq", "cq-triton", "cq-cuda"]
 KV_ORDER = ["bf16", "auto", "fp8", "cq4", "cq_k4v2", "cq2", "cq_k4v1", "cq1"]
 
 

@@ -26,6 +26,11 @@
 # Done 2026-12-02 (third): normcheck, qn (cq2n codes only), kernel grid with the window and cq2n, e2e cq1+w128, kvtq1.
 # Done 2026-12-02 (fourth): s4 (padded pages pass on 0.26), qn with QN_FORMATS=cq2n,cq1n then cq_k4v05,cq_k2nv1
 # (QN_TAG -a/-b), e2e kvtq 128x(4096+512) alone (--formats kvtq --timeout 570, ~5.5 min).
+# Fifth session (2026-12-02): the CUDA decode kernel. `cuda` and `iter` need no vLLM (run before staging);
+# `s5` after the three staging calls. Done: cuda (kernel tests), iter x4 (versions), s5 (FA3 grid, formats, e2e).
+#   bash scripts/gpu_session.sh cuda       # the CUDA decode kernel's tests vs the reference (~70 s)
+#   bash scripts/gpu_session.sh iter       # its tests (ITER_K selects) + cq decode rows (KERNEL_BACKENDS) (~2 min)
+#   bash scripts/gpu_session.sh s5         # decode grid FA3 vs Triton vs CUDA, formats at 32K x 64, e2e cq1 (~4.5 min)
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -352,11 +357,15 @@ case "${1:-tests}" in
     # kernels, the other formats at 32K x 64, then e2e cq1 through the CUDA decode kernel
     mkdir -p "$OUT/w"
     VLLM_CQ_DECODE_KERNEL=cuda timeout 330 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-h200-2026-12-02-cuda.json" \
-      --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq-triton:cq1,cq-cuda:cq1,cq-cuda-rec:cq1}" \
+      --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq-triton:cq1,cq-cuda:cq1}" \
       --contexts "${CONTEXTS:-1k,4k,16k,32k}" --batches "${BATCHES:-1,16,64}" --kinds decode --timers graph_cold \
       --budget-s 300 > "$OUT/w/kernels.log" 2>&1
     echo "attention_bench rc=$?"
     grep -E "^\| (kind|decode)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -45
+    VLLM_CQ_DECODE_KERNEL=cuda timeout 120 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-h200-2026-12-02-cuda-formats.json" \
+      --backends "cq-triton,cq-cuda,cq-w128:cq1" --contexts 32k --batches 64 --kinds decode --timers graph_cold \
+      --budget-s 100 > "$OUT/w/kernels-formats.log" 2>&1
+    grep -E "^\| decode|broken" "$OUT/w/kernels-formats.log" | cut -c1-200 | tail -15
     if [ -n "${E2E_FORMATS-cq1}" ]; then
       python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
       VLLM_CQ_DECODE_KERNEL=cuda VLLM_CQ_STACK_DUMP_S=120 timeout 250 python3 benchmarks/e2e_throughput.py $M8B \

@@ -94,7 +94,7 @@ def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
 
 # The dispatch takes this kernel by default only once its GPU tests have passed (tests/kernels/
 # test_cq_decode_cuda.py on the H200); VLLM_CQ_DECODE_KERNEL=cuda|triton overrides either way.
-VERIFIED_ON_GPU = False
+VERIFIED_ON_GPU = True
 
 
 def enabled(choice: str | None = None) -> bool:
