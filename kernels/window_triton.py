@@ -185,12 +185,12 @@ def attend_window_and_merge(
     num_warps: int = 4,
 ) -> torch.Tensor:
     """out [T, Hq, D] = the window's exact part of attention merged with the code part's partials in
-    `plan` (a split-KV plan: `plan_launch(..., min_segments=2)`); the attention kernels of every family
-    call this instead of `plan.finish` when a recent window is configured."""
+    `plan` (partials: `plan_launch(..., min_segments=2)`, or the CUDA decode kernel's); the attention
+    kernels of every family call this instead of `plan.finish` when a recent window is configured."""
     t, hq, d = query.shape
     wc = window.kv_cache
     hkv = wc.shape[1]
-    assert plan.num_segments >= 2, "the window merges split-KV partials"
+    assert plan.target.dim() == 4, "the window merges split-KV partials [T, Hq, S, D] (S may be 1)"
     assert wc.shape[3] == 2 * d and wc.stride(3) == 1 and query.stride(2) == 1
     if t == 0:
         return out

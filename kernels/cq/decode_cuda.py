@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_cq.kernels.varlen import LaunchPlan
+from vllm_cq.kernels.varlen import LaunchPlan, merge_segments
 from vllm_cq.kernels.window import WindowCache
 
 SOURCE = Path(__file__).with_name("decode_cuda.cu")
@@ -275,11 +275,11 @@ def prepare(
 
 
 def num_segments_for(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Split-KV segments: about two waves of one CTA per SM (the codebooks take most of an SM's shared
-    memory), at least 2 (the window merge and `LaunchPlan.finish` read partials), at most 16. A function of
-    the batch shape only, so a CUDA graph captured for a batch size keeps its split."""
+    """Split-KV segments: at least two waves of one CTA per SM (the codebooks take most of an SM's shared
+    memory), at most 16; every CTA stages 128 KB of codebooks, so no more CTAs than that. A function of the
+    batch shape only, so a CUDA graph captured for a batch size keeps its split."""
     want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
-    return max(2, min(16, 1 << max(0, (want - 1).bit_length())))
+    return min(16, 1 << max(0, (want - 1).bit_length()))
 
 
 def paged_attention_decode(
@@ -299,9 +299,10 @@ def paged_attention_decode(
     num_warps: int = NUM_WARPS,
     unroll: int = DEFAULT_UNROLL,
 ) -> LaunchPlan:
-    """Split-KV partials of a decode-only step (every sequence has <= 1 new token) into a `LaunchPlan`:
-    the caller finishes it (`plan.finish`) or merges a recent window into it. Codebooks are in the model
-    dtype, [Hkv * D / c, 256, c]; `win` > 0 attends only to keys at least `win` older than the query."""
+    """Split-KV partials of a decode-only step (every sequence has <= 1 new token) into a `LaunchPlan`,
+    partials even for one segment: the caller merges them (`merge_segments`, or with a recent window).
+    Codebooks are in the model dtype, [Hkv * D / c, 256, c]; `win` > 0 attends only to keys at least
+    `win` older than the query."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -387,4 +388,5 @@ def paged_attention(
         from vllm_cq.kernels.window_triton import attend_window_and_merge
 
         return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale)
-    return plan.finish(out, query_start_loc)
+    merge_segments(plan.target, plan.ml, out, query_start_loc)  # also for one segment: the kernel writes partials
+    return out
