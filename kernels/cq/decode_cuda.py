@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -108,9 +109,16 @@ def enabled(choice: str | None = None) -> bool:
 
 @functools.cache
 def toolchain_available() -> bool:
+    """cuda-bindings (NVRTC and the driver API) importable; warns once when not, since decode then takes
+    the Triton kernel, 4x slower at long contexts."""
     try:
         from cuda.bindings import driver, nvrtc  # noqa: F401
-    except ImportError:
+    except ImportError as e:
+        logging.getLogger("vllm_cq").warning(
+            "vllm-cq: %s; cq decode attention falls back to the slower Triton kernel "
+            "(install the CUDA kernel's toolchain: pip install 'vllm-cq[gpu]' or cuda-bindings)",
+            e,
+        )
         return False
     return True
 

@@ -228,3 +228,18 @@ def test_prepare_loads_the_decode_instance():
     decode_cuda._function.cache_clear()
     decode_cuda.prepare(q, cache, kcb, kcb, cs)
     assert decode_cuda._function.cache_info().currsize == 1
+
+
+def test_missing_toolchain_warns_once_and_falls_back(monkeypatch, caplog):
+    """Without cuda-bindings the dispatch says so once and takes the Triton kernel."""
+    import sys
+
+    decode_cuda.toolchain_available.cache_clear()
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # import fails as if not installed
+    try:
+        with caplog.at_level("WARNING", logger="vllm_cq"):
+            assert not decode_cuda.toolchain_available()
+            assert not decode_cuda.toolchain_available()
+        assert sum("Triton kernel" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        decode_cuda.toolchain_available.cache_clear()
