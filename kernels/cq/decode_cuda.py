@@ -133,9 +133,12 @@ def supports(
     key_bytes: int,
     key_norm_offset: int,
     choice: str | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> bool:
     """Whether `paged_attention` can take this decode call (else: the Triton kernel)."""
     if not (query.is_cuda and enabled(choice) and toolchain_available()):
+        return False
+    if kv_cache.dtype != torch.uint8 or (block_table is not None and block_table.dtype != torch.int32):
         return False
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
@@ -327,7 +330,8 @@ def paged_attention_decode(
     from cuda.bindings import driver
 
     _, func = _function(inst, _device_index(query))
-    assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32 and query_start_loc.dtype == torch.int32
+    int32 = all(t.dtype == torch.int32 for t in (block_table, seq_lens, query_start_loc))
+    assert int32, "int32 block table, seq_lens and query_start_loc (what vLLM passes)"
     assert cos_sin_cache is None or cos_sin_cache.shape[0] > 16, "rows 8 and 16 are the 8-/16-position rotations"
     cs = cos_sin_cache if cos_sin_cache is not None else query
     args = [

@@ -117,7 +117,9 @@ def paged_attention(
     kcb = k_codebook if k_codebook_attn is None else k_codebook_attn
     vcb = v_codebook if v_codebook_attn is None else v_codebook_attn
     key_bytes, norm_offset = fmt.key_bytes(d), key_norm_offset(fmt, d)
-    if decode_cuda.supports(query, kv_cache, kcb, vcb, cos_sin_cache, is_neox, key_bytes, norm_offset, decode_kernel):
+    if decode_cuda.supports(
+        query, kv_cache, kcb, vcb, cos_sin_cache, is_neox, key_bytes, norm_offset, decode_kernel, block_table
+    ):
         if max_query_len <= 1:
             return decode_cuda.paged_attention(
                 query, kv_cache, kcb, vcb, key_bytes, block_table, seq_lens, query_start_loc, scale,
