@@ -31,6 +31,7 @@
 #   bash scripts/gpu_session.sh cuda       # the CUDA decode kernel's tests vs the reference (~70 s)
 #   bash scripts/gpu_session.sh iter       # its tests (ITER_K selects) + cq decode rows (KERNEL_BACKENDS) (~2 min)
 #   bash scripts/gpu_session.sh s5         # decode grid FA3 vs Triton vs CUDA, formats at 32K x 64, e2e cq1 (~4.5 min)
+#   bash scripts/gpu_session.sh prefill    # NEXT: the CUDA prefill kernel's first GPU run (tests, then 2K/8K rows)
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -351,6 +352,19 @@ case "${1:-tests}" in
     echo "attention_bench rc=$?"
     grep -E "^\| (kind|decode)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
     pack iter
+    ;;
+  prefill)
+    # next session: the CUDA prefill kernel (not yet run on a GPU) against the reference, then prefill rows
+    # (opt-in via cq-cuda rows; with vLLM staged, add fa3:bf16 to KERNEL_BACKENDS)
+    mkdir -p "$OUT/w"
+    timeout 300 python3 -m pytest -q --tb=short -x tests/kernels/test_cq_prefill_cuda.py 2>&1 \
+      | tee "$OUT/w/prefill-kernels.log" | tail -25 | cut -c1-300
+    timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-prefill.json" \
+      --backends "${KERNEL_BACKENDS:-cq-triton:cq1,cq-cuda:cq1}" --prefill-contexts 2k,8k --prefill-chunk '' \
+      --kinds prefill --timers bench --budget-s 180 > "$OUT/w/kernels.log" 2>&1
+    echo "attention_bench rc=$?"
+    grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -20
+    pack prefill
     ;;
   s5)
     # fifth session: decode grid (issue 5's contexts x batches) FA3 bf16/fp8 vs the Triton and CUDA cq decode

@@ -17,18 +17,16 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import logging
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from vllm_cq.kernels.cq import cuda_build
 from vllm_cq.kernels.varlen import LaunchPlan, merge_segments
 from vllm_cq.kernels.window import WindowCache
 
-SOURCE = Path(__file__).with_name("decode_cuda.cu")
+SOURCE = "decode_cuda.cu"
 LOG2E = 1.4426950408889634
 NUM_WARPS = 8
 # 0: keys without RoPE; 1: cos/sin rows read per step; 2: rows advanced by a 16-position rotation.
@@ -107,19 +105,52 @@ def enabled(choice: str | None = None) -> bool:
     return choice == "cuda" or (choice != "triton" and VERIFIED_ON_GPU)
 
 
-@functools.cache
-def toolchain_available() -> bool:
-    """cuda-bindings (NVRTC and the driver API) importable; warns once when not, since decode then takes
-    the Triton kernel, 4x slower at long contexts."""
-    try:
-        from cuda.bindings import driver, nvrtc  # noqa: F401
-    except ImportError as e:
-        logging.getLogger("vllm_cq").warning(
-            "vllm-cq: %s; cq decode attention falls back to the slower Triton kernel "
-            "(install the CUDA kernel's toolchain: pip install 'vllm-cq[gpu]' or cuda-bindings)",
-            e,
-        )
+toolchain_available = cuda_build.toolchain_available
+
+
+def inputs_ok(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    cos_sin_cache: torch.Tensor | None,
+    is_neox: bool,
+    key_bytes: int,
+    key_norm_offset: int,
+    block_table: torch.Tensor | None = None,
+) -> bool:
+    """What the CUDA kernels (decode and prefill) need of their inputs: 8-bit codes without a stored
+    norm, codebooks in the query's half-precision dtype, aligned 8-byte code slots in power-of-two pages
+    of >= 16 tokens, channel pairs of the query readable as 32-bit words, NeoX RoPE over the whole head
+    from a float32 cache (or none). The centroid widths each kernel can take are its own `shape_ok`."""
+    if kv_cache.dtype != torch.uint8 or (block_table is not None and block_table.dtype != torch.int32):
         return False
+    t, hq, d = query.shape
+    hkv = kv_cache.shape[1]
+    gk, kk, ck = k_codebook.shape
+    gv, kv, cv = v_codebook.shape
+    if hq % hkv or kk != 256 or kv != 256 or key_norm_offset >= 0:
+        return False
+    if query.dtype not in (torch.bfloat16, torch.float16) or k_codebook.dtype != query.dtype:
+        return False
+    if v_codebook.dtype != query.dtype or not (k_codebook.is_contiguous() and v_codebook.is_contiguous()):
+        return False
+    if gk != hkv * d // ck or gv != hkv * d // cv:
+        return False
+    if query.stride(2) != 1 or kv_cache.stride(3) != 1 or kv_cache.data_ptr() % 16:
+        return False
+    if query.stride(0) % 2 or query.stride(1) % 2 or query.data_ptr() % 4:  # queries read as channel pairs
+        return False
+    bs = kv_cache.shape[2]
+    if any(s % 8 for s in kv_cache.stride()[:3]) or key_bytes % 8 or bs % 16 or bs & (bs - 1):
+        return False
+    if cos_sin_cache is not None:
+        if not is_neox or cos_sin_cache.shape[1] != d or cos_sin_cache.dtype != torch.float32:
+            return False
+        if cos_sin_cache.stride(1) != 1 or cos_sin_cache.stride(0) % 4 or cos_sin_cache.data_ptr() % 16:
+            return False
+        if cos_sin_cache.shape[0] <= 16:  # rows 8 and 16 are the decode recurrence's rotations
+            return False
     return True
 
 
@@ -138,115 +169,35 @@ def supports(
     """Whether `paged_attention` can take this decode call (else: the Triton kernel)."""
     if not (query.is_cuda and enabled(choice) and toolchain_available()):
         return False
-    if kv_cache.dtype != torch.uint8 or (block_table is not None and block_table.dtype != torch.int32):
+    args = (query, kv_cache, k_codebook, v_codebook, cos_sin_cache, is_neox, key_bytes, key_norm_offset)
+    if not inputs_ok(*args, block_table):
         return False
-    t, hq, d = query.shape
-    hkv = kv_cache.shape[1]
-    gk, kk, ck = k_codebook.shape
-    gv, kv, cv = v_codebook.shape
-    if hq % hkv or kk != 256 or kv != 256 or key_norm_offset >= 0:
-        return False
-    if query.dtype not in (torch.bfloat16, torch.float16) or k_codebook.dtype != query.dtype:
-        return False
-    if v_codebook.dtype != query.dtype or not (k_codebook.is_contiguous() and v_codebook.is_contiguous()):
-        return False
-    if gk != hkv * d // ck or gv != hkv * d // cv or not shape_ok(hq // hkv, d, ck, cv):
-        return False
-    if query.stride(2) != 1 or kv_cache.stride(3) != 1 or kv_cache.data_ptr() % 16:
-        return False
-    if query.stride(0) % 2 or query.stride(1) % 2 or query.data_ptr() % 4:  # queries read as channel pairs
-        return False
-    bs = kv_cache.shape[2]
-    if any(s % 8 for s in kv_cache.stride()[:3]) or key_bytes % 8 or bs % 16 or bs & (bs - 1):
-        return False
-    if cos_sin_cache is not None:
-        if not is_neox or cos_sin_cache.shape[1] != d or cos_sin_cache.dtype != torch.float32:
-            return False
-        if cos_sin_cache.stride(1) != 1 or cos_sin_cache.stride(0) % 4 or cos_sin_cache.data_ptr() % 16:
-            return False
-        if cos_sin_cache.shape[0] <= 16:  # rows 8 and 16 are the 8- and 16-position rotations
-            return False
-    return True
-
-
-def compile_options(arch: str, inst: Instance, verbose: bool = False) -> list[bytes]:
-    opts = ["-std=c++17", f"--gpu-architecture={arch}", "--use_fast_math", *inst.defines()]
-    if verbose:
-        opts.append("--ptxas-options=-v")
-    return [o.encode() for o in opts]
-
-
-def _check(res, what: str):
-    """cuda-bindings returns (status, *values): raise on a non-success status."""
-    status, *values = res if isinstance(res, tuple) else (res,)
-    if int(status) != 0:
-        raise RuntimeError(f"vllm-cq CUDA decode kernel: {what} failed ({status})")
-    return values[0] if len(values) == 1 else values
+    return shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2])
 
 
 def compile_cubin(inst: Instance, arch: str, verbose: bool = False) -> tuple[bytes, str]:
-    """NVRTC: decode_cuda.cu -> (cubin for `arch`, e.g. "sm_90", and the compile log). No GPU needed."""
-    from cuda.bindings import nvrtc
-
-    prog = _check(nvrtc.nvrtcCreateProgram(SOURCE.read_bytes(), b"decode_cuda.cu", 0, [], []), "nvrtcCreateProgram")
-    try:
-        opts = compile_options(arch, inst, verbose)
-        status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
-        size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
-        _check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-        log_s = log.decode(errors="replace").rstrip("\x00 \n")
-        if int(status) != 0:
-            raise RuntimeError(f"vllm-cq CUDA decode kernel {inst} does not compile:\n{log_s}")
-        size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * size
-        _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        return cubin, log_s
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    """NVRTC: decode_cuda.cu for `inst` -> (cubin for `arch`, e.g. "sm_90", and the log). No GPU needed."""
+    return cuda_build.compile_cubin(SOURCE, inst.defines(), arch, verbose)
 
 
-def ptxas_report(log: str) -> dict[str, int]:
-    """Registers, spill bytes and static shared memory from a `--ptxas-options=-v` compile log."""
-    regs = re.search(r"Used (\d+) registers", log)
-    spill = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
-    return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": sum(int(s) for s in spill)}
+ptxas_report = cuda_build.ptxas_report
 
 
 def resource_usage(inst: Instance, device_index: int = 0) -> dict[str, int]:
-    """Registers per thread and local (spill) bytes of the loaded kernel, from the driver: NVRTC 13.0's
-    log carries no ptxas report."""
-    from cuda.bindings import driver
+    """Registers per thread and local (spill) bytes of `inst` as loaded on the device."""
+    return cuda_build.resource_usage(_load(inst, device_index)[1])
 
-    _, func = _load(inst, device_index)
-    attrs = driver.CUfunction_attribute
-    regs = _check(driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_NUM_REGS, func), "cuFuncGetAttribute")
-    local = _check(driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, func), "cuFuncGetAttribute")
-    return {"registers": int(regs), "spill_bytes": int(local)}
+
+def _load(inst: Instance, device_index: int):
+    return cuda_build.load(SOURCE, tuple(inst.defines()), "cq_decode_kernel", inst.smem_bytes(), device_index)
 
 
 @functools.cache
 def _function(inst: Instance, device_index: int):
-    """The CUfunction to launch for `inst`: its own build, or its fallback's where it spills."""
+    """The (module, CUfunction) to launch for `inst`: its own build, or its fallback's where it spills."""
     module, func = _load(inst, device_index)
-    if inst.fallback() is not None and resource_usage(inst, device_index)["spill_bytes"] > 0:
+    if inst.fallback() is not None and cuda_build.resource_usage(func)["spill_bytes"] > 0:
         return _function(inst.fallback(), device_index)
-    return module, func
-
-
-@functools.cache
-def _load(inst: Instance, device_index: int):
-    """Compile (once per instance and device) and load the kernel; returns (module, CUfunction)."""
-    from cuda.bindings import driver
-
-    major, minor = torch.cuda.get_device_capability(device_index)
-    cubin, _ = compile_cubin(inst, f"sm_{major}{minor}")
-    torch.cuda.init()  # torch makes the device's primary context current; the module loads into it
-    _check(driver.cuInit(0), "cuInit")
-    module = _check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
-    func = _check(driver.cuModuleGetFunction(module, b"cq_decode_kernel"), "cuModuleGetFunction")
-    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    _check(driver.cuFuncSetAttribute(func, attr, inst.smem_bytes()), "cuFuncSetAttribute")
     return module, func
 
 
@@ -267,10 +218,6 @@ def _instance(
     return Instance(g, query.shape[2], k_codebook.shape[2], v_codebook.shape[2], bf16, rope_mode, num_warps, unroll)
 
 
-def _device_index(t: torch.Tensor) -> int:
-    return t.device.index if t.device.index is not None else torch.cuda.current_device()
-
-
 def prepare(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -282,7 +229,7 @@ def prepare(
     capture: vLLM captures decode graphs after its prefill-shaped profiling run, and loading a module
     while a stream captures is not allowed. `ops.paged_attention` calls this on prefill steps."""
     if not torch.cuda.is_current_stream_capturing():
-        _function(_instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache), _device_index(query))
+        _function(_instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache), cuda_build.device_index(query))
 
 
 def num_segments_for(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -327,9 +274,7 @@ def paged_attention_decode(
     plan = LaunchPlan(1, max(16, 1 << (g - 1).bit_length()), num_segments, part, ml, 0, 0)
     if t == 0 or num_seqs == 0:
         return plan
-    from cuda.bindings import driver
-
-    _, func = _function(inst, _device_index(query))
+    _, func = _function(inst, cuda_build.device_index(query))
     int32 = all(t.dtype == torch.int32 for t in (block_table, seq_lens, query_start_loc))
     assert int32, "int32 block table, seq_lens and query_start_loc (what vLLM passes)"
     assert cos_sin_cache is None or cos_sin_cache.shape[0] > 16, "rows 8 and 16 are the 8-/16-position rotations"
@@ -359,15 +304,7 @@ def paged_attention_decode(
         ctypes.c_int32(key_bytes),
         ctypes.c_int32(win),
     ]
-    ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-    stream = driver.CUstream(torch.cuda.current_stream(dev).cuda_stream)
-    _check(
-        driver.cuLaunchKernel(
-            func, num_segments, num_seqs, hkv, num_warps * 32, 1, 1, inst.smem_bytes(), stream,
-            ctypes.addressof(ptrs), 0,
-        ),
-        "cuLaunchKernel",
-    )  # fmt: skip
+    cuda_build.launch(func, (num_segments, num_seqs, hkv), num_warps * 32, inst.smem_bytes(), dev, args)
     return plan
 
 

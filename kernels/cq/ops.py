@@ -92,6 +92,7 @@ def paged_attention(
     v_codebook_attn: torch.Tensor | None = None,
     window: WindowCache | None = None,
     decode_kernel: str | None = None,
+    prefill_kernel: str | None = None,
 ) -> torch.Tensor:
     """Same contract as `naive.paged_attention` (causal), written into `out` when given (else a new
     tensor in query's dtype). `max_query_len` (vLLM's, host-side) picks the decode or prefill tiling;
@@ -99,7 +100,8 @@ def paged_attention(
     A recent `window` (keys i - W < j <= i exact) runs in both (Triton path verified on the H200).
     Decode-only steps take the CUDA kernel (`decode_cuda.py`) where it covers the shape;
     `decode_kernel` "cuda" or "triton" overrides that choice (default: VLLM_CQ_DECODE_KERNEL, then
-    whether the CUDA kernel is verified).
+    whether the CUDA kernel is verified); `prefill_kernel` likewise for prefill steps (default
+    VLLM_CQ_PREFILL_KERNEL; the CUDA prefill kernel is not yet verified on a GPU, so Triton).
     """
     d = query.shape[-1]
     triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0 and d >= 32
@@ -109,7 +111,7 @@ def paged_attention(
             cos_sin_cache, is_neox, window=window,
         )  # fmt: skip
         return into_out(res, out, query.dtype)
-    from vllm_cq.kernels.cq import decode_cuda
+    from vllm_cq.kernels.cq import decode_cuda, prefill_cuda
     from vllm_cq.kernels.cq.attention import paged_attention as triton_paged_attention
 
     if max_query_len is None:
@@ -126,6 +128,13 @@ def paged_attention(
                 cos_sin_cache, out=out, window=window,
             )  # fmt: skip
         decode_cuda.prepare(query, kv_cache, kcb, vcb, cos_sin_cache)  # before vLLM captures decode graphs
+    if max_query_len > 1 and prefill_cuda.supports(
+        query, kv_cache, kcb, vcb, cos_sin_cache, is_neox, key_bytes, norm_offset, prefill_kernel, block_table
+    ):
+        return prefill_cuda.paged_attention(
+            query, kv_cache, kcb, vcb, key_bytes, block_table, seq_lens, query_start_loc, scale, cos_sin_cache,
+            out=out, window=window,
+        )  # fmt: skip
     return triton_paged_attention(
         query,
         kv_cache,

@@ -81,7 +81,10 @@ def random_decode_batch(seed: int, max_len: int) -> list[tuple[int, int]]:
     return [(L, 1) for L in lens[: rng.randint(3, len(lens))]]
 
 
-def run_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, num_segments=None, rope_mode=None, bs=16, **launch):
+def make_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, bs=16) -> tuple[tuple, torch.Tensor]:
+    """A paged batch written by the reference: the CUDA kernels' positional arguments on the GPU (query,
+    cache, codebooks in `dtype`, key bytes, table, seq_lens, query_start_loc, scale, cos/sin), and the
+    reference output (float32, CPU) over the same centroids."""
     fmt = get_format(fmt_name)
     nblk, table, seq_lens, qsl = make_paged(seqs, bs)
     kcb, vcb = random_codebooks(fmt, hkv, d)
@@ -90,20 +93,29 @@ def run_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, num_segments=None, rope
     for s, (L, _) in enumerate(seqs):
         k, v = torch.randn(L, hkv, d), torch.randn(L, hkv, d)
         naive.write_kv_cache(k, v, cache, slots_of(table, s, torch.arange(L), bs), kcb, vcb, fmt)
-    cs = build_cos_sin_cache(d, max(L for L, _ in seqs) + 1) if rope else None
+    cs = build_cos_sin_cache(d, max(L for L, _ in seqs) + 17) if rope else None
     q = torch.randn(int(qsl[-1]), hkv * ratio, d).to(dtype)
     scale = d**-0.5
     want = naive.paged_attention(q.float(), cache, kcb, vcb, fmt, table, seq_lens, qsl, scale, cs, True)
     dev = "cuda"
-    out = decode_cuda.paged_attention(
+    args = (
         q.to(dev), cache.to(dev), kcb.to(dtype).to(dev), vcb.to(dtype).to(dev), fmt.key_bytes(d), table.to(dev),
-        seq_lens.to(dev), qsl.to(dev), scale, None if cs is None else cs.to(dev), num_segments=num_segments,
-        rope_mode=rope_mode, **launch,
+        seq_lens.to(dev), qsl.to(dev), scale, None if cs is None else cs.to(dev),
     )  # fmt: skip
+    return args, want
+
+
+def checked_error(out: torch.Tensor, want: torch.Tensor) -> float:
     torch.cuda.synchronize()
     got = out.float().cpu()
     assert not got.isnan().any()
     return rel_err(got, want)
+
+
+def run_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, num_segments=None, rope_mode=None, bs=16, **launch):
+    args, want = make_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, bs)
+    out = decode_cuda.paged_attention(*args, num_segments=num_segments, rope_mode=rope_mode, **launch)
+    return checked_error(out, want)
 
 
 @gpu_only

@@ -1,0 +1,121 @@
+"""NVRTC build, load and launch of this package's CUDA kernels (`*.cu` beside this file, sharing
+`cq_common.cuh`). Compiling needs no GPU (CI compiles every instance for sm_90 on a CPU machine);
+loading goes into the device's primary context, which torch makes current, and launches go on
+torch's current stream, so vLLM's CUDA graphs capture them like any other kernel."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+HEADERS = ("cq_common.cuh",)
+
+
+@functools.cache
+def toolchain_available() -> bool:
+    """cuda-bindings (NVRTC and the driver API) importable; warns once when not, since the cq kernels
+    then take the Triton path, 4x slower for decode at long contexts."""
+    try:
+        from cuda.bindings import driver, nvrtc  # noqa: F401
+    except ImportError as e:
+        logging.getLogger("vllm_cq").warning(
+            "vllm-cq: %s; cq decode attention falls back to the slower Triton kernel "
+            "(install the CUDA kernel's toolchain: pip install 'vllm-cq[gpu]' or cuda-bindings)",
+            e,
+        )
+        return False
+    return True
+
+
+def check(res, what: str):
+    """cuda-bindings returns (status, *values): raise on a non-success status."""
+    status, *values = res if isinstance(res, tuple) else (res,)
+    if int(status) != 0:
+        raise RuntimeError(f"vllm-cq CUDA kernel: {what} failed ({status})")
+    return values[0] if len(values) == 1 else values
+
+
+def compile_cubin(source: str, defines: Sequence[str], arch: str, verbose: bool = False) -> tuple[bytes, str]:
+    """NVRTC: HERE/source with -D `defines` -> (cubin for `arch`, e.g. "sm_90", and the compile log)."""
+    from cuda.bindings import nvrtc
+
+    headers = [(HERE / h).read_bytes() for h in HEADERS]
+    names = [h.encode() for h in HEADERS]
+    prog = check(
+        nvrtc.nvrtcCreateProgram((HERE / source).read_bytes(), source.encode(), len(headers), headers, names),
+        "nvrtcCreateProgram",
+    )
+    try:
+        opts = ["-std=c++17", f"--gpu-architecture={arch}", "--use_fast_math", *defines]
+        if verbose:
+            opts.append("--ptxas-options=-v")
+        status = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])[0]
+        size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        log_s = log.decode(errors="replace").rstrip("\x00 \n")
+        if int(status) != 0:
+            raise RuntimeError(f"vllm-cq CUDA kernel {source} {' '.join(defines)} does not compile:\n{log_s}")
+        size = check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return cubin, log_s
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def ptxas_report(log: str) -> dict[str, int]:
+    """Registers and spill bytes from a `--ptxas-options=-v` compile log (-1 registers: no report)."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
+    return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": sum(int(s) for s in spill)}
+
+
+@functools.cache
+def load(source: str, defines: tuple[str, ...], kernel: str, smem_bytes: int, device_index: int):
+    """Compile for the device's architecture and load (once per build and device): (module, CUfunction)."""
+    from cuda.bindings import driver
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    cubin, _ = compile_cubin(source, defines, f"sm_{major}{minor}")
+    torch.cuda.init()  # torch makes the device's primary context current; the module loads into it
+    check(driver.cuInit(0), "cuInit")
+    module = check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    func = check(driver.cuModuleGetFunction(module, kernel.encode()), "cuModuleGetFunction")
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    check(driver.cuFuncSetAttribute(func, attr, smem_bytes), "cuFuncSetAttribute")
+    return module, func
+
+
+def resource_usage(func) -> dict[str, int]:
+    """Registers per thread and local (spill) bytes of a loaded kernel, from the driver: NVRTC 13.0's
+    log carries no ptxas report."""
+    from cuda.bindings import driver
+
+    attrs = driver.CUfunction_attribute
+    regs = check(driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_NUM_REGS, func), "cuFuncGetAttribute")
+    local = check(driver.cuFuncGetAttribute(attrs.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, func), "cuFuncGetAttribute")
+    return {"registers": int(regs), "spill_bytes": int(local)}
+
+
+def launch(func, grid: tuple[int, int, int], threads: int, smem_bytes: int, device: torch.device, args: list) -> None:
+    """cuLaunchKernel on torch's current stream; `args` are ctypes values in the kernel's parameter order."""
+    from cuda.bindings import driver
+
+    ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
+    check(
+        driver.cuLaunchKernel(func, *grid, threads, 1, 1, smem_bytes, stream, ctypes.addressof(ptrs), 0),
+        "cuLaunchKernel",
+    )
+
+
+def device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()

@@ -1,0 +1,186 @@
+"""Prefill and chunked-prefill attention over CQ codes with shared-memory codebooks: the CUDA kernel
+`prefill_cuda.cu` (FlashAttention-2 shape with a per-tile dequantization stage), built and launched
+like the decode kernel (`cuda_build.py`).
+
+Status: compiled for sm_90 in CI, **not yet run on a GPU**. The dispatch takes it only when asked
+(`VLLM_CQ_PREFILL_KERNEL=cuda`, or `ops.paged_attention(prefill_kernel="cuda")`); the Triton kernel
+(`attention.py`) stays the default for prefill until `tests/kernels/test_cq_prefill_cuda.py` passes on a
+GPU and `attention_bench.py` times it (`VERIFIED_ON_GPU`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import torch
+
+from vllm_cq.kernels.cq import cuda_build, decode_cuda
+from vllm_cq.kernels.varlen import LaunchPlan
+from vllm_cq.kernels.window import WindowCache
+
+SOURCE = "prefill_cuda.cu"
+LOG2E = 1.4426950408889634
+NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # decode_cuda.cu's NW, NW * 16, BN
+VERIFIED_ON_GPU = False
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One compiled specialization (the -D macros of prefill_cuda.cu)."""
+
+    group: int
+    head_dim: int
+    ck: int
+    cv: int
+    bf16: bool
+    has_rope: bool
+    window_partials: bool
+
+    def defines(self) -> list[str]:
+        return [
+            f"-DG={self.group}",
+            f"-DHEAD_DIM={self.head_dim}",
+            f"-DCK={self.ck}",
+            f"-DCV={self.cv}",
+            f"-DHAS_ROPE={int(self.has_rope)}",
+            f"-DIS_BF16={int(self.bf16)}",
+            f"-DWINDOW_PARTIALS={int(self.window_partials)}",
+        ]
+
+    @property
+    def block_q(self) -> int:
+        """Query tokens per CTA."""
+        return ROWS // self.group
+
+    def smem_bytes(self) -> int:
+        """Both codebooks of one KV head plus one key and one value tile, in the model dtype."""
+        return 2 * self.head_dim * 256 * 2 + 2 * BLOCK_N * self.head_dim * 2
+
+
+def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
+    """Shapes prefill_cuda.cu covers (its #error line; head_dim 64 or 128 for the swizzle and smem)."""
+    return (
+        1 <= group <= 16
+        and head_dim in (64, 128)
+        and (head_dim // 8) % ck == 0
+        and ck % 2 == 0
+        and (ck in (2, 4) or ck % 8 == 0)
+        and (head_dim // 4) % cv == 0
+        and cv % 2 == 0
+        and (cv in (2, 4) or cv % 8 == 0)
+    )
+
+
+def enabled(choice: str | None = None) -> bool:
+    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda" or "triton"; neither: this kernel once verified."""
+    choice = choice or os.environ.get("VLLM_CQ_PREFILL_KERNEL", "")
+    if choice not in ("", "cuda", "triton"):
+        raise ValueError(f"prefill kernel {choice!r}: expected 'cuda' or 'triton'")
+    return choice == "cuda" or (choice != "triton" and VERIFIED_ON_GPU)
+
+
+def supports(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    cos_sin_cache: torch.Tensor | None,
+    is_neox: bool,
+    key_bytes: int,
+    key_norm_offset: int,
+    choice: str | None = None,
+    block_table: torch.Tensor | None = None,
+) -> bool:
+    """Whether `paged_attention` can take this prefill call (else: the Triton kernel)."""
+    if not (query.is_cuda and enabled(choice) and cuda_build.toolchain_available()):
+        return False
+    args = (query, kv_cache, k_codebook, v_codebook, cos_sin_cache, is_neox, key_bytes, key_norm_offset)
+    if not decode_cuda.inputs_ok(*args, block_table):
+        return False
+    return shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2])
+
+
+def compile_cubin(inst: Instance, arch: str, verbose: bool = False) -> tuple[bytes, str]:
+    """NVRTC: prefill_cuda.cu for `inst` -> (cubin for `arch`, the log). No GPU needed."""
+    return cuda_build.compile_cubin(SOURCE, inst.defines(), arch, verbose)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    k_codebook: torch.Tensor,
+    v_codebook: torch.Tensor,
+    key_bytes: int,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    cos_sin_cache: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+    window: WindowCache | None = None,
+) -> torch.Tensor:
+    """Causal attention of a varlen batch (sequence s owns queries query_start_loc[s]:[s+1], its last
+    tokens) over its codes, into `out` [T, Hq, D] (new in query's dtype when None); with a recent
+    `window`, the codes cover keys j <= i - W and `window_triton` merges the exact window in."""
+    t, hq, d = query.shape
+    hkv = kv_cache.shape[1]
+    num_seqs = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(query)
+    if t == 0 or num_seqs == 0:
+        return out
+    inst = Instance(
+        hq // hkv, d, k_codebook.shape[2], v_codebook.shape[2], query.dtype == torch.bfloat16,
+        cos_sin_cache is not None, window is not None,
+    )  # fmt: skip
+    int32 = all(x.dtype == torch.int32 for x in (block_table, seq_lens, query_start_loc))
+    assert int32, "int32 block table, seq_lens and query_start_loc (what vLLM passes)"
+    assert out.stride(2) == 1 and out.stride(0) % 2 == 0 and out.stride(1) % 2 == 0
+    dev = query.device
+    if window is not None:  # one segment of partials, merged with the window's exact part
+        target = torch.empty(t, hq, 1, d, dtype=torch.float32, device=dev)
+        ml = torch.empty(t, hq, 1, 2, dtype=torch.float32, device=dev)
+    else:
+        target, ml = out, out
+    _, func = cuda_build.load(
+        SOURCE, tuple(inst.defines()), "cq_prefill_kernel", inst.smem_bytes(), cuda_build.device_index(query)
+    )
+    cs = cos_sin_cache if cos_sin_cache is not None else query
+    args = [
+        ctypes.c_void_p(query.data_ptr()),
+        ctypes.c_void_p(target.data_ptr()),
+        ctypes.c_void_p(ml.data_ptr()),
+        ctypes.c_void_p(kv_cache.data_ptr()),
+        ctypes.c_void_p(k_codebook.data_ptr()),
+        ctypes.c_void_p(v_codebook.data_ptr()),
+        ctypes.c_void_p(block_table.data_ptr()),
+        ctypes.c_void_p(seq_lens.data_ptr()),
+        ctypes.c_void_p(query_start_loc.data_ptr()),
+        ctypes.c_void_p(cs.data_ptr()),
+        ctypes.c_int32(num_seqs),
+        ctypes.c_int64(query.stride(0)),
+        ctypes.c_int64(query.stride(1)),
+        ctypes.c_int64(out.stride(0)),
+        ctypes.c_int64(out.stride(1)),
+        ctypes.c_int64(kv_cache.stride(0)),
+        ctypes.c_int64(kv_cache.stride(1)),
+        ctypes.c_int64(kv_cache.stride(2)),
+        ctypes.c_int64(block_table.stride(0)),
+        ctypes.c_int64(cos_sin_cache.stride(0) if cos_sin_cache is not None else 0),
+        ctypes.c_float(float(scale) * LOG2E),
+        ctypes.c_int32(kv_cache.shape[2]),
+        ctypes.c_int32(key_bytes),
+        ctypes.c_int32(window.W if window is not None else 0),
+    ]
+    grid = (t // inst.block_q + num_seqs, hkv, 1)
+    cuda_build.launch(func, grid, NUM_WARPS * 32, inst.smem_bytes(), dev, args)
+    if window is None:
+        return out
+    from vllm_cq.kernels.window_triton import attend_window_and_merge
+
+    g = hq // hkv
+    block_m = max(16, 64 if g <= 8 else 2 * (1 << (g - 1).bit_length()))  # the window merge's own tiling
+    plan = LaunchPlan(max(1, block_m // g), block_m, 1, target, ml, 0, 0)
+    return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale)
