@@ -117,5 +117,10 @@ def launch(func, grid: tuple[int, int, int], threads: int, smem_bytes: int, devi
     )
 
 
+def pointers(*tensors: torch.Tensor) -> list[ctypes.c_void_p]:
+    """Kernel pointer arguments, in order."""
+    return [ctypes.c_void_p(t.data_ptr()) for t in tensors]
+
+
 def device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()

@@ -280,16 +280,9 @@ def paged_attention_decode(
     assert cos_sin_cache is None or cos_sin_cache.shape[0] > 16, "rows 8 and 16 are the 8-/16-position rotations"
     cs = cos_sin_cache if cos_sin_cache is not None else query
     args = [
-        ctypes.c_void_p(query.data_ptr()),
-        ctypes.c_void_p(part.data_ptr()),
-        ctypes.c_void_p(ml.data_ptr()),
-        ctypes.c_void_p(kv_cache.data_ptr()),
-        ctypes.c_void_p(k_codebook.data_ptr()),
-        ctypes.c_void_p(v_codebook.data_ptr()),
-        ctypes.c_void_p(block_table.data_ptr()),
-        ctypes.c_void_p(seq_lens.data_ptr()),
-        ctypes.c_void_p(query_start_loc.data_ptr()),
-        ctypes.c_void_p(cs.data_ptr()),
+        *cuda_build.pointers(
+            query, part, ml, kv_cache, k_codebook, v_codebook, block_table, seq_lens, query_start_loc, cs
+        ),
         ctypes.c_int64(query.stride(0)),
         ctypes.c_int64(query.stride(1)),
         ctypes.c_int64(kv_cache.stride(0)),

@@ -153,27 +153,33 @@ def test_full_size_long_context(fmt_name):
         assert err < 2e-2, (mode, unroll, err)
 
 
+def window_case(monkeypatch, W: int, mode: str) -> tuple[tuple, dict, torch.Tensor]:
+    """test_window's batch at head_dim 64 in bf16 (codes for keys older than the window, the exact window
+    in its own pages): the CUDA kernels' positional arguments, the window keyword, the reference."""
+    from tests.kernels import test_window
+
+    monkeypatch.setattr(test_window, "D", 64)
+    seqs = test_window.random_seqs(random.Random(W), mode, 64, 16)
+    b = test_window.Batch("cq1", seqs, 2, 4, 64, 16, W, win_dtype=torch.bfloat16)
+    b.kcb, b.vcb = b.kcb.bfloat16().float(), b.vcb.bfloat16().float()
+    b.q = b.q.bfloat16().float()
+    want = b.attend(b.window)
+    g = b.on("cuda")
+    args = (
+        g.q.bfloat16(), g.cache, g.kcb.bfloat16(), g.vcb.bfloat16(), b.fmt.key_bytes(64), g.table, g.seq_lens,
+        g.qsl, b.scale, g.rope,
+    )  # fmt: skip
+    return args, {"window": g.window}, want
+
+
 @gpu_only
 @pytest.mark.parametrize("segments", [1, None])
 @pytest.mark.parametrize("W", [1, 16, 35, 10**6])
 def test_window_merge_matches_reference(monkeypatch, W, segments):
     """Codes for keys older than the window, the exact window merged by window_triton: same answer as the
     reference's window attention."""
-    from tests.kernels import test_window
-
-    monkeypatch.setattr(test_window, "D", 64)
-    seqs = test_window.random_seqs(random.Random(W), "decode", 64, 16)
-    b = test_window.Batch("cq1", seqs, 2, 4, 64, 16, W, win_dtype=torch.bfloat16)
-    b.kcb, b.vcb = b.kcb.bfloat16().float(), b.vcb.bfloat16().float()
-    b.q = b.q.bfloat16().float()
-    want = b.attend(b.window)
-    g = b.on("cuda")
-    got = decode_cuda.paged_attention(
-        g.q.bfloat16(), g.cache, g.kcb.bfloat16(), g.vcb.bfloat16(), b.fmt.key_bytes(64), g.table, g.seq_lens,
-        g.qsl, b.scale, g.rope, window=g.window, num_segments=segments,
-    ).float().cpu()  # fmt: skip
-    assert not got.isnan().any()
-    assert rel_err(got, want) < 2e-2, (rel_err(got, want), seqs)
+    args, kw, want = window_case(monkeypatch, W, "decode")
+    assert checked_error(decode_cuda.paged_attention(*args, **kw, num_segments=segments), want) < 2e-2
 
 
 @gpu_only

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from tests.kernels.test_cq_decode_cuda import FORMATS, centroid_dims, checked_error, make_case
+from tests.kernels.test_cq_decode_cuda import FORMATS, centroid_dims, checked_error, make_case, window_case
 from vllm_cq.kernels.cq import cuda_build, prefill_cuda
 
 pytest.importorskip("cuda.bindings")
@@ -88,17 +88,6 @@ def test_full_size_half_precision():
 @gpu_only
 @pytest.mark.parametrize("W", [1, 16, 35, 10**6])
 def test_window_merge_matches_reference(monkeypatch, W):
-    from tests.kernels import test_window
-
-    monkeypatch.setattr(test_window, "D", 64)
-    seqs = test_window.random_seqs(random.Random(W), "chunked", 64, 16)
-    b = test_window.Batch("cq1", seqs, 2, 4, 64, 16, W, win_dtype=torch.bfloat16)
-    b.kcb, b.vcb = b.kcb.bfloat16().float(), b.vcb.bfloat16().float()
-    b.q = b.q.bfloat16().float()
-    want = b.attend(b.window)
-    g = b.on("cuda")
-    got = prefill_cuda.paged_attention(
-        g.q.bfloat16(), g.cache, g.kcb.bfloat16(), g.vcb.bfloat16(), b.fmt.key_bytes(64), g.table, g.seq_lens,
-        g.qsl, b.scale, g.rope, window=g.window,
-    )  # fmt: skip
-    assert checked_error(got, want) < 2e-2, seqs
+    """Chunked prefill with the recent window: partials of the codes merged with the exact window."""
+    args, kw, want = window_case(monkeypatch, W, "chunked")
+    assert checked_error(prefill_cuda.paged_attention(*args, **kw), want) < 2e-2
