@@ -1,7 +1,8 @@
 """Entry points the attention backend calls: write codes into the paged cache, attend over codes.
 
 CUDA tensors with 8-bit codes take the Triton kernels (`write.py`, `attention.py`), decode-only steps the
-CUDA kernel with shared-memory codebooks where it covers the shape (`decode_cuda.py`); everything else
+CUDA kernel with shared-memory codebooks where it covers the shape (`decode_cuda.py`; prefill's CUDA
+kernel `prefill_cuda.py` only when asked until it is verified on a GPU); everything else
 (CPU, other bit widths, partial rotary) takes the plain-torch reference (`naive.py`), which the
 kernels are tested against. `VLLM_CQ_KERNELS=reference` forces the reference everywhere (debugging).
 """
