@@ -8,6 +8,7 @@ largest loop, i.e. one KV tile of the attention kernels), not executed counts.
     python benchmarks/kernel_resources.py                    # Llama-3.1-8B attention shape, all cq formats
     python benchmarks/kernel_resources.py --formats cq1 --block-n 32 --num-warps 8
     python benchmarks/kernel_resources.py --formats kvtq,kvtq:levelwise,kvtq1,kvtq1:levelwise
+    python benchmarks/kernel_resources.py --formats cq1,cq_k4v1 --cuda      # + the CUDA kernels (NVRTC)
 
 KVTQ names take the attention_bench.py suffixes for the kernel's level-wise variants:
 kvtq:levelwise (keys and values), kvtq:levelwise-k, kvtq:levelwise-v.
@@ -70,17 +71,26 @@ def programs_per_sm(res: dict[str, int], num_warps: int) -> int:
 
 
 def resources(kernel: Any) -> dict[str, int]:
-    """REG / STACK (spill) / SHARED as cuobjdump reports them for the kernel's cubin."""
+    """REG / STACK (spill) / SHARED as cuobjdump reports them for a Triton kernel's cubin."""
+    return cubin_resources(kernel.asm["cubin"], int(kernel.metadata.shared))
+
+
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """cuobjdump (the one Triton ships) on a cubin."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True).stdout
+
+
+def cubin_resources(cubin: bytes, dynamic_shared: int) -> dict[str, int]:
+    out = cuobjdump(cubin, "--dump-resource-usage")
     fields = next((ln for ln in out.splitlines() if "REG:" in ln), "")
     got = dict(tok.split(":", 1) for tok in fields.split() if ":" in tok)
     res = {k.lower(): int(got.get(k, 0)) for k in ("REG", "STACK", "SHARED")}
-    res["dynamic_shared"] = int(kernel.metadata.shared)
-    res.update(sass_counts(kernel))
+    res["dynamic_shared"] = dynamic_shared
+    res.update(sass_counts(cubin))
     return res
 
 
@@ -94,14 +104,10 @@ SASS_CLASSES = {
 }
 
 
-def sass_counts(kernel: Any) -> dict[str, int]:
+def sass_counts(cubin: bytes) -> dict[str, int]:
     """Static SASS instruction counts (NOPs excluded), for the whole kernel and for its largest loop
     (the span of the longest backward branch): per class in SASS_CLASSES, `instrs` and `loop_*`."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        out = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    out = cuobjdump(cubin, "-sass")
     ins = []  # (address, opcode, operands)
     for m in SASS_LINE.finditer(out):
         ins.append((int(m.group(1), 16), m.group(3), m.group(4)))
@@ -244,6 +250,28 @@ def write_kernel(fmt_name: str, args: argparse.Namespace) -> dict[str, Any]:
     return dict(kernel="write", kind="", block_n=None, **resources(k))
 
 
+def cuda_kernels_of(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The CUDA kernels (decode_cuda.cu, prefill_cuda.cu) as the dispatch would build them for this shape,
+    compiled by NVRTC (needs cuda-bindings and nvidia-cuda-nvrtc, the [test] extra)."""
+    from vllm_cq.kernels.cq import decode_cuda, prefill_cuda
+
+    fmt, d, g = get_format(name), args.head_dim, args.q_heads // args.kv_heads
+    ck, cv = fmt.key.codebook_shape(1, d)[2], fmt.value.codebook_shape(1, d)[2]
+    rows = []
+    if decode_cuda.shape_ok(g, d, ck, cv):
+        inst = decode_cuda.Instance(g, d, ck, cv, True, decode_cuda.DEFAULT_ROPE_MODE)
+        res = cubin_resources(decode_cuda.compile_cubin(inst, f"sm_{args.arch}")[0], inst.smem_bytes())
+        if res["stack"] and inst.fallback() is not None:  # what the dispatch launches instead
+            inst = inst.fallback()
+            res = cubin_resources(decode_cuda.compile_cubin(inst, f"sm_{args.arch}")[0], inst.smem_bytes())
+        rows.append(dict(kernel="cuda attention", kind="decode", block_n=16, num_warps=inst.num_warps, **res))
+    if prefill_cuda.shape_ok(g, d, ck, cv):
+        inst = prefill_cuda.Instance(g, d, ck, cv, True, True, False)
+        res = cubin_resources(prefill_cuda.compile_cubin(inst, f"sm_{args.arch}")[0], inst.smem_bytes())
+        rows.append(dict(kernel="cuda attention", kind="prefill", block_n=prefill_cuda.BLOCK_N, num_warps=8, **res))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--formats", default="cq1,cq2,cq4,cq_k4v1")
@@ -259,6 +287,7 @@ def main() -> None:
         "--norm-on", choices=("keys", "scores"), default=None, help="key norms scale (default: paged_attention's)"
     )
     p.add_argument("--k-parts", type=int, default=None, help="key tile parts (default: 2 decode / 4 prefill)")
+    p.add_argument("--cuda", action="store_true", help="also the CUDA kernels (decode_cuda.cu, prefill_cuda.cu)")
     args = p.parse_args()
     shape = f"head_dim {args.head_dim}, {args.q_heads}/{args.kv_heads} heads"
     print(f"sm_{args.arch}, triton {triton.__version__}, {shape}")
@@ -273,10 +302,13 @@ def main() -> None:
     print("|---" * (10 + 2 * len(cls)) + "|")
     rows = [(name, r) for name in args.formats.split(",") for r in kernels_of(name, args)]
     rows += [("(any)", window_kernel(decode, args)) for decode in (True, False)]
+    if args.cuda:
+        rows += [(name, r) for name in args.formats.split(",") if ":" not in name for r in cuda_kernels_of(name, args)]
     for name, r in rows:
+        warps = r.get("num_warps", args.num_warps if r["kernel"] == "attention" else 4)
         print(
             f"| {name} | {r['kernel']} | {r['kind']} | {r['block_n'] or ''} | {r['reg']} | {r['stack']} "
-            f"| {r['dynamic_shared']} | {programs_per_sm(r, args.num_warps if r['kernel'] == 'attention' else 4)} "
+            f"| {r['dynamic_shared']} | {programs_per_sm(r, warps)} "
             f"| {r['instrs']} | "
             + " | ".join(str(r[c]) for c in cls)
             + f" | {r['loop_instrs']} | "
