@@ -357,6 +357,9 @@ case "${1:-tests}" in
     # next session: the CUDA prefill kernel (not yet run on a GPU) against the reference, then prefill rows
     # (opt-in via cq-cuda rows; with vLLM staged, add fa3:bf16 to KERNEL_BACKENDS)
     mkdir -p "$OUT/w"
+    # the decode kernel's launch moved into cuda_build.py after its last GPU run (same SASS): re-check it first
+    timeout 120 python3 -m pytest -q --tb=short tests/kernels/test_cq_decode_cuda.py -k "matches or replay or prepare" \
+      2>&1 | tail -3 | cut -c1-300
     timeout 300 python3 -m pytest -q --tb=short -x tests/kernels/test_cq_prefill_cuda.py 2>&1 \
       | tee "$OUT/w/prefill-kernels.log" | tail -25 | cut -c1-300
     timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-prefill.json" \
