@@ -181,16 +181,19 @@ class LaunchPlan:
 
 def plan_launch(
     query: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     num_kv_heads: int,
     num_seqs: int,
     max_query_len: int,
     num_segments: int | None = None,
     block_m: int | None = None,
     min_segments: int = 1,
+    partials: bool = False,
 ) -> LaunchPlan:
     """The tiling of one call; `min_segments` 2 forces split-KV partials (the recent window merges
-    its own part with them, `window_triton.attend_window_and_merge`)."""
+    its own part with them, `window_triton.attend_window_and_merge`), `partials` forces them even for
+    one segment (the CUDA kernels, which always write partials or the output themselves); `out` is what
+    a one-segment plan without partials writes into."""
     t, hq, d = query.shape
     g = hq // num_kv_heads
     if max_query_len <= 1:
@@ -202,7 +205,8 @@ def plan_launch(
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
         num_segments = num_segments_for(num_seqs, num_kv_heads, max_query_len, sms)
     num_segments = max(num_segments, min_segments)
-    if num_segments == 1:
+    if num_segments == 1 and not partials:
+        assert out is not None, "a one-segment plan writes into out"
         return LaunchPlan(block_q, block_m, 1, out, out, out.stride(0), out.stride(1))
     target = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=query.device)
     ml = torch.empty(t, hq, num_segments, 2, dtype=torch.float32, device=query.device)

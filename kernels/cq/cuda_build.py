@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,20 @@ def toolchain_available() -> bool:
         )
         return False
     return True
+
+
+def kernel_chosen(env_var: str, choice: str | None, verified: bool) -> bool:
+    """Whether a CUDA kernel runs: `choice` (else the environment variable `env_var`) "cuda" or "triton"
+    decides; neither, the kernel runs once its GPU tests have passed (`verified`)."""
+    choice = choice or os.environ.get(env_var, "")
+    if choice not in ("", "cuda", "triton"):
+        raise ValueError(f"{env_var}={choice!r}: expected 'cuda' or 'triton'")
+    return choice == "cuda" or (choice != "triton" and verified)
+
+
+def check_index_dtypes(*tensors: torch.Tensor) -> None:
+    """Block table, seq_lens and query_start_loc are int32 (what vLLM passes; the kernels read int)."""
+    assert all(x.dtype == torch.int32 for x in tensors), "int32 block table, seq_lens and query_start_loc"
 
 
 def check(res, what: str):

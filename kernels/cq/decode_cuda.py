@@ -17,13 +17,12 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
 from vllm_cq.kernels.cq import cuda_build
-from vllm_cq.kernels.varlen import LaunchPlan, merge_segments
+from vllm_cq.kernels.varlen import LaunchPlan, merge_segments, plan_launch
 from vllm_cq.kernels.window import WindowCache
 
 SOURCE = "decode_cuda.cu"
@@ -99,13 +98,7 @@ VERIFIED_ON_GPU = True
 def enabled(choice: str | None = None) -> bool:
     """`choice` (else VLLM_CQ_DECODE_KERNEL) "cuda" or "triton" picks the decode kernel; neither: this one
     once verified."""
-    choice = choice or os.environ.get("VLLM_CQ_DECODE_KERNEL", "")
-    if choice not in ("", "cuda", "triton"):
-        raise ValueError(f"decode kernel {choice!r}: expected 'cuda' or 'triton'")
-    return choice == "cuda" or (choice != "triton" and VERIFIED_ON_GPU)
-
-
-toolchain_available = cuda_build.toolchain_available
+    return cuda_build.kernel_chosen("VLLM_CQ_DECODE_KERNEL", choice, VERIFIED_ON_GPU)
 
 
 def inputs_ok(
@@ -167,7 +160,7 @@ def supports(
     block_table: torch.Tensor | None = None,
 ) -> bool:
     """Whether `paged_attention` can take this decode call (else: the Triton kernel)."""
-    if not (query.is_cuda and enabled(choice) and toolchain_available()):
+    if not (query.is_cuda and enabled(choice) and cuda_build.toolchain_available()):
         return False
     args = (query, kv_cache, k_codebook, v_codebook, cos_sin_cache, is_neox, key_bytes, key_norm_offset)
     if not inputs_ok(*args, block_table):
@@ -178,9 +171,6 @@ def supports(
 def compile_cubin(inst: Instance, arch: str, verbose: bool = False) -> tuple[bytes, str]:
     """NVRTC: decode_cuda.cu for `inst` -> (cubin for `arch`, e.g. "sm_90", and the log). No GPU needed."""
     return cuda_build.compile_cubin(SOURCE, inst.defines(), arch, verbose)
-
-
-ptxas_report = cuda_build.ptxas_report
 
 
 def resource_usage(inst: Instance, device_index: int = 0) -> dict[str, int]:
@@ -261,22 +251,19 @@ def paged_attention_decode(
     partials even for one segment: the caller merges them (`merge_segments`, or with a recent window).
     Codebooks are in the model dtype, [Hkv * D / c, 256, c]; `win` > 0 attends only to keys at least
     `win` older than the query."""
-    t, hq, d = query.shape
+    t = query.shape[0]
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
-    g = hq // hkv
     inst = _instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache, rope_mode, num_warps, unroll)
     dev = query.device
     if num_segments is None:
         num_segments = num_segments_for(num_seqs, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)
-    part = torch.empty(t, hq, num_segments, d, dtype=torch.float32, device=dev)
-    ml = torch.empty(t, hq, num_segments, 2, dtype=torch.float32, device=dev)
-    plan = LaunchPlan(1, max(16, 1 << (g - 1).bit_length()), num_segments, part, ml, 0, 0)
+    plan = plan_launch(query, None, hkv, num_seqs, 1, num_segments, partials=True)
+    part, ml = plan.target, plan.ml
     if t == 0 or num_seqs == 0:
         return plan
     _, func = _function(inst, cuda_build.device_index(query))
-    int32 = all(t.dtype == torch.int32 for t in (block_table, seq_lens, query_start_loc))
-    assert int32, "int32 block table, seq_lens and query_start_loc (what vLLM passes)"
+    cuda_build.check_index_dtypes(block_table, seq_lens, query_start_loc)
     assert cos_sin_cache is None or cos_sin_cache.shape[0] > 16, "rows 8 and 16 are the 8-/16-position rotations"
     cs = cos_sin_cache if cos_sin_cache is not None else query
     args = [

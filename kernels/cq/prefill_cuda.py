@@ -11,13 +11,12 @@ GPU and `attention_bench.py` times it (`VERIFIED_ON_GPU`).
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 import torch
 
 from vllm_cq.kernels.cq import cuda_build, decode_cuda
-from vllm_cq.kernels.varlen import LaunchPlan
+from vllm_cq.kernels.varlen import plan_launch
 from vllm_cq.kernels.window import WindowCache
 
 SOURCE = "prefill_cuda.cu"
@@ -75,10 +74,7 @@ def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
 
 def enabled(choice: str | None = None) -> bool:
     """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda" or "triton"; neither: this kernel once verified."""
-    choice = choice or os.environ.get("VLLM_CQ_PREFILL_KERNEL", "")
-    if choice not in ("", "cuda", "triton"):
-        raise ValueError(f"prefill kernel {choice!r}: expected 'cuda' or 'triton'")
-    return choice == "cuda" or (choice != "triton" and VERIFIED_ON_GPU)
+    return cuda_build.kernel_chosen("VLLM_CQ_PREFILL_KERNEL", choice, VERIFIED_ON_GPU)
 
 
 def supports(
@@ -135,13 +131,12 @@ def paged_attention(
         hq // hkv, d, k_codebook.shape[2], v_codebook.shape[2], query.dtype == torch.bfloat16,
         cos_sin_cache is not None, window is not None,
     )  # fmt: skip
-    int32 = all(x.dtype == torch.int32 for x in (block_table, seq_lens, query_start_loc))
-    assert int32, "int32 block table, seq_lens and query_start_loc (what vLLM passes)"
+    cuda_build.check_index_dtypes(block_table, seq_lens, query_start_loc)
     assert out.stride(2) == 1 and out.stride(0) % 2 == 0 and out.stride(1) % 2 == 0
     dev = query.device
-    if window is not None:  # one segment of partials, merged with the window's exact part
-        target = torch.empty(t, hq, 1, d, dtype=torch.float32, device=dev)
-        ml = torch.empty(t, hq, 1, 2, dtype=torch.float32, device=dev)
+    if window is not None:  # one segment of partials (any prefill step's tiling for the window merge)
+        plan = plan_launch(query, out, hkv, num_seqs, 2, 1, partials=True)
+        target, ml = plan.target, plan.ml
     else:
         target, ml = out, out
     _, func = cuda_build.load(
@@ -173,7 +168,4 @@ def paged_attention(
         return out
     from vllm_cq.kernels.window_triton import attend_window_and_merge
 
-    g = hq // hkv
-    block_m = max(16, 64 if g <= 8 else 2 * (1 << (g - 1).bit_length()))  # the window merge's own tiling
-    plan = LaunchPlan(max(1, block_m // g), block_m, 1, target, ml, 0, 0)
     return attend_window_and_merge(query, out, plan, window, seq_lens, query_start_loc, scale)

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import rel_err
 from tests.kernels.test_cq_naive import make_paged, random_codebooks, slots_of
 from vllm_cq.formats import get_format
-from vllm_cq.kernels.cq import decode_cuda, naive
+from vllm_cq.kernels.cq import cuda_build, decode_cuda, naive
 from vllm_cq.kernels.rope import build_cos_sin_cache
 
 pytest.importorskip("cuda.bindings")
@@ -47,7 +47,7 @@ def instances() -> list[decode_cuda.Instance]:
 def compiled_report(inst: decode_cuda.Instance) -> dict[str, int]:
     cubin, log = decode_cuda.compile_cubin(inst, "sm_90", verbose=True)
     assert cubin[:4] == b"\x7fELF"
-    rep = decode_cuda.ptxas_report(log)
+    rep = cuda_build.ptxas_report(log)
     if rep["registers"] < 0 and GPU:  # NVRTC 13.0 (the GPU image's) prints no ptxas report: ask the driver
         rep = decode_cuda.resource_usage(inst)
     assert 0 < rep["registers"] <= 255, (rep, log)
@@ -252,12 +252,12 @@ def test_missing_toolchain_warns_once_and_falls_back(monkeypatch, caplog):
     """Without cuda-bindings the dispatch says so once and takes the Triton kernel."""
     import sys
 
-    decode_cuda.toolchain_available.cache_clear()
+    cuda_build.toolchain_available.cache_clear()
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # import fails as if not installed
     try:
         with caplog.at_level("WARNING", logger="vllm_cq"):
-            assert not decode_cuda.toolchain_available()
-            assert not decode_cuda.toolchain_available()
+            assert not cuda_build.toolchain_available()
+            assert not cuda_build.toolchain_available()
         assert sum("Triton kernel" in r.getMessage() for r in caplog.records) == 1
     finally:
-        decode_cuda.toolchain_available.cache_clear()
+        cuda_build.toolchain_available.cache_clear()
