@@ -10,9 +10,8 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
   triton  vllm.v1.attention.ops.triton_unified_attention.unified_attention (TRITON_ATTN backend):
           2D kernel for prefill and batch > 16, 3D split-softmax kernel for batch <= 16; bf16 and fp8
   cq      vllm_cq.kernels.cq.ops.paged_attention / write_kv_cache per format (cq4, cq2, cq1, cq_k4v1):
-          the dispatch's choice (decode: the CUDA kernel where it covers the shape, else Triton)
-  cq-triton / cq-cuda  the same call with decode_kernel or prefill_kernel "triton" / "cuda" (the CUDA
-          prefill kernel is not yet verified on a GPU: `cq` prefill rows stay Triton)
+          the dispatch's choice (the CUDA decode / prefill kernel where it covers the shape, else Triton)
+  cq-triton / cq-cuda  the same call with decode_kernel and prefill_kernel "triton" / "cuda"
   cq-cuda-rec, cq-cuda-r{1,2}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
           directly (RoPE rows read per step (1) or advanced by rotation (2), warps, unroll)
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
@@ -486,7 +485,7 @@ def _cq_fn(
     extras = dict(common, scale=SCALE, out=out, k_codebook_attn=kcb_attn, v_codebook_attn=vcb_attn)
     extras.pop("query_start_loc")
     extras.pop("seq_lens")
-    if decode_kernel is not None:  # the kernel choice for this row's kind (prefill: opt-in until verified)
+    if decode_kernel is not None:  # the kernel choice for this row's kind
         extras["decode_kernel" if kind == "decode" else "prefill_kernel"] = decode_kernel
     if rope_mode:  # a variant of the CUDA decode kernel, called directly
         if kind != "decode":

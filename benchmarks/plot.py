@@ -130,7 +130,8 @@ def plot_attention(path: str, out_dir: str, batches: list[int] | None) -> list[s
                 ]
                 ys.append(m[0] if m else 0)
             xs = [g + i * w for g in range(len(groups))]
-            ax.bar(xs, ys, w, label=f"{be} {kv}", color=COLORS.get(kv), hatch="//" if be == "triton" else None)
+            hatch = "//" if be in ("triton", "cq-triton") else None
+            ax.bar(xs, ys, w, label=f"{be} {kv}", color=COLORS.get(kv), hatch=hatch)
         labels = [_ctx_label(c) + ("" if q == c else f"\n(last {_ctx_label(q)})") for c, q in groups]
         ax.set_xticks([g + 0.4 - w / 2 for g in range(len(groups))], labels)
         ax.set_ylabel("ms per layer")

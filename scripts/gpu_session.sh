@@ -31,7 +31,10 @@
 #   bash scripts/gpu_session.sh cuda       # the CUDA decode kernel's tests vs the reference (~70 s)
 #   bash scripts/gpu_session.sh iter       # its tests (ITER_K selects) + cq decode rows (KERNEL_BACKENDS) (~2 min)
 #   bash scripts/gpu_session.sh s5         # decode grid FA3 vs Triton vs CUDA, formats at 32K x 64, e2e cq1 (~4.5 min)
-#   bash scripts/gpu_session.sh prefill    # NEXT: the CUDA prefill kernel's first GPU run (tests, then 2K/8K rows)
+#   bash scripts/gpu_session.sh prefill    # the CUDA prefill kernel's tests, then 2K/8K rows (no vLLM; done 2026-12-03)
+# Sixth session (2026-12-03), after the three staging calls:
+#   bash scripts/gpu_session.sh s6a        # prefill + mixed-step tests, tiny-model vLLM tests, prefill rows vs FA3
+#   bash scripts/gpu_session.sh s6b        # e2e cq1 on both workloads through both CUDA kernels (~8 min)
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -354,8 +357,8 @@ case "${1:-tests}" in
     pack iter
     ;;
   prefill)
-    # next session: the CUDA prefill kernel (not yet run on a GPU) against the reference, then prefill rows
-    # (opt-in via cq-cuda rows; with vLLM staged, add fa3:bf16 to KERNEL_BACKENDS)
+    # the CUDA prefill kernel against the reference, then prefill rows (no vLLM; with vLLM staged, add
+    # fa3:bf16 to KERNEL_BACKENDS). 2026-12-03: first GPU run of v1 (83 passed, 8K 4.14 ms), then v2 (2.85 ms)
     mkdir -p "$OUT/w"
     # the decode kernel's launch moved into cuda_build.py after its last GPU run (same SASS): re-check it first
     timeout 120 python3 -m pytest -q --tb=short tests/kernels/test_cq_decode_cuda.py -k "matches or replay or prepare" \
@@ -368,6 +371,32 @@ case "${1:-tests}" in
     echo "attention_bench rc=$?"
     grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -20
     pack prefill
+    ;;
+  s6a)
+    # sixth session, after the three staging calls: the CUDA prefill kernel (v2) and vLLM's mixed steps
+    # (decodes to the decode kernel) against the reference, the tiny-model vLLM tests through both CUDA
+    # kernels, then prefill rows FA3 bf16 vs Triton vs CUDA at 2K/8K (whole prompts and 2K chunks)
+    mkdir -p "$OUT/w"
+    timeout 150 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py 2>&1 \
+      | tee "$OUT/w/prefill-kernels.log" | tail -4 | cut -c1-300
+    timeout 200 python3 -m pytest -q --tb=short tests/integration/test_vllm_generate.py 2>&1 \
+      | tee "$OUT/w/vllm-generate.log" | tail -4 | cut -c1-300
+    timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-h200-2026-12-03-prefill.json" \
+      --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq-triton:cq1,cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4,cq-cuda:cq_k4v1}" \
+      --prefill-contexts 2k,8k --kinds prefill --timers bench --budget-s 180 > "$OUT/w/kernels.log" 2>&1
+    echo "attention_bench rc=$?"
+    grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
+    pack s6a
+    ;;
+  s6b)
+    # e2e cq1 (default window) on both workloads through the CUDA decode and prefill kernels
+    mkdir -p "$OUT/w"
+    python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
+    VLLM_CQ_STACK_DUMP_S=150 timeout 560 python3 benchmarks/e2e_throughput.py $M8B --formats "${E2E_FORMATS:-cq1}" \
+      --workloads "${E2E_WORKLOADS:-128x4096+512,96x8192+256}" --engine "{\"kv_cache_memory_bytes\": $KV_H100}" \
+      --tag kv-h100-cuda2 --out "$OUT/w/e2e-h200-2026-12-03.json" --timeout 550 --budget-s 555 > "$OUT/w/e2e.log" 2>&1
+    grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/e2e.log" | grep -E "^\||rc |->|\[|Error|error" | tail -20 | cut -c1-220
+    pack s6b
     ;;
   s5)
     # fifth session: decode grid (issue 5's contexts x batches) FA3 bf16/fp8 vs the Triton and CUDA cq decode

@@ -1,13 +1,15 @@
 """Entry points the attention backend calls: write codes into the paged cache, attend over codes.
 
-CUDA tensors with 8-bit codes take the Triton kernels (`write.py`, `attention.py`), decode-only steps the
-CUDA kernel with shared-memory codebooks where it covers the shape (`decode_cuda.py`; prefill's CUDA
-kernel `prefill_cuda.py` only when asked until it is verified on a GPU); everything else
+CUDA tensors with 8-bit codes take the CUDA kernels with shared-memory codebooks where they cover the
+shape (`decode_cuda.py`, `prefill_cuda.py`), else the Triton kernels (`write.py`, `attention.py`; the
+write always); everything else
 (CPU, other bit widths, partial rotary) takes the plain-torch reference (`naive.py`), which the
 kernels are tested against. `VLLM_CQ_KERNELS=reference` forces the reference everywhere (debugging).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -75,6 +77,11 @@ def write_kv_cache(
     )
 
 
+def window_rows(window: WindowCache | None, start: int, stop: int | None) -> WindowCache | None:
+    """The recent window of sequences start:stop of a step (its block table's rows)."""
+    return None if window is None else dataclasses.replace(window, block_table=window.block_table[start:stop])
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -94,6 +101,7 @@ def paged_attention(
     window: WindowCache | None = None,
     decode_kernel: str | None = None,
     prefill_kernel: str | None = None,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
     """Same contract as `naive.paged_attention` (causal), written into `out` when given (else a new
     tensor in query's dtype). `max_query_len` (vLLM's, host-side) picks the decode or prefill tiling;
@@ -102,7 +110,10 @@ def paged_attention(
     Decode-only steps take the CUDA kernel (`decode_cuda.py`) where it covers the shape;
     `decode_kernel` "cuda" or "triton" overrides that choice (default: VLLM_CQ_DECODE_KERNEL, then
     whether the CUDA kernel is verified); `prefill_kernel` likewise for prefill steps (default
-    VLLM_CQ_PREFILL_KERNEL; the CUDA prefill kernel is not yet verified on a GPU, so Triton).
+    VLLM_CQ_PREFILL_KERNEL, then the CUDA prefill kernel where it covers the shape). In a mixed step the
+    first `num_decodes` sequences (one new token each; vLLM puts them first, see the backend's
+    `reorder_batch_threshold`) take the decode kernel and the rest the prefill kernel: a decode row in
+    the prefill kernel would walk its whole context for one token.
     """
     d = query.shape[-1]
     triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0 and d >= 32
@@ -129,6 +140,22 @@ def paged_attention(
                 cos_sin_cache, out=out, window=window,
             )  # fmt: skip
         decode_cuda.prepare(query, kv_cache, kcb, vcb, cos_sin_cache)  # before vLLM captures decode graphs
+        if 0 < num_decodes < seq_lens.shape[0]:  # mixed step: its leading decodes first, then the rest
+            nd = num_decodes
+            if out is None:
+                out = torch.empty_like(query)
+            decode_cuda.paged_attention(
+                query[:nd], kv_cache, kcb, vcb, key_bytes, block_table[:nd], seq_lens[:nd], query_start_loc[: nd + 1],
+                scale, cos_sin_cache, out=out[:nd], window=window_rows(window, 0, nd),
+            )  # fmt: skip
+            rest = out[nd:]
+            paged_attention(
+                query[nd:], kv_cache, k_codebook, v_codebook, fmt, block_table[nd:], seq_lens[nd:],
+                query_start_loc[nd:] - nd, scale, cos_sin_cache, is_neox, max_query_len, out=rest,
+                k_codebook_attn=k_codebook_attn, v_codebook_attn=v_codebook_attn,
+                window=window_rows(window, nd, None), decode_kernel=decode_kernel, prefill_kernel=prefill_kernel,
+            )  # fmt: skip
+            return out
     if max_query_len > 1 and prefill_cuda.supports(
         query, kv_cache, kcb, vcb, cos_sin_cache, is_neox, key_bytes, norm_offset, prefill_kernel, block_table
     ):

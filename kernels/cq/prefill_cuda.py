@@ -2,10 +2,10 @@
 `prefill_cuda.cu` (FlashAttention-2 shape with a per-tile dequantization stage), built and launched
 like the decode kernel (`cuda_build.py`).
 
-Status: compiled for sm_90 in CI, **not yet run on a GPU**. The dispatch takes it only when asked
-(`VLLM_CQ_PREFILL_KERNEL=cuda`, or `ops.paged_attention(prefill_kernel="cuda")`); the Triton kernel
-(`attention.py`) stays the default for prefill until `tests/kernels/test_cq_prefill_cuda.py` passes on a
-GPU and `attention_bench.py` times it (`VERIFIED_ON_GPU`).
+Status: verified against the reference on an H200 (2026-12-03, `tests/kernels/test_cq_prefill_cuda.py`)
+and the default for prefill steps on CUDA where it covers the shape (`supports`);
+`VLLM_CQ_PREFILL_KERNEL=triton` (or `ops.paged_attention(prefill_kernel="triton")`) takes the Triton
+kernel (`attention.py`) instead.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from vllm_cq.kernels.window import WindowCache
 
 SOURCE = "prefill_cuda.cu"
 LOG2E = 1.4426950408889634
-NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # decode_cuda.cu's NW, NW * 16, BN
-VERIFIED_ON_GPU = False
+NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # prefill_cuda.cu's NW, NW * 16, BN
+VERIFIED_ON_GPU = True
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,12 @@ class Instance:
         return ROWS // self.group
 
     def smem_bytes(self) -> int:
-        """Both codebooks of one KV head plus one key and one value tile, in the model dtype."""
-        return 2 * self.head_dim * 256 * 2 + 2 * BLOCK_N * self.head_dim * 2
+        """Both codebooks of one KV head and two key and value tiles in the model dtype; with RoPE also
+        each thread's pure rotations (fp32) and two tile-start cos/sin rows (227 KB at head_dim 128)."""
+        size = 2 * self.head_dim * 256 * 2 + 4 * BLOCK_N * self.head_dim * 2
+        if self.has_rope:
+            size += (self.head_dim // 8) * 2 * 4 * NUM_WARPS * 32 + 2 * self.head_dim * 4
+        return size
 
 
 def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
@@ -95,6 +99,8 @@ def supports(
     args = (query, kv_cache, k_codebook, v_codebook, cos_sin_cache, is_neox, key_bytes, key_norm_offset)
     if not decode_cuda.inputs_ok(*args, block_table):
         return False
+    if cos_sin_cache is not None and cos_sin_cache.shape[0] < BLOCK_N:  # rows 0 .. BLOCK_N - 1: the tile offsets
+        return False
     return shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2])
 
 
@@ -132,6 +138,7 @@ def paged_attention(
         cos_sin_cache is not None, window is not None,
     )  # fmt: skip
     cuda_build.check_index_dtypes(block_table, seq_lens, query_start_loc)
+    assert cos_sin_cache is None or cos_sin_cache.shape[0] >= BLOCK_N, "the tile offsets' rotations: rows 0 .. 63"
     assert out.stride(2) == 1 and out.stride(0) % 2 == 0 and out.stride(1) % 2 == 0
     dev = query.device
     if window is not None:  # one segment of partials (any prefill step's tiling for the window merge)

@@ -93,7 +93,7 @@ def make_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, bs=16) -> tuple[tuple,
     for s, (L, _) in enumerate(seqs):
         k, v = torch.randn(L, hkv, d), torch.randn(L, hkv, d)
         naive.write_kv_cache(k, v, cache, slots_of(table, s, torch.arange(L), bs), kcb, vcb, fmt)
-    cs = build_cos_sin_cache(d, max(L for L, _ in seqs) + 17) if rope else None
+    cs = build_cos_sin_cache(d, max(64, max(L for L, _ in seqs) + 17)) if rope else None
     q = torch.randn(int(qsl[-1]), hkv * ratio, d).to(dtype)
     scale = d**-0.5
     want = naive.paged_attention(q.float(), cache, kcb, vcb, fmt, table, seq_lens, qsl, scale, cs, True)
@@ -159,7 +159,11 @@ def window_case(monkeypatch, W: int, mode: str) -> tuple[tuple, dict, torch.Tens
     from tests.kernels import test_window
 
     monkeypatch.setattr(test_window, "D", 64)
-    seqs = test_window.random_seqs(random.Random(W), mode, 64, 16)
+    if mode == "mixed":  # a vLLM mixed step: four decodes first, then prefill chunks
+        rng = random.Random(W)
+        seqs = test_window.random_seqs(rng, "decode", 64, 16)[:4] + test_window.random_seqs(rng, "chunked", 64, 16)
+    else:
+        seqs = test_window.random_seqs(random.Random(W), mode, 64, 16)
     b = test_window.Batch("cq1", seqs, 2, 4, 64, 16, W, win_dtype=torch.bfloat16)
     b.kcb, b.vcb = b.kcb.bfloat16().float(), b.vcb.bfloat16().float()
     b.q = b.q.bfloat16().float()

@@ -3,7 +3,8 @@
 On a CPU machine: every instance compiles with NVRTC for sm_90 without register spills. On a GPU: the
 kernel against the torch reference on randomized prefill and chunked-prefill batches (page
 boundaries, odd lengths, GQA ratios, several sequences, keys with and without RoPE, the recent window,
-half precision). Not yet run on a GPU (2026-12-02): the dispatch keeps Triton for prefill until it is."""
+half precision), and vLLM's mixed steps through `ops.paged_attention` (leading decodes to the decode
+kernel, the rest here). Passed on an H200 on 2026-12-03."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from tests.kernels.test_cq_decode_cuda import FORMATS, centroid_dims, checked_error, make_case, window_case
-from vllm_cq.kernels.cq import cuda_build, prefill_cuda
+from vllm_cq.formats import get_format
+from vllm_cq.kernels.cq import cuda_build, decode_cuda, ops, prefill_cuda
 
 pytest.importorskip("cuda.bindings")
 GPU = torch.cuda.is_available()
@@ -91,3 +93,45 @@ def test_window_merge_matches_reference(monkeypatch, W):
     """Chunked prefill with the recent window: partials of the codes merged with the exact window."""
     args, kw, want = window_case(monkeypatch, W, "chunked")
     assert checked_error(prefill_cuda.paged_attention(*args, **kw), want) < 2e-2
+
+
+def spy(monkeypatch, module, name) -> list:
+    """Record the calls of `module.name` (still calling it)."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def mixed_ops_call(monkeypatch, args, num_decodes, **kw) -> tuple[torch.Tensor, list, list]:
+    """ops.paged_attention on the CUDA kernels' positional arguments, counting each kernel's calls."""
+    q, cache, kcb, vcb, _, table, seq_lens, qsl, scale, cs = args
+    dec = spy(monkeypatch, decode_cuda, "paged_attention")
+    pre = spy(monkeypatch, prefill_cuda, "paged_attention")
+    max_q = int((qsl[1:] - qsl[:-1]).max())
+    out = ops.paged_attention(
+        q, cache, kcb, vcb, get_format("cq1"), table, seq_lens, qsl, scale, cs, True, max_q,
+        decode_kernel="cuda", prefill_kernel="cuda", num_decodes=num_decodes, **kw,
+    )  # fmt: skip
+    return out, dec, pre
+
+
+@gpu_only
+def test_mixed_step_takes_both_kernels(monkeypatch):
+    """A vLLM mixed step (sequences with one new token first, then prefill chunks): the decodes through
+    the decode kernel, the rest through this one, one answer matching the reference."""
+    rng = random.Random(5)
+    seqs = [(rng.randint(1, 400), 1) for _ in range(5)] + [(300, 300), (777, 129), (64, 3), (1, 1)]
+    args, want = make_case("cq1", seqs, 2, 4, 128, torch.bfloat16, True)
+    out, dec, pre = mixed_ops_call(monkeypatch, args, 5)
+    assert dec and pre, "both kernels"
+    assert checked_error(out, want) < 2e-2
+
+
+@gpu_only
+@pytest.mark.parametrize("W", [1, 16, 35])
+def test_mixed_step_with_the_window(monkeypatch, W):
+    """The same split with the recent window: each part merges the window of its own sequences."""
+    args, kw, want = window_case(monkeypatch, W, "mixed")
+    out, dec, pre = mixed_ops_call(monkeypatch, args, 4, **kw)
+    assert dec and pre, "both kernels"
+    assert checked_error(out, want) < 2e-2

@@ -26,6 +26,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_cq.errors import CQConfigError
 from vllm_cq.formats import KVFormat, format_names, get_format
@@ -43,6 +44,7 @@ class CQAttentionMetadata:
     block_table: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [num_actual_tokens]
     block_size: int = 0  # tokens per block of `block_table`, as vLLM sized this group (0: unknown)
+    num_decodes: int = 0  # leading sequences with one new token (the decode kernel's share of a mixed step)
 
 
 class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
@@ -51,6 +53,9 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
     # test failed on the H100 (2026-11-23, cause not yet found), so attention stays outside CUDA graphs
     # (vLLM's piecewise graphs) until it passes.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # vLLM puts requests with one new token first in a step, so a mixed step splits into a decode part
+    # (decode kernel) and a prefill part; without the reordering the split only gets shorter
+    reorder_batch_threshold: ClassVar[int | None] = 1
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -68,6 +73,7 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
             block_table=cam.block_table_tensor,
             slot_mapping=cam.slot_mapping[:n],
             block_size=int(getattr(self.kv_cache_spec, "block_size", 0) or 0),
+            num_decodes=split_decodes_and_prefills(cam, decode_threshold=1)[0],
         )
 
 

@@ -25,6 +25,7 @@ class Step(Protocol):
     """The attention metadata fields the families read (`backend.CQAttentionMetadata`)."""
 
     max_query_len: int
+    num_decodes: int
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     block_table: torch.Tensor
@@ -100,6 +101,7 @@ class CQFamily:
             query, kv_cache, st.k_codebook, st.v_codebook, self.fmt, md.block_table, md.seq_lens,
             md.query_start_loc, self.scale, st.cos_sin_cache, st.is_neox, max_query_len=md.max_query_len,
             out=out, k_codebook_attn=st.k_codebook_attn, v_codebook_attn=st.v_codebook_attn, window=window,
+            num_decodes=md.num_decodes,
         )  # fmt: skip
 
 
