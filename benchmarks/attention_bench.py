@@ -12,6 +12,7 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
   cq      vllm_cq.kernels.cq.ops.paged_attention / write_kv_cache per format (cq4, cq2, cq1, cq_k4v1):
           the dispatch's choice (the CUDA decode / prefill kernel where it covers the shape, else Triton)
   cq-triton / cq-cuda  the same call with decode_kernel and prefill_kernel "triton" / "cuda"
+  cq-wgmma  prefill rows with prefill_kernel "wgmma" (the Hopper variant of the CUDA prefill kernel; opt-in)
   cq-cuda-rec, cq-cuda-r{1,2}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
           directly (RoPE rows read per step (1) or advanced by rotation (2), warps, unroll)
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
@@ -91,6 +92,11 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq-cuda:cq1": ("cq-cuda", "cq1"),
     "cq-cuda:cq_k4v1": ("cq-cuda", "cq_k4v1"),
     "cq-cuda:cq_k4v05": ("cq-cuda", "cq_k4v05"),
+    # the wgmma variant of the CUDA prefill kernel (sm_90; prefill rows only; opt-in, "wgmma")
+    "cq-wgmma:cq4": ("cq-wgmma", "cq4"),
+    "cq-wgmma:cq2": ("cq-wgmma", "cq2"),
+    "cq-wgmma:cq1": ("cq-wgmma", "cq1"),
+    "cq-wgmma:cq_k4v1": ("cq-wgmma", "cq_k4v1"),
     # the CUDA decode kernel with its RoPE rows advanced by rotation instead of read per key (opt-in)
     "cq-cuda-rec:cq1": ("cq-cuda-rec", "cq1"),
     "cq-cuda-rec:cq_k4v1": ("cq-cuda-rec", "cq_k4v1"),
@@ -122,6 +128,7 @@ OPT_IN = {
     "tq-lw-v": "levelwise",
     "cq-w128": "window",
     "cq-cuda-rec": "rope-recurrence",
+    "cq-wgmma": "wgmma",
     **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
@@ -543,6 +550,10 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _cq_fn(inp, kv, kind, window=128)
     if backend in ("cq-triton", "cq-cuda"):
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
+    if backend == "cq-wgmma":
+        if kind != "prefill":
+            raise Unsupported("the wgmma variant is a prefill kernel")
+        return _cq_fn(inp, kv, kind, decode_kernel="wgmma")
     if backend == "cq-cuda-rec":
         return _cq_fn(inp, kv, kind, decode_kernel="cuda", rope_mode=2)
     if m := re.fullmatch(r"cq-cuda-r(\d)w(\d+)u(\d)", backend):

@@ -35,6 +35,9 @@
 # Sixth session (2026-12-03), after the three staging calls:
 #   bash scripts/gpu_session.sh s6a        # prefill + mixed-step tests, tiny-model vLLM tests, prefill rows vs FA3
 #   bash scripts/gpu_session.sh s6b        # e2e cq1 on both workloads through both CUDA kernels (~8 min)
+# Next session: `wgmma` first (no vLLM; ~2 min), then with vLLM staged s6a (KERNEL_BACKENDS with cq-wgmma)
+# and s6b (VLLM_CQ_PREFILL_KERNEL=wgmma) if it passes.
+#   bash scripts/gpu_session.sh wgmma      # the wgmma prefill variant's tests + prefill rows vs the mma.sync kernel
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -397,6 +400,19 @@ case "${1:-tests}" in
       --tag kv-h100-cuda2 --out "$OUT/w/e2e-h200-2026-12-03.json" --timeout 550 --budget-s 555 > "$OUT/w/e2e.log" 2>&1
     grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/e2e.log" | grep -E "^\||rc |->|\[|Error|error" | tail -20 | cut -c1-220
     pack s6b
+    ;;
+  wgmma)
+    # NEXT (no vLLM needed): the wgmma variant of the prefill kernel (prefill_wgmma.cu, written 2026-12-03
+    # without a GPU) against the reference beside the verified mma.sync kernel, then prefill rows of both
+    mkdir -p "$OUT/w"
+    timeout 240 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py 2>&1 \
+      | tee "$OUT/w/prefill-kernels.log" | tail -25 | cut -c1-300
+    timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-wgmma.json" \
+      --backends "${KERNEL_BACKENDS:-cq-cuda:cq1,cq-wgmma:cq1,cq-cuda:cq4,cq-wgmma:cq4}" --prefill-contexts 2k,8k \
+      --kinds prefill --timers bench --budget-s 150 > "$OUT/w/kernels.log" 2>&1
+    echo "attention_bench rc=$?"
+    grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -20
+    pack wgmma
     ;;
   s5)
     # fifth session: decode grid (issue 5's contexts x batches) FA3 bf16/fp8 vs the Triton and CUDA cq decode

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-HEADERS = ("cq_common.cuh",)
+HEADERS = ("cq_common.cuh", "prefill_common.cuh")
 
 
 @functools.cache
@@ -35,13 +35,21 @@ def toolchain_available() -> bool:
     return True
 
 
-def kernel_chosen(env_var: str, choice: str | None, verified: bool) -> bool:
-    """Whether a CUDA kernel runs: `choice` (else the environment variable `env_var`) "cuda" or "triton"
-    decides; neither, the kernel runs once its GPU tests have passed (`verified`)."""
+def kernel_choice(env_var: str, choice: str | None, variants: Sequence[str] = ()) -> str:
+    """`choice`, else the environment variable `env_var`: "" (the default), "cuda", "triton" or one of the
+    CUDA kernel's `variants`."""
     choice = choice or os.environ.get(env_var, "")
-    if choice not in ("", "cuda", "triton"):
-        raise ValueError(f"{env_var}={choice!r}: expected 'cuda' or 'triton'")
-    return choice == "cuda" or (choice != "triton" and verified)
+    allowed = ("", "cuda", "triton", *variants)
+    if choice not in allowed:
+        raise ValueError(f"{env_var}={choice!r}: expected one of {', '.join(repr(a) for a in allowed[1:])}")
+    return choice
+
+
+def kernel_chosen(env_var: str, choice: str | None, verified: bool, variants: Sequence[str] = ()) -> bool:
+    """Whether a CUDA kernel runs: `choice` (else the environment variable `env_var`) "cuda" (or a variant)
+    or "triton" decides; neither, the kernel runs once its GPU tests have passed (`verified`)."""
+    choice = kernel_choice(env_var, choice, variants)
+    return choice in ("cuda", *variants) or (choice != "triton" and verified)
 
 
 def check_index_dtypes(*tensors: torch.Tensor) -> None:
@@ -94,12 +102,13 @@ def ptxas_report(log: str) -> dict[str, int]:
 
 
 @functools.cache
-def load(source: str, defines: tuple[str, ...], kernel: str, smem_bytes: int, device_index: int):
-    """Compile for the device's architecture and load (once per build and device): (module, CUfunction)."""
+def load(source: str, defines: tuple[str, ...], kernel: str, smem_bytes: int, device_index: int, arch_suffix: str = ""):
+    """Compile for the device's architecture (`arch_suffix` "a": its architecture-specific features, e.g.
+    sm_90a's wgmma) and load (once per build and device): (module, CUfunction)."""
     from cuda.bindings import driver
 
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin, _ = compile_cubin(source, defines, f"sm_{major}{minor}")
+    cubin, _ = compile_cubin(source, defines, f"sm_{major}{minor}{arch_suffix}")
     torch.cuda.init()  # torch makes the device's primary context current; the module loads into it
     check(driver.cuInit(0), "cuInit")
     module = check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")

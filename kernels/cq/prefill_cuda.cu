@@ -1,5 +1,9 @@
 // Prefill / chunked-prefill attention over CQ codes with the codebooks resident in shared memory
 // (issue 5). Verified against the torch reference on an H200 (tests/kernels/test_cq_prefill_cuda.py).
+// Its macros and helpers come from prefill_common.cuh, which also holds the CTA set-up, staging, softmax
+// and epilogue as functions for the wgmma variant; this kernel body keeps its verified inline form
+// (byte-identical SASS) until a GPU run re-verifies it on those functions, whose form changes the code
+// the compiler emits.
 //
 // Compiled by NVRTC (cuda_build.py) with -D macros: G (query heads per KV head), HEAD_DIM (64 or 128),
 // CK, CV (channels per key / value centroid, 8-bit codes), HAS_ROPE (keys stored before RoPE), IS_BF16,
@@ -25,35 +29,10 @@
 // positions (rows j / row 0 of the cache, in shared memory for the CTA's life): no per-key cos/sin
 // row from L2, which was the first version's bottleneck (32 KB of L2 reads per tile).
 
-#include "cq_common.cuh"
+#include "prefill_common.cuh"
 
-#define NW 8
-#define NT (NW * 32)
-#define BN 64                     // keys per tile (4 threads per key)
-#define HALF (HEAD_DIM / 2)
-#define GK (HEAD_DIM / CK)
-#define GV (HEAD_DIM / CV)
-#define KT (HEAD_DIM / 16)        // k-steps of S
-#define DT (HEAD_DIM / 8)         // 8-dim n-tiles of O, 16-byte chunks per tile row
-#define ROWS (NW * 16)
-#define BQ (ROWS / G)             // query tokens per CTA
-#define PPT (HALF / 4)            // RoPE pairs a staging thread rotates
-#define NGT (PPT / CK)            // key centroids per half it gathers (= its code bytes per half)
-#define VPT (HEAD_DIM / 4)        // value channels a staging thread gathers
-#define NGVP (VPT / CV)           // value centroids it gathers
-#define LAZY_MAX 8.f
-#define CB_BYTES (HEAD_DIM * 256 * 2)   // one codebook of one KV head: D channels x 256 centroids
-#define TILE_BYTES (BN * HEAD_DIM * 2)  // one key or value tile
-
-#if (PPT % CK) != 0 || (VPT % CV) != 0 || HEAD_DIM < 64 || (HEAD_DIM % 16) != 0 || G > 16 || (PPT % 4) != 0
-#error "unsupported CQ prefill instance"
-#endif
-
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 r;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-    return r;
-}
+// byte offset of 16-byte chunk `c` of tile row `j` (rows of HEAD_DIM 16-bit values, chunks XOR-swizzled)
+__device__ __forceinline__ int tile_off(int j, int c) { return j * (HEAD_DIM * 2) + ((c ^ (j & 7)) << 4); }
 
 __device__ __forceinline__ void ldsm_x4(u32 addr, u32* r) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -65,62 +44,7 @@ __device__ __forceinline__ void ldsm_x4_t(u32 addr, u32* r) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-// byte offset of 16-byte chunk `c` of tile row `j` (rows of HEAD_DIM 16-bit values)
-__device__ __forceinline__ int tile_off(int j, int c) { return j * (HEAD_DIM * 2) + ((c ^ (j & 7)) << 4); }
-
-template <int N>
-__device__ __forceinline__ void sts_words(u8* tile, int j, int dim0, const u32* w) {
-    static_assert(N % 8 == 0, "whole 16-byte chunks");
-#pragma unroll
-    for (int i = 0; i < N / 8; ++i) {
-        *reinterpret_cast<uint4*>(tile + tile_off(j, dim0 / 8 + i)) =
-            make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
-    }
-}
-
-// N code bytes (N a power of two) from an address aligned to min(N, 8) bytes, as 32-bit words
-template <int N> struct Codes { u32 w[N >= 4 ? N / 4 : 1]; };
-
-template <int N>
-__device__ __forceinline__ void ldg_codes(const u8* p, Codes<N>& c) {
-    if constexpr (N >= 8) {
-#pragma unroll
-        for (int i = 0; i < N / 8; ++i) {
-            const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
-            c.w[2 * i] = v.x;
-            c.w[2 * i + 1] = v.y;
-        }
-    } else {
-        c.w[0] = (u32)ldg_bytes<N>(p);
-    }
-}
-
-template <int N>
-__device__ __forceinline__ u32 code_of(const Codes<N>& c, int j) { return (c.w[j >> 2] >> (8 * (j & 3))) & 0xffu; }
-
-// largest s in [0, num_seqs) with qsl[s] / BQ + s <= pid (every sequence owns at least one block)
-__device__ __forceinline__ int find_seq(const int* qsl, int pid, int num_seqs) {
-    int lo = 0, hi = num_seqs - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (qsl[mid] / BQ + mid <= pid) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
-extern "C" __global__ void __launch_bounds__(NT, 1) cq_prefill_kernel(
-    const u16* __restrict__ q,        // [T, Hq, D]
-    void* __restrict__ out,           // [T, Hq, D] model dtype, or float32 partials [T, Hq, 1, D]
-    float* __restrict__ ml,           // [T, Hq, 1, 2] (WINDOW_PARTIALS)
-    const u8* __restrict__ cache,     // [num_blocks, Hkv, block_size, slot_bytes]
-    const u16* __restrict__ kcb_g,    // [Hkv * GK, 256, CK]
-    const u16* __restrict__ vcb_g,    // [Hkv * GV, 256, CV]
-    const int* __restrict__ block_table,
-    const int* __restrict__ seq_lens,
-    const int* __restrict__ qsl,
-    const float* __restrict__ cos_sin,  // [max_pos, D]: cos | sin (>= BN rows)
-    int num_seqs, i64 stride_qt, i64 stride_qh, i64 stride_ot, i64 stride_oh, i64 stride_cb, i64 stride_ch,
-    i64 stride_co, i64 stride_bt, i64 stride_cs, float qk_scale, int block_size, int v_offset, int win) {
+extern "C" __global__ void __launch_bounds__(NT, 1) cq_prefill_kernel(CQ_PREFILL_PARAMS) {
     extern __shared__ __align__(16) u8 smem[];
     u16* kcb = reinterpret_cast<u16*>(smem);
     u16* vcb = kcb + GK * 256 * CK;

@@ -6,6 +6,10 @@ Status: verified against the reference on an H200 (2026-12-03, `tests/kernels/te
 and the default for prefill steps on CUDA where it covers the shape (`supports`);
 `VLLM_CQ_PREFILL_KERNEL=triton` (or `ops.paged_attention(prefill_kernel="triton")`) takes the Triton
 kernel (`attention.py`) instead.
+
+Its Hopper variant `prefill_wgmma.cu` (same staging and softmax from `prefill_common.cuh`, products by
+wgmma, compiled for sm_90a) was written on 2026-12-03 without a GPU; it runs only when asked
+(`VLLM_CQ_PREFILL_KERNEL=wgmma`) until its tests pass on an H100/H200 (`WGMMA_VERIFIED_ON_GPU`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,13 @@ from vllm_cq.kernels.window import WindowCache
 
 SOURCE = "prefill_cuda.cu"
 LOG2E = 1.4426950408889634
-NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # prefill_cuda.cu's NW, NW * 16, BN
+NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # prefill_common.cuh's NW, NW * 16, BN
 VERIFIED_ON_GPU = True
+# The Hopper variant (`prefill_wgmma.cu`: the same staging, products by wgmma), written 2026-12-03 without a
+# GPU: it runs only when asked (VLLM_CQ_PREFILL_KERNEL=wgmma) until its GPU tests pass on sm_90.
+WGMMA_SOURCE = "prefill_wgmma.cu"
+WGMMA_VERIFIED_ON_GPU = False
+ENV = "VLLM_CQ_PREFILL_KERNEL"
 
 
 @dataclass(frozen=True)
@@ -77,8 +86,15 @@ def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
 
 
 def enabled(choice: str | None = None) -> bool:
-    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda" or "triton"; neither: this kernel once verified."""
-    return cuda_build.kernel_chosen("VLLM_CQ_PREFILL_KERNEL", choice, VERIFIED_ON_GPU)
+    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda", "wgmma" or "triton"; none: this kernel once verified."""
+    return cuda_build.kernel_chosen(ENV, choice, VERIFIED_ON_GPU, ("wgmma",))
+
+
+def wgmma_chosen(choice: str | None, device_index: int) -> bool:
+    """The wgmma variant on an sm_90 device: when asked ("wgmma"), or by default once verified."""
+    choice = cuda_build.kernel_choice(ENV, choice, ("wgmma",))
+    wanted = choice == "wgmma" or (choice in ("", "cuda") and WGMMA_VERIFIED_ON_GPU)
+    return wanted and torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
 def supports(
@@ -104,9 +120,18 @@ def supports(
     return shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2])
 
 
-def compile_cubin(inst: Instance, arch: str, verbose: bool = False) -> tuple[bytes, str]:
-    """NVRTC: prefill_cuda.cu for `inst` -> (cubin for `arch`, the log). No GPU needed."""
-    return cuda_build.compile_cubin(SOURCE, inst.defines(), arch, verbose)
+def compile_cubin(inst: Instance, arch: str, verbose: bool = False, wgmma: bool = False) -> tuple[bytes, str]:
+    """NVRTC: prefill_cuda.cu (or prefill_wgmma.cu, for sm_90a) for `inst` -> (cubin for `arch`, the log).
+    No GPU needed."""
+    return cuda_build.compile_cubin(WGMMA_SOURCE if wgmma else SOURCE, inst.defines(), arch, verbose)
+
+
+def load(inst: Instance, device_index: int, wgmma: bool = False):
+    """The compiled, loaded kernel (module, CUfunction) for `inst` on a device."""
+    if wgmma:
+        args = (WGMMA_SOURCE, tuple(inst.defines()), "cq_prefill_wgmma_kernel", inst.smem_bytes(), device_index, "a")
+        return cuda_build.load(*args)
+    return cuda_build.load(SOURCE, tuple(inst.defines()), "cq_prefill_kernel", inst.smem_bytes(), device_index)
 
 
 def paged_attention(
@@ -122,10 +147,12 @@ def paged_attention(
     cos_sin_cache: torch.Tensor | None,
     out: torch.Tensor | None = None,
     window: WindowCache | None = None,
+    choice: str | None = None,
 ) -> torch.Tensor:
     """Causal attention of a varlen batch (sequence s owns queries query_start_loc[s]:[s+1], its last
     tokens) over its codes, into `out` [T, Hq, D] (new in query's dtype when None); with a recent
-    `window`, the codes cover keys j <= i - W and `window_triton` merges the exact window in."""
+    `window`, the codes cover keys j <= i - W and `window_triton` merges the exact window in. `choice`
+    "wgmma" takes the Hopper variant on sm_90 (`wgmma_chosen`)."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -146,9 +173,8 @@ def paged_attention(
         target, ml = plan.target, plan.ml
     else:
         target, ml = out, out
-    _, func = cuda_build.load(
-        SOURCE, tuple(inst.defines()), "cq_prefill_kernel", inst.smem_bytes(), cuda_build.device_index(query)
-    )
+    dev_index = cuda_build.device_index(query)
+    _, func = load(inst, dev_index, wgmma_chosen(choice, dev_index))
     cs = cos_sin_cache if cos_sin_cache is not None else query
     args = [
         *cuda_build.pointers(

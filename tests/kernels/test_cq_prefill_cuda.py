@@ -1,6 +1,7 @@
 """The CUDA prefill kernel with shared-memory codebooks (`kernels/cq/prefill_cuda.cu`).
 
-On a CPU machine: every instance compiles with NVRTC for sm_90 without register spills. On a GPU: the
+On a CPU machine: every instance compiles with NVRTC for sm_90 without register spills, and so does the
+wgmma variant (`prefill_wgmma.cu`) for sm_90a. On a GPU (the wgmma variant on sm_90 only): the
 kernel against the torch reference on randomized prefill and chunked-prefill batches (page
 boundaries, odd lengths, GQA ratios, several sequences, keys with and without RoPE, the recent window,
 half precision), and vLLM's mixed steps through `ops.paged_attention` (leading decodes to the decode
@@ -36,15 +37,23 @@ def instances() -> list[prefill_cuda.Instance]:
     return list(dict.fromkeys(out))
 
 
+SM90 = GPU and torch.cuda.get_device_capability(0) == (9, 0)
+# the mma.sync kernel everywhere; its wgmma variant (sm_90a) on H100/H200 only
+KERNELS = ["cuda", pytest.param("wgmma", marks=pytest.mark.skipif(not SM90, reason="wgmma: needs an sm_90 GPU"))]
+
+
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
 @pytest.mark.parametrize("inst", instances(), ids=str)
-def test_compiles_for_sm90_without_spills(inst):
-    cubin, log = prefill_cuda.compile_cubin(inst, "sm_90", verbose=True)
+def test_compiles_for_sm90_without_spills(inst, wgmma):
+    cubin, log = prefill_cuda.compile_cubin(inst, "sm_90a" if wgmma else "sm_90", verbose=True, wgmma=wgmma)
     assert cubin[:4] == b"\x7fELF"
     rep = cuda_build.ptxas_report(log)
-    if rep["registers"] < 0 and GPU:  # NVRTC 13.0 prints no ptxas report: ask the driver
-        func = cuda_build.load(prefill_cuda.SOURCE, tuple(inst.defines()), "cq_prefill_kernel", inst.smem_bytes(), 0)
-        rep = cuda_build.resource_usage(func[1])
+    if rep["registers"] < 0 and GPU and (SM90 or not wgmma):  # NVRTC 13.0 prints no ptxas report: ask the driver
+        rep = cuda_build.resource_usage(prefill_cuda.load(inst, 0, wgmma)[1])
+    if rep["registers"] < 0 and GPU and wgmma and not SM90:
+        pytest.skip("no ptxas report and no sm_90 device to load the wgmma variant on")
     assert 0 < rep["registers"] <= 255 and rep["spill_bytes"] == 0, (inst, rep, log)
+    assert "serialized" not in log, log  # ptxas serializes wgmma it cannot overlap safely
 
 
 def test_shape_coverage():
@@ -65,34 +74,37 @@ def random_prefill_batch(seed: int, max_len: int = 300) -> list[tuple[int, int]]
 
 
 @gpu_only
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize(
     "fmt_name, hkv, ratio, d, rope",
     [("cq1", 2, 4, 128, True), ("cq1", 3, 1, 64, True), ("cq2", 1, 8, 128, True), ("cq_k4v1", 2, 3, 128, True),
      ("cq_k4v2", 2, 2, 64, False), ("cq_k4v05", 2, 4, 128, True), ("cq4", 1, 16, 128, True)],
 )  # fmt: skip
-def test_prefill_matches_reference(seed, fmt_name, hkv, ratio, d, rope):
+def test_prefill_matches_reference(seed, fmt_name, hkv, ratio, d, rope, kernel):
     seqs = random_prefill_batch(seed)
     args, want = make_case(fmt_name, seqs, hkv, ratio, d, torch.bfloat16, rope)
-    assert checked_error(prefill_cuda.paged_attention(*args), want) < 2e-2, seqs
+    assert checked_error(prefill_cuda.paged_attention(*args, choice=kernel), want) < 2e-2, seqs
 
 
 @gpu_only
-def test_full_size_half_precision():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_full_size_half_precision(kernel):
     """Llama-3.1-8B's head shape, thousands of tokens: whole prompts and long chunks, bf16 and fp16."""
     rng = random.Random(7)
     seqs = [(rng.randint(300, 3000), rng.randint(1, 300)) for _ in range(4)] + [(2048, 2048)]
     for dtype in (torch.bfloat16, torch.float16):
         args, want = make_case("cq1", seqs, 8, 4, 128, dtype, True)
-        assert checked_error(prefill_cuda.paged_attention(*args), want) < 2e-2, dtype
+        assert checked_error(prefill_cuda.paged_attention(*args, choice=kernel), want) < 2e-2, dtype
 
 
 @gpu_only
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("W", [1, 16, 35, 10**6])
-def test_window_merge_matches_reference(monkeypatch, W):
+def test_window_merge_matches_reference(monkeypatch, W, kernel):
     """Chunked prefill with the recent window: partials of the codes merged with the exact window."""
     args, kw, want = window_case(monkeypatch, W, "chunked")
-    assert checked_error(prefill_cuda.paged_attention(*args, **kw), want) < 2e-2
+    assert checked_error(prefill_cuda.paged_attention(*args, **kw, choice=kernel), want) < 2e-2
 
 
 def spy(monkeypatch, module, name) -> list:
@@ -102,7 +114,7 @@ def spy(monkeypatch, module, name) -> list:
     return calls
 
 
-def mixed_ops_call(monkeypatch, args, num_decodes, **kw) -> tuple[torch.Tensor, list, list]:
+def mixed_ops_call(monkeypatch, args, num_decodes, kernel="cuda", **kw) -> tuple[torch.Tensor, list, list]:
     """ops.paged_attention on the CUDA kernels' positional arguments, counting each kernel's calls."""
     q, cache, kcb, vcb, _, table, seq_lens, qsl, scale, cs = args
     dec = spy(monkeypatch, decode_cuda, "paged_attention")
@@ -110,19 +122,20 @@ def mixed_ops_call(monkeypatch, args, num_decodes, **kw) -> tuple[torch.Tensor, 
     max_q = int((qsl[1:] - qsl[:-1]).max())
     out = ops.paged_attention(
         q, cache, kcb, vcb, get_format("cq1"), table, seq_lens, qsl, scale, cs, True, max_q,
-        decode_kernel="cuda", prefill_kernel="cuda", num_decodes=num_decodes, **kw,
+        decode_kernel="cuda", prefill_kernel=kernel, num_decodes=num_decodes, **kw,
     )  # fmt: skip
     return out, dec, pre
 
 
 @gpu_only
-def test_mixed_step_takes_both_kernels(monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mixed_step_takes_both_kernels(monkeypatch, kernel):
     """A vLLM mixed step (sequences with one new token first, then prefill chunks): the decodes through
     the decode kernel, the rest through this one, one answer matching the reference."""
     rng = random.Random(5)
     seqs = [(rng.randint(1, 400), 1) for _ in range(5)] + [(300, 300), (777, 129), (64, 3), (1, 1)]
     args, want = make_case("cq1", seqs, 2, 4, 128, torch.bfloat16, True)
-    out, dec, pre = mixed_ops_call(monkeypatch, args, 5)
+    out, dec, pre = mixed_ops_call(monkeypatch, args, 5, kernel)
     assert dec and pre, "both kernels"
     assert checked_error(out, want) < 2e-2
 
