@@ -35,8 +35,9 @@
 # Sixth session (2026-12-03), after the three staging calls:
 #   bash scripts/gpu_session.sh s6a        # prefill + mixed-step tests, tiny-model vLLM tests, prefill rows vs FA3
 #   bash scripts/gpu_session.sh s6b        # e2e cq1 on both workloads through both CUDA kernels (~8 min)
-# Next session: `wgmma` first (no vLLM; ~2 min), then with vLLM staged s6a (KERNEL_BACKENDS with cq-wgmma)
-# and s6b (VLLM_CQ_PREFILL_KERNEL=wgmma) if it passes.
+# Next session: `wgmma` first (no vLLM; ~2 min), then with vLLM staged s6a (KERNEL_BACKENDS with cq-wgmma;
+# its vLLM tests now include the opt-in full-CUDA-graph decode test) and s6b (VLLM_CQ_PREFILL_KERNEL=wgmma
+# and/or VLLM_CQ_FULL_CUDA_GRAPHS=1) if they pass.
 #   bash scripts/gpu_session.sh wgmma      # the wgmma prefill variant's tests + prefill rows vs the mma.sync kernel
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
@@ -382,8 +383,8 @@ case "${1:-tests}" in
     mkdir -p "$OUT/w"
     timeout 150 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py 2>&1 \
       | tee "$OUT/w/prefill-kernels.log" | tail -4 | cut -c1-300
-    timeout 200 python3 -m pytest -q --tb=short tests/integration/test_vllm_generate.py 2>&1 \
-      | tee "$OUT/w/vllm-generate.log" | tail -4 | cut -c1-300
+    timeout 330 python3 -m pytest -q --tb=short tests/integration/test_vllm_generate.py 2>&1 \
+      | tee "$OUT/w/vllm-generate.log" | tail -4 | cut -c1-300  # 188 s for its 5 tests on 2026-12-03, now 6
     timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-h200-2026-12-03-prefill.json" \
       --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq-triton:cq1,cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4,cq-cuda:cq_k4v1}" \
       --prefill-contexts 2k,8k --kinds prefill --timers bench --budget-s 180 > "$OUT/w/kernels.log" 2>&1

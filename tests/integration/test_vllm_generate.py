@@ -171,3 +171,25 @@ def test_cuda_graph_decode_matches_eager(cq_model, llm):
     finally:
         del graphs
         gc.collect()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_full_cuda_graph_decode_matches_eager(cq_model, llm, monkeypatch, capfd):
+    """Opt-in VLLM_CQ_FULL_CUDA_GRAPHS=1: decode steps replay whole-model CUDA graphs with cq attention
+    captured inside (no Python between layers); greedy tokens equal the eager engine's, for a batch padded
+    up to a captured size."""
+    from vllm import LLM, SamplingParams
+
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    prompts = PROMPTS + [p[::-1] for p in PROMPTS]
+    eager = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+    monkeypatch.setenv("VLLM_CQ_FULL_CUDA_GRAPHS", "1")
+    engine = {**ENGINE, "enforce_eager": False, "compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE"}}
+    graphs = LLM(cq_model, kv_cache_dtype="cq4", **engine)
+    try:
+        got = [o.outputs[0].token_ids for o in graphs.generate(prompts, sp)]
+        assert "Capturing CUDA graphs (decode, FULL)" in capfd.readouterr().err, "no full decode graphs captured"
+        assert got == eager
+    finally:
+        del graphs
+        gc.collect()

@@ -13,6 +13,7 @@ which kernels write and attend) is in `families.py`.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,11 +48,16 @@ class CQAttentionMetadata:
     num_decodes: int = 0  # leading sequences with one new token (the decode kernel's share of a mixed step)
 
 
+FULL_GRAPHS_ENV = "VLLM_CQ_FULL_CUDA_GRAPHS"
+
+
 class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
     # The kernels read only vLLM's persistent buffers (query_start_loc, seq_lens, block table, slot
     # mapping) and derive positions on the device, as full CUDA graphs need; but the full-graph decode
-    # test failed on the H100 (2026-11-23, cause not yet found), so attention stays outside CUDA graphs
-    # (vLLM's piecewise graphs) until it passes.
+    # test failed on the H100 (2026-11-23, Triton decode, cause not yet found), so attention stays
+    # outside CUDA graphs (vLLM's piecewise graphs) unless VLLM_CQ_FULL_CUDA_GRAPHS=1 asks for full
+    # decode graphs (the CUDA decode kernel replays from a captured graph; the vLLM-level test with the
+    # flag, test_full_cuda_graph_decode_matches_eager, has not run on a GPU yet).
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
     # vLLM puts requests with one new token first in a step, so a mixed step splits into a decode part
     # (decode kernel) and a prefill part; without the reordering the split only gets shorter
@@ -59,6 +65,12 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
 
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+        if os.environ.get(FULL_GRAPHS_ENV, "") == "1":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return cls._cudagraph_support
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
