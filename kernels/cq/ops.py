@@ -1,10 +1,10 @@
 """Entry points the attention backend calls: write codes into the paged cache, attend over codes.
 
-CUDA tensors with 8-bit codes take the CUDA kernels with shared-memory codebooks where they cover the
-shape (`decode_cuda.py`, `prefill_cuda.py`), else the Triton kernels (`write.py`, `attention.py`; the
-write always); everything else
-(CPU, other bit widths, partial rotary) takes the plain-torch reference (`naive.py`), which the
-kernels are tested against. `VLLM_CQ_KERNELS=reference` forces the reference everywhere (debugging).
+CUDA tensors with 8-bit codes attend through the CUDA kernels with shared-memory codebooks where they
+cover the shape (`decode_cuda.py`, `prefill_cuda.py`), else through the Triton kernel (`attention.py`),
+and always write through the Triton write kernel (`write.py`). Everything else (CPU, other bit widths,
+partial rotary) takes the plain-torch reference (`naive.py`), which the kernels are tested against.
+`VLLM_CQ_KERNELS=reference` forces the reference everywhere (debugging).
 """
 
 from __future__ import annotations
@@ -111,10 +111,10 @@ def paged_attention(
     `decode_kernel` "cuda" or "triton" overrides that choice (default: VLLM_CQ_DECODE_KERNEL, then
     whether the CUDA kernel is verified); `prefill_kernel` likewise for prefill steps (default
     VLLM_CQ_PREFILL_KERNEL, then the CUDA prefill kernel where it covers the shape; "wgmma" its Hopper
-    variant, not yet verified on a GPU). In a mixed step the
-    first `num_decodes` sequences (one new token each; vLLM puts them first, see the backend's
-    `reorder_batch_threshold`) take the decode kernel and the rest the prefill kernel: a decode row in
-    the prefill kernel would walk its whole context for one token.
+    variant, not yet verified on a GPU). In a mixed step the first `num_decodes` sequences (one new
+    token each; vLLM puts them first, see the backend's `reorder_batch_threshold`) take the decode
+    kernel and the rest the prefill kernel: a decode row in the prefill kernel would walk its whole
+    context for one token.
     """
     d = query.shape[-1]
     triton_ok = _triton_ok(query.device, fmt) and d & (d - 1) == 0 and d >= 32
