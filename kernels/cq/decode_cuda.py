@@ -111,11 +111,14 @@ def inputs_ok(
     key_bytes: int,
     key_norm_offset: int,
     block_table: torch.Tensor | None = None,
+    min_rope_rows: int = 17,
 ) -> bool:
     """What the CUDA kernels (decode and prefill) need of their inputs: 8-bit codes without a stored
     norm, codebooks in the query's half-precision dtype, aligned 8-byte code slots in power-of-two pages
     of >= 16 tokens, channel pairs of the query readable as 32-bit words, NeoX RoPE over the whole head
-    from a float32 cache (or none). The centroid widths each kernel can take are its own `shape_ok`."""
+    from a float32 cache of at least `min_rope_rows` rows (or none; the rows each kernel reads for its
+    pure rotations: decode rows 8 and 16, prefill rows 0 .. 63). The centroid widths each kernel can take
+    are its own `shape_ok`."""
     if kv_cache.dtype != torch.uint8 or (block_table is not None and block_table.dtype != torch.int32):
         return False
     t, hq, d = query.shape
@@ -142,7 +145,7 @@ def inputs_ok(
             return False
         if cos_sin_cache.stride(1) != 1 or cos_sin_cache.stride(0) % 4 or cos_sin_cache.data_ptr() % 16:
             return False
-        if cos_sin_cache.shape[0] <= 16:  # rows 8 and 16 are the decode recurrence's rotations
+        if cos_sin_cache.shape[0] < min_rope_rows:
             return False
     return True
 

@@ -113,9 +113,7 @@ def supports(
     if not (query.is_cuda and enabled(choice) and cuda_build.toolchain_available()):
         return False
     args = (query, kv_cache, k_codebook, v_codebook, cos_sin_cache, is_neox, key_bytes, key_norm_offset)
-    if not decode_cuda.inputs_ok(*args, block_table):
-        return False
-    if cos_sin_cache is not None and cos_sin_cache.shape[0] < BLOCK_N:  # rows 0 .. BLOCK_N - 1: the tile offsets
+    if not decode_cuda.inputs_ok(*args, block_table, min_rope_rows=BLOCK_N):
         return False
     return shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2])
 
