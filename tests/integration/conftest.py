@@ -43,3 +43,23 @@ def cq_model(tiny_llama: str, calib_text: str) -> str:
     for fmt in FORMATS:
         calibrate(tiny_llama, fmt, calib_text)
     return tiny_llama
+
+
+# Engines that only start (capacity): the engine core and the model in the child process itself. vLLM's
+# default adds an engine-core process and a worker process, each importing vLLM again (about 30 s of a
+# 45 s start on 2 CPU cores); vLLM's capacity is the same either way.
+ONE_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+CAPACITY_LABELS = ("auto", "cq4", "cq2", "cq1", "cq_k4v1", "cq2n", "kvtq", "kvtq1", "cq1+w128")
+
+
+@pytest.fixture(scope="session")
+def capacity_rows(cq_model: str) -> dict[str, dict]:
+    """vLLM's own capacity per label (bf16 model, same KV budget), each from its own engine start,
+    measured once for the capacity checks of several test files; factors are relative to `auto`."""
+    from vllm_cq.capacity import measure
+
+    engine = {**ENGINE, "dtype": "bfloat16", "distributed_executor_backend": "uni"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in ONE_PROCESS_ENV.items():
+            mp.setenv(k, v)
+        return {r["kv_cache_dtype"]: r for r in measure(cq_model, list(CAPACITY_LABELS), engine)}

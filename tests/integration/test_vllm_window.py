@@ -243,15 +243,12 @@ def test_kvtq_window_covering_every_token_is_exact_attention(cq_model, monkeypat
         assert max_err(got, windowed_reference(cq_model, "kvtq1", None)) < 1e-3
 
 
-def test_window_capacity_shares_the_codes_pool(cq_model):
+def test_window_capacity_shares_the_codes_pool(capacity_rows):
     """vLLM's pool with a window holds as many cq1 blocks' bytes as without (pages are equal, the window
     takes whole blocks from the same pool); at max_model_len 1024 a sequence needs 4 code blocks of 256
     tokens (bf16, head_dim 64) plus 9 window blocks, so whole sequences get 4/13 of the window-less tokens."""
-    from vllm_cq.capacity import measure
-
-    engine = {**ENGINE, "dtype": "bfloat16"}
-    (plain,) = measure(cq_model, ["cq1"], engine)
-    (win,) = measure(cq_model, ["cq1"], {**engine, "additional_config": {"cq_recent_window": 128}})
+    plain, win = capacity_rows["cq1"], capacity_rows["cq1+w128"]
+    assert plain["recent_window"] == 0 and win["recent_window"] == 128
     assert (win["cq_block_size"], win["window_block_size"]) == (256, 16)
     assert win["kv_cache_tokens_without_window"] == plain["kv_cache_tokens"]
     assert win["kv_cache_tokens"] == win["num_blocks"] // 13 * 1024
