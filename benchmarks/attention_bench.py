@@ -11,8 +11,10 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
           2D kernel for prefill and batch > 16, 3D split-softmax kernel for batch <= 16; bf16 and fp8
   cq      vllm_cq.kernels.cq.ops.paged_attention / write_kv_cache per format (cq4, cq2, cq1, cq_k4v1):
           the dispatch's choice (the CUDA decode / prefill kernel where it covers the shape, else Triton)
-  cq-triton / cq-cuda  the same call with decode_kernel and prefill_kernel "triton" / "cuda"
-  cq-wgmma  prefill rows with prefill_kernel "wgmma" (the Hopper variant of the CUDA prefill kernel; opt-in)
+  cq-triton / cq-cuda  the same call with decode_kernel and prefill_kernel "triton" / "cuda" (the CUDA
+          prefill kernel: its wgmma form on sm_90, else mma.sync)
+  cq-wgmma / cq-mma  prefill rows with prefill_kernel "wgmma" / "mma" (either form of the CUDA prefill
+          kernel, wgmma on sm_90 only; opt-in: "prefill-variants")
   cq-cuda-rec, cq-cuda-r{1,2}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
           directly (RoPE rows read per step (1) or advanced by rotation (2), warps, unroll)
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
@@ -92,11 +94,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq-cuda:cq1": ("cq-cuda", "cq1"),
     "cq-cuda:cq_k4v1": ("cq-cuda", "cq_k4v1"),
     "cq-cuda:cq_k4v05": ("cq-cuda", "cq_k4v05"),
-    # the wgmma variant of the CUDA prefill kernel (sm_90; prefill rows only; opt-in, "wgmma")
-    "cq-wgmma:cq4": ("cq-wgmma", "cq4"),
-    "cq-wgmma:cq2": ("cq-wgmma", "cq2"),
-    "cq-wgmma:cq1": ("cq-wgmma", "cq1"),
-    "cq-wgmma:cq_k4v1": ("cq-wgmma", "cq_k4v1"),
+    # the two forms of the CUDA prefill kernel (prefill rows only; opt-in, "prefill-variants")
+    **{f"cq-{v}:{f}": (f"cq-{v}", f) for v in ("wgmma", "mma") for f in ("cq4", "cq2", "cq1", "cq_k4v1")},
     # the CUDA decode kernel with its RoPE rows advanced by rotation instead of read per key (opt-in)
     "cq-cuda-rec:cq1": ("cq-cuda-rec", "cq1"),
     "cq-cuda-rec:cq_k4v1": ("cq-cuda-rec", "cq_k4v1"),
@@ -128,7 +127,8 @@ OPT_IN = {
     "tq-lw-v": "levelwise",
     "cq-w128": "window",
     "cq-cuda-rec": "rope-recurrence",
-    "cq-wgmma": "wgmma",
+    "cq-wgmma": "prefill-variants",
+    "cq-mma": "prefill-variants",
     **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
@@ -550,10 +550,10 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _cq_fn(inp, kv, kind, window=128)
     if backend in ("cq-triton", "cq-cuda"):
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
-    if backend == "cq-wgmma":
+    if backend in ("cq-wgmma", "cq-mma"):
         if kind != "prefill":
-            raise Unsupported("the wgmma variant is a prefill kernel")
-        return _cq_fn(inp, kv, kind, decode_kernel="wgmma")
+            raise Unsupported(f"{backend}: a form of the prefill kernel")
+        return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
     if backend == "cq-cuda-rec":
         return _cq_fn(inp, kv, kind, decode_kernel="cuda", rope_mode=2)
     if m := re.fullmatch(r"cq-cuda-r(\d)w(\d+)u(\d)", backend):

@@ -110,8 +110,8 @@ def paged_attention(
     Decode-only steps take the CUDA kernel (`decode_cuda.py`) where it covers the shape;
     `decode_kernel` "cuda" or "triton" overrides that choice (default: VLLM_CQ_DECODE_KERNEL, then
     whether the CUDA kernel is verified); `prefill_kernel` likewise for prefill steps (default
-    VLLM_CQ_PREFILL_KERNEL, then the CUDA prefill kernel where it covers the shape; "wgmma" its Hopper
-    variant, not yet verified on a GPU). In a mixed step the first `num_decodes` sequences (one new
+    VLLM_CQ_PREFILL_KERNEL, then the CUDA prefill kernel where it covers the shape: its wgmma variant on
+    sm_90, "mma" for its mma.sync form there). In a mixed step the first `num_decodes` sequences (one new
     token each; vLLM puts them first, see the backend's `reorder_batch_threshold`) take the decode
     kernel and the rest the prefill kernel: a decode row in the prefill kernel would walk its whole
     context for one token.

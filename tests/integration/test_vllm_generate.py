@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import re
 
 import pytest
 import torch
@@ -188,8 +189,11 @@ def test_full_cuda_graph_decode_matches_eager(cq_model, llm, monkeypatch, capfd)
     graphs = LLM(cq_model, kv_cache_dtype="cq4", **engine)
     try:
         got = [o.outputs[0].token_ids for o in graphs.generate(prompts, sp)]
-        assert "Capturing CUDA graphs (decode, FULL)" in capfd.readouterr().err, "no full decode graphs captured"
-        assert got == eager
+        # vLLM's capture progress bar: "(decode, FULL)" (model runner V1) or "(FULL)" (V2, vLLM 0.26 on GPU)
+        cap = capfd.readouterr()
+        full = re.search(r"Capturing CUDA graphs \((decode, )?FULL\)", cap.err)
+        said = [ln[-200:] for ln in (cap.out + cap.err).splitlines() if re.search("(?i)cudagraph|capturing", ln)]
+        assert (got, bool(full)) == (eager, True), said  # greedy tokens as eager; full decode graphs captured
     finally:
         del graphs
         gc.collect()

@@ -38,8 +38,8 @@ def instances() -> list[prefill_cuda.Instance]:
 
 
 SM90 = GPU and torch.cuda.get_device_capability(0) == (9, 0)
-# the mma.sync kernel everywhere; its wgmma variant (sm_90a) on H100/H200 only
-KERNELS = ["cuda", pytest.param("wgmma", marks=pytest.mark.skipif(not SM90, reason="wgmma: needs an sm_90 GPU"))]
+# the mma.sync kernel everywhere; its wgmma variant (sm_90a, what "cuda" runs there) on H100/H200 only
+KERNELS = ["mma", pytest.param("wgmma", marks=pytest.mark.skipif(not SM90, reason="wgmma: needs an sm_90 GPU"))]
 
 
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
@@ -105,6 +105,22 @@ def test_window_merge_matches_reference(monkeypatch, W, kernel):
     """Chunked prefill with the recent window: partials of the codes merged with the exact window."""
     args, kw, want = window_case(monkeypatch, W, "chunked")
     assert checked_error(prefill_cuda.paged_attention(*args, **kw, choice=kernel), want) < 2e-2
+
+
+def test_kernel_choice(monkeypatch):
+    """Which form runs: the wgmma variant on sm_90 by default and for "cuda", the mma.sync kernel for "mma"
+    and on every other GPU; "triton" none of them; an unknown name is refused."""
+    monkeypatch.delenv(prefill_cuda.ENV, raising=False)
+    for cap, default in (((9, 0), True), ((8, 0), False), ((10, 0), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: cap)
+        assert prefill_cuda.wgmma_chosen(None, 0) == prefill_cuda.wgmma_chosen("cuda", 0) == default
+        assert prefill_cuda.wgmma_chosen("wgmma", 0) == (cap == (9, 0))
+        assert not prefill_cuda.wgmma_chosen("mma", 0)
+    monkeypatch.setenv(prefill_cuda.ENV, "mma")
+    assert prefill_cuda.enabled() and not prefill_cuda.wgmma_chosen(None, 0)
+    assert not prefill_cuda.enabled("triton") and prefill_cuda.enabled("wgmma")
+    with pytest.raises(ValueError, match="VLLM_CQ_PREFILL_KERNEL='hopper'"):
+        prefill_cuda.enabled("hopper")
 
 
 def spy(monkeypatch, module, name) -> list:
