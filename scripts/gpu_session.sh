@@ -39,6 +39,11 @@
 # its vLLM tests now include the opt-in full-CUDA-graph decode test) and s6b (VLLM_CQ_PREFILL_KERNEL=wgmma
 # and/or VLLM_CQ_FULL_CUDA_GRAPHS=1) if they pass.
 #   bash scripts/gpu_session.sh wgmma      # the wgmma prefill variant's tests + prefill rows vs the mma.sync kernel
+# Seventh session (2026-12-03 b) ran `wgmma` (170 passed), the vLLM tests through it, e2e cq1 through it and the
+# full-graph test (codes only: passed). Next window, after the three staging calls:
+#   bash scripts/gpu_session.sh s7a        # full-graph decode test, codes and a 16-token window (~5 min)
+#   bash scripts/gpu_session.sh s7b        # e2e A/B in one window, cq1 128x(4096+512): prefill mma.sync vs wgmma,
+#                                          # then wgmma + VLLM_CQ_FULL_CUDA_GRAPHS=1 (~6.5 min; E2E_WORKLOADS)
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -401,6 +406,28 @@ case "${1:-tests}" in
       --tag kv-h100-cuda2 --out "$OUT/w/e2e-h200-2026-12-03.json" --timeout 550 --budget-s 555 > "$OUT/w/e2e.log" 2>&1
     grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/e2e.log" | grep -E "^\||rc |->|\[|Error|error" | tail -20 | cut -c1-220
     pack s6b
+    ;;
+  s7a)
+    mkdir -p "$OUT/w"
+    timeout 400 python3 -m pytest -q --tb=short -rA tests/integration/test_vllm_generate.py -k full_cuda_graph \
+      --durations=4 > "$OUT/w/vllm-full-graphs.log" 2>&1
+    echo "pytest rc=$?"
+    grep -E "passed|failed|PASSED|FAILED|^E |s call|s setup" "$OUT/w/vllm-full-graphs.log" | tail -16 | cut -c1-300
+    pack s7a
+    ;;
+  s7b)
+    # the same engine three ways, back to back, rows keyed by tag in one file
+    mkdir -p "$OUT/w"
+    python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
+    for cfg in mma wgmma wgmma-full; do
+      full=0; [ "$cfg" = wgmma-full ] && full=1
+      VLLM_CQ_PREFILL_KERNEL=${cfg%-full} VLLM_CQ_FULL_CUDA_GRAPHS=$full VLLM_CQ_STACK_DUMP_S=150 timeout 200 \
+        python3 benchmarks/e2e_throughput.py $M8B --formats cq1 --workloads "${E2E_WORKLOADS:-128x4096+512}" \
+        --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag "kv-h100-$cfg" --out "$OUT/w/e2e-h200-ab.json" \
+        --timeout 190 --budget-s 195 > "$OUT/w/e2e-$cfg.log" 2>&1
+      echo "$cfg rc=$?"; grep -E "^\s+\[cq1\]" "$OUT/w/e2e-$cfg.log" | tail -4 | cut -c1-200
+    done
+    pack s7b
     ;;
   wgmma)
     # NEXT (no vLLM needed): the wgmma variant of the prefill kernel (prefill_wgmma.cu, written 2026-12-03
