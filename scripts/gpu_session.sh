@@ -44,6 +44,9 @@
 #   bash scripts/gpu_session.sh s7a        # full-graph decode test, codes and a 16-token window (~5 min)
 #   bash scripts/gpu_session.sh s7b        # e2e A/B in one window, cq1 128x(4096+512): prefill mma.sync vs wgmma,
 #                                          # then wgmma + VLLM_CQ_FULL_CUDA_GRAPHS=1 (~6.5 min; E2E_WORKLOADS)
+#   bash scripts/gpu_session.sh profile    # no vLLM needed (FA3 rows need it): Nsight Compute on one launch of the
+#                                          # prefill kernel (both forms, 8K causal) and the decode kernel (64 x 32K):
+#                                          # stall reasons, issue activity, occupancy (~4 min)
 #   bash scripts/gpu_session.sh startdiag  # 8B-shape cq1 engine start, the plugin's default (spawn) then fork (or
 #                                          # in-process), py-spy stacks of every process (benchmarks/stack_watch.py,
 #                                          # py-spy carried in .gpu-stage/tools) at 40 s and near the limit (~5 min)
@@ -406,6 +409,26 @@ case "${1:-tests}" in
       --tag kv-h100-cuda2 --out "$OUT/w/e2e-h200-2026-12-03.json" --timeout 550 --budget-s 555 > "$OUT/w/e2e.log" 2>&1
     grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/e2e.log" | grep -E "^\||rc |->|\[|Error|error" | tail -20 | cut -c1-220
     pack s6b
+    ;;
+  profile)
+    # is the prefill kernel latency-bound (2026-12-03 estimate from time + SASS)? what bounds decode?
+    mkdir -p "$OUT/w"
+    ncu --version | tail -1
+    SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section InstructionStats"
+    prof() {  # prof NAME KERNEL_REGEX PROFILE_KERNEL_ARGS...
+      local name=$1 regex=$2; shift 2
+      timeout 150 ncu --clock-control none --kernel-name "regex:$regex" --launch-skip 2 --launch-count 1 $SECTIONS \
+        python3 benchmarks/profile_kernel.py "$@" > "$OUT/w/ncu-$name.txt" 2>&1
+      echo "$name rc=$?"
+      grep -E "Duration|Issue Slots Busy|Issued Ipc Active|No Eligible|Active Warps Per Scheduler|Eligible Warps|Achieved Occupancy|Stall|Compute \(SM\) Throughput|Memory Throughput|L1/TEX Hit|Shared" \
+        "$OUT/w/ncu-$name.txt" | head -24 | cut -c1-160
+    }
+    prof prefill-wgmma cq_prefill_wgmma --backend cq-wgmma:cq1 --kind prefill --context 8192
+    prof prefill-mma "cq_prefill_kernel" --backend cq-mma:cq1 --kind prefill --context 8192
+    prof decode-cuda cq_decode --backend cq-cuda:cq1 --kind decode --batch 64 --context 32768
+    [ -d /tmp/site/vllm ] && PYTHONPATH=/tmp/site prof prefill-fa3 "flash|fwd" --backend fa3:bf16 --kind prefill --context 8192
+    pack profile
     ;;
   s7a)
     mkdir -p "$OUT/w"
