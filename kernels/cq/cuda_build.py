@@ -52,6 +52,31 @@ def kernel_chosen(env_var: str, choice: str | None, verified: bool, variants: Se
     return choice in ("cuda", *variants) or (choice != "triton" and verified)
 
 
+# mma.sync m16n8k16 in bf16 and ldmatrix, which both kernels use, need sm_80 or later
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def max_smem_optin(device_index: int) -> int:
+    """The dynamic shared memory one CTA may opt in to on this device (227 KB on H100/H200, 163 KB on
+    A100, 99 KB on sm_86/sm_89 GPUs such as the A10, L4, L40S)."""
+    from cuda.bindings import driver
+
+    check(driver.cuInit(0), "cuInit")
+    dev = check(driver.cuDeviceGet(device_index), "cuDeviceGet")
+    attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    return int(check(driver.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute"))
+
+
+def device_fits(device_index: int, smem_bytes: int) -> bool:
+    """Whether a kernel needing `smem_bytes` of dynamic shared memory can run on the device. When not,
+    the dispatch takes the Triton kernels instead of failing at the first launch (the codebooks alone are
+    128 KB at head_dim 128, more than sm_86/sm_89 GPUs give a CTA)."""
+    if torch.cuda.get_device_capability(device_index) < MIN_CAPABILITY:
+        return False
+    return smem_bytes <= max_smem_optin(device_index)
+
+
 def check_index_dtypes(*tensors: torch.Tensor) -> None:
     """Block table, seq_lens and query_start_loc are int32 (what vLLM passes; the kernels read int)."""
     assert all(x.dtype == torch.int32 for x in tensors), "int32 block table, seq_lens and query_start_loc"

@@ -67,8 +67,12 @@ class Instance:
         ]
 
     def smem_bytes(self) -> int:
-        """Dynamic shared memory: both codebooks of one KV head in the model dtype."""
-        return 2 * self.head_dim * 256 * 2
+        return smem_bytes_for(self.head_dim)
+
+
+def smem_bytes_for(head_dim: int) -> int:
+    """Dynamic shared memory: both codebooks of one KV head in the model dtype (128 KB at head_dim 128)."""
+    return 2 * head_dim * 256 * 2
 
 
 def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
@@ -168,7 +172,9 @@ def supports(
     args = (query, kv_cache, k_codebook, v_codebook, cos_sin_cache, is_neox, key_bytes, key_norm_offset)
     if not inputs_ok(*args, block_table):
         return False
-    return shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2])
+    if not shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2]):
+        return False
+    return cuda_build.device_fits(cuda_build.device_index(query), smem_bytes_for(query.shape[2]))
 
 
 def compile_cubin(inst: Instance, arch: str, verbose: bool = False) -> tuple[bytes, str]:

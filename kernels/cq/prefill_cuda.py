@@ -65,12 +65,16 @@ class Instance:
         return ROWS // self.group
 
     def smem_bytes(self) -> int:
-        """Both codebooks of one KV head and two key and value tiles in the model dtype; with RoPE also
-        each thread's pure rotations (fp32) and two tile-start cos/sin rows (227 KB at head_dim 128)."""
-        size = 2 * self.head_dim * 256 * 2 + 4 * BLOCK_N * self.head_dim * 2
-        if self.has_rope:
-            size += (self.head_dim // 8) * 2 * 4 * NUM_WARPS * 32 + 2 * self.head_dim * 4
-        return size
+        return smem_bytes_for(self.head_dim, self.has_rope)
+
+
+def smem_bytes_for(head_dim: int, has_rope: bool) -> int:
+    """Both codebooks of one KV head and two key and value tiles in the model dtype; with RoPE also each
+    thread's pure rotations (fp32) and two tile-start cos/sin rows (227 KB at head_dim 128)."""
+    size = 2 * head_dim * 256 * 2 + 4 * BLOCK_N * head_dim * 2
+    if has_rope:
+        size += (head_dim // 8) * 2 * 4 * NUM_WARPS * 32 + 2 * head_dim * 4
+    return size
 
 
 def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
@@ -119,7 +123,10 @@ def supports(
     args = (query, kv_cache, k_codebook, v_codebook, cos_sin_cache, is_neox, key_bytes, key_norm_offset)
     if not decode_cuda.inputs_ok(*args, block_table, min_rope_rows=BLOCK_N):
         return False
-    return shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2])
+    if not shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2]):
+        return False
+    smem = smem_bytes_for(query.shape[2], cos_sin_cache is not None)
+    return cuda_build.device_fits(cuda_build.device_index(query), smem)
 
 
 def compile_cubin(inst: Instance, arch: str, verbose: bool = False, wgmma: bool = False) -> tuple[bytes, str]:

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import rel_err
 from tests.kernels.test_cq_naive import make_paged, random_codebooks, slots_of
 from vllm_cq.formats import get_format
-from vllm_cq.kernels.cq import cuda_build, decode_cuda, naive
+from vllm_cq.kernels.cq import cuda_build, decode_cuda, naive, prefill_cuda
 from vllm_cq.kernels.rope import build_cos_sin_cache
 
 pytest.importorskip("cuda.bindings")
@@ -265,3 +265,23 @@ def test_missing_toolchain_warns_once_and_falls_back(monkeypatch, caplog):
         assert sum("Triton kernel" in r.getMessage() for r in caplog.records) == 1
     finally:
         cuda_build.toolchain_available.cache_clear()
+
+
+def test_kernels_run_only_where_the_device_fits_them(monkeypatch):
+    """sm_80+ and the kernel's shared memory within the device's opt-in limit, else the Triton kernels
+    (without this an A10 or L40S, 99 KB per CTA, failed at the first launch of the 128 KB decode kernel)."""
+    # H100/H200, A100, L40S (sm_89), T4 (sm_75): compute capability and opt-in bytes per CTA
+    devices = {0: ((9, 0), 232448), 1: ((8, 0), 166912), 2: ((8, 9), 101376), 3: ((7, 5), 65536)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: devices[i][0])
+    monkeypatch.setattr(cuda_build, "max_smem_optin", lambda i: devices[i][1])
+
+    def fits(smem: int) -> list[bool]:
+        return [cuda_build.device_fits(i, smem) for i in devices]
+
+    assert decode_cuda.smem_bytes_for(128) == 128 * 1024 and decode_cuda.smem_bytes_for(64) == 64 * 1024
+    assert fits(decode_cuda.smem_bytes_for(128)) == [True, True, False, False]
+    assert fits(decode_cuda.smem_bytes_for(64)) == [True, True, True, False]
+    assert prefill_cuda.smem_bytes_for(128, True) == 230400  # 225 KB: Hopper only
+    assert fits(prefill_cuda.smem_bytes_for(128, True)) == [True, False, False, False]
+    assert fits(prefill_cuda.smem_bytes_for(64, True)) == [True, True, False, False]
+    assert fits(prefill_cuda.smem_bytes_for(64, False)) == [True, True, True, False]
