@@ -285,3 +285,22 @@ def test_kernels_run_only_where_the_device_fits_them(monkeypatch):
     assert fits(prefill_cuda.smem_bytes_for(128, True)) == [True, False, False, False]
     assert fits(prefill_cuda.smem_bytes_for(64, True)) == [True, True, False, False]
     assert fits(prefill_cuda.smem_bytes_for(64, False)) == [True, True, True, False]
+
+
+@pytest.mark.parametrize("fmt_name", ["cq1", "cq4"])
+def test_compiles_for_sm80(fmt_name):
+    """The A100 (sm_80) fits the decode kernel (`test_kernels_run_only_where_the_device_fits_them`) and
+    the mma.sync prefill kernel at head_dim 64: both build for it without spills (not yet run on one)."""
+    ck, cv = centroid_dims(fmt_name)
+    builds = [
+        decode_cuda.compile_cubin(
+            decode_cuda.Instance(4, 128, ck, cv, True, decode_cuda.DEFAULT_ROPE_MODE), "sm_80", True
+        ),
+        prefill_cuda.compile_cubin(prefill_cuda.Instance(4, 64, ck, cv, True, True, False), "sm_80", True),
+    ]
+    for cubin, log in builds:
+        assert cubin[:4] == b"\x7fELF"
+        rep = cuda_build.ptxas_report(log)
+        if rep["registers"] < 0:
+            pytest.skip("this NVRTC prints no ptxas report")
+        assert rep["spill_bytes"] == 0, log
