@@ -32,7 +32,7 @@ COLORS = {
 }
 STYLES = {"fa3": "-", "fa3-cg": ":", "triton": "--", "cq": "-", "cq-triton": "--", "cq-cuda": "-"}
 MARKERS = {"fa3": "o", "fa3-cg": "x", "triton": "s", "cq": "^", "cq-triton": "v", "cq-cuda": "^"}
-BACKEND_ORDER = ["fa3", "fa3-cg", "triton", "cq", "cq-triton", "cq-cuda", "cq-mma", "cq-wgmma"]
+BACKEND_ORDER = ["fa3", "fa3-cg", "triton", "cq", "cq-triton", "cq-cuda", "cq-mma", "cq-wgmma", "cq-ws"]
 KV_ORDER = ["bf16", "auto", "fp8", "cq4", "cq_k4v2", "cq2", "cq_k4v1", "cq1"]
 
 
@@ -130,7 +130,7 @@ def plot_attention(path: str, out_dir: str, batches: list[int] | None) -> list[s
                 ]
                 ys.append(m[0] if m else 0)
             xs = [g + i * w for g in range(len(groups))]
-            hatch = {"triton": "//", "cq-triton": "//", "cq-mma": ".."}.get(be)
+            hatch = {"triton": "//", "cq-triton": "//", "cq-mma": "..", "cq-ws": "xx"}.get(be)
             ax.bar(xs, ys, w, label=f"{be} {kv}", color=COLORS.get(kv), hatch=hatch)
         labels = [_ctx_label(c) + ("" if q == c else f"\n(last {_ctx_label(q)})") for c, q in groups]
         ax.set_xticks([g + 0.4 - w / 2 for g in range(len(groups))], labels)

@@ -44,6 +44,9 @@
 #   bash scripts/gpu_session.sh s7a        # full-graph decode test, codes and a 16-token window (~5 min)
 #   bash scripts/gpu_session.sh s7b        # e2e A/B in one window, cq1 128x(4096+512): prefill mma.sync vs wgmma,
 #                                          # then wgmma + VLLM_CQ_FULL_CUDA_GRAPHS=1 (~6.5 min; E2E_WORKLOADS)
+#   bash scripts/gpu_session.sh ws         # FIRST next window (no vLLM): the warp-specialized prefill form
+#                                          # (prefill_ws.cu, written without a GPU) in every prefill test beside
+#                                          # the two verified forms, then 2K/8K rows of all three (~3 min)
 #   bash scripts/gpu_session.sh profile    # no vLLM needed (FA3 rows need it): Nsight Compute on one launch of the
 #                                          # prefill kernel (both forms, 8K causal) and the decode kernel (64 x 32K):
 #                                          # stall reasons, issue activity, occupancy (~4 min)
@@ -410,6 +413,18 @@ case "${1:-tests}" in
     grep -vE " (INFO|DEBUG|WARNING) |^\s*$" "$OUT/w/e2e.log" | grep -E "^\||rc |->|\[|Error|error" | tail -20 | cut -c1-220
     pack s6b
     ;;
+  ws)
+    # a producer / consumer deadlock would hang its launch: pytest-timeout (in the GPU image) stops that test
+    mkdir -p "$OUT/w"
+    timeout 300 python3 -m pytest -q --tb=short -p timeout --timeout 60 tests/kernels/test_cq_prefill_cuda.py 2>&1 \
+      | tee "$OUT/w/prefill-kernels.log" | tail -25 | cut -c1-300
+    timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-ws.json" \
+      --backends "${KERNEL_BACKENDS:-cq-wgmma:cq1,cq-ws:cq1,cq-mma:cq1,cq-wgmma:cq4,cq-ws:cq4}" \
+      --prefill-contexts 2k,8k --kinds prefill --timers bench --budget-s 150 > "$OUT/w/kernels.log" 2>&1
+    echo "attention_bench rc=$?"
+    grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -20
+    pack ws
+    ;;
   profile)
     # is the prefill kernel latency-bound (2026-12-03 estimate from time + SASS)? what bounds decode?
     mkdir -p "$OUT/w"
@@ -426,6 +441,7 @@ case "${1:-tests}" in
     }
     prof prefill-wgmma cq_prefill_wgmma --backend cq-wgmma:cq1 --kind prefill --context 8192
     prof prefill-mma "cq_prefill_kernel" --backend cq-mma:cq1 --kind prefill --context 8192
+    prof prefill-ws cq_prefill_ws --backend cq-ws:cq1 --kind prefill --context 8192
     prof decode-cuda cq_decode --backend cq-cuda:cq1 --kind decode --batch 64 --context 32768
     [ -d /tmp/site/vllm ] && PYTHONPATH=/tmp/site prof prefill-fa3 "flash|fwd" --backend fa3:bf16 --kind prefill --context 8192
     pack profile

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-HEADERS = ("cq_common.cuh", "prefill_common.cuh")
+HEADERS = ("cq_common.cuh", "prefill_common.cuh", "wgmma.cuh")
 
 
 @functools.cache

@@ -11,6 +11,10 @@ Its Hopper variant `prefill_wgmma.cu` (same staging and softmax from `prefill_co
 wgmma, compiled for sm_90a) passed the same tests and tiny-model vLLM tests on an H200 (2026-12-03, 170
 kernel tests) and is 9-13% faster there, so it is what "cuda" (and the default) runs on sm_90;
 `VLLM_CQ_PREFILL_KERNEL=mma` keeps the `mma.sync` kernel, which every other CUDA GPU runs.
+
+A warp-specialized Hopper form `prefill_ws.cu` (a producer warpgroup stages tiles behind mbarriers, two
+consumer warpgroups compute) was written on 2026-12-03 without a GPU: `VLLM_CQ_PREFILL_KERNEL=ws` only,
+until its tests pass on an H100/H200.
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # prefill_common.cuh's NW, NW * 16, BN
 VERIFIED_ON_GPU = True
 # The Hopper variant (`prefill_wgmma.cu`: the same staging, products by wgmma), verified on an H200
 # (2026-12-03): the default on sm_90 ("cuda" or no choice); "mma" asks for the mma.sync kernel there.
-WGMMA_SOURCE = "prefill_wgmma.cu"
 WGMMA_VERIFIED_ON_GPU = True
 ENV = "VLLM_CQ_PREFILL_KERNEL"
-VARIANTS = ("wgmma", "mma")
+VARIANTS = ("wgmma", "mma", "ws")
+# form -> (source, kernel, arch suffix, threads per CTA)
+FORMS = {
+    "mma": (SOURCE, "cq_prefill_kernel", "", NUM_WARPS * 32),
+    "wgmma": ("prefill_wgmma.cu", "cq_prefill_wgmma_kernel", "a", NUM_WARPS * 32),
+    "ws": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", NUM_WARPS * 32 + 128),  # + a producer warpgroup
+}
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,17 @@ def wgmma_chosen(choice: str | None, device_index: int) -> bool:
     return wanted and torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
+def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
+    """Which form of the kernel runs: "ws" when asked on sm_90 (key centroids of at most 8 channels; where
+    it cannot run, the default form), else "wgmma" or "mma" as `wgmma_chosen` says."""
+    choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
+    if choice == "ws":
+        if torch.cuda.get_device_capability(device_index) == (9, 0) and ck <= 8:
+            return "ws"
+        choice = "cuda"
+    return "wgmma" if wgmma_chosen(choice, device_index) else "mma"
+
+
 def supports(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -129,18 +149,16 @@ def supports(
     return cuda_build.device_fits(cuda_build.device_index(query), smem)
 
 
-def compile_cubin(inst: Instance, arch: str, verbose: bool = False, wgmma: bool = False) -> tuple[bytes, str]:
-    """NVRTC: prefill_cuda.cu (or prefill_wgmma.cu, for sm_90a) for `inst` -> (cubin for `arch`, the log).
-    No GPU needed."""
-    return cuda_build.compile_cubin(WGMMA_SOURCE if wgmma else SOURCE, inst.defines(), arch, verbose)
+def compile_cubin(inst: Instance, arch: str, verbose: bool = False, form: str = "mma") -> tuple[bytes, str]:
+    """NVRTC: one form's source (`FORMS`; "wgmma" and "ws" for sm_90a) for `inst` -> (cubin for `arch`, the
+    log). No GPU needed."""
+    return cuda_build.compile_cubin(FORMS[form][0], inst.defines(), arch, verbose)
 
 
-def load(inst: Instance, device_index: int, wgmma: bool = False):
-    """The compiled, loaded kernel (module, CUfunction) for `inst` on a device."""
-    if wgmma:
-        args = (WGMMA_SOURCE, tuple(inst.defines()), "cq_prefill_wgmma_kernel", inst.smem_bytes(), device_index, "a")
-        return cuda_build.load(*args)
-    return cuda_build.load(SOURCE, tuple(inst.defines()), "cq_prefill_kernel", inst.smem_bytes(), device_index)
+def load(inst: Instance, device_index: int, form: str = "mma"):
+    """The compiled, loaded kernel (module, CUfunction) of one form for `inst` on a device."""
+    source, kernel, suffix, _ = FORMS[form]
+    return cuda_build.load(source, tuple(inst.defines()), kernel, inst.smem_bytes(), device_index, suffix)
 
 
 def paged_attention(
@@ -161,7 +179,7 @@ def paged_attention(
     """Causal attention of a varlen batch (sequence s owns queries query_start_loc[s]:[s+1], its last
     tokens) over its codes, into `out` [T, Hq, D] (new in query's dtype when None); with a recent
     `window`, the codes cover keys j <= i - W and `window_triton` merges the exact window in. `choice`
-    "wgmma" takes the Hopper variant on sm_90 (`wgmma_chosen`)."""
+    "wgmma", "mma" or "ws" picks a form (`form_chosen`)."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -183,7 +201,8 @@ def paged_attention(
     else:
         target, ml = out, out
     dev_index = cuda_build.device_index(query)
-    _, func = load(inst, dev_index, wgmma_chosen(choice, dev_index))
+    form = form_chosen(choice, dev_index, inst.ck)
+    _, func = load(inst, dev_index, form)
     cs = cos_sin_cache if cos_sin_cache is not None else query
     args = [
         *cuda_build.pointers(
@@ -205,7 +224,7 @@ def paged_attention(
         ctypes.c_int32(window.W if window is not None else 0),
     ]
     grid = (t // inst.block_q + num_seqs, hkv, 1)
-    cuda_build.launch(func, grid, NUM_WARPS * 32, inst.smem_bytes(), dev, args)
+    cuda_build.launch(func, grid, FORMS[form][3], inst.smem_bytes(), dev, args)
     if window is None:
         return out
     from vllm_cq.kernels.window_triton import attend_window_and_merge

@@ -1,0 +1,222 @@
+// Prefill / chunked-prefill attention over CQ codes, warp-specialized Hopper form (sm_90a; issue 5).
+// WRITTEN 2026-12-03 WITHOUT A GPU: compiled for sm_90a in CI; the dispatch takes it only when asked
+// (VLLM_CQ_PREFILL_KERNEL=ws) until tests/kernels/test_cq_prefill_cuda.py has passed with it on an H100/H200.
+//
+// Why: prefill_wgmma.cu measured about 4,600 cycles per 64-key tile on the H200 against about 1,650 issue
+// cycles (826 SASS instructions per warp, 2 warps per scheduler) and about 1,000 tensor cycles: its warps
+// stage a tile, wait for S, run the softmax, wait for P V and meet at a CTA barrier, each step waiting on
+// the last. Here the roles split, as in FlashAttention-3:
+//   warpgroup 0 (producer, 72 registers): stages tile i + 1 (gather, rotate, store) while the consumers
+//     compute tile i, signalling `full[stage]` through an mbarrier, and restages a buffer once the
+//     consumers release it (`empty[stage]`);
+//   warpgroups 1, 2 (consumers, 216 registers each, 64 rows each): S = Q K^T and O += P V by wgmma and the
+//     online softmax, no CTA barrier inside the loop, so one warpgroup's softmax overlaps the other's
+//     products.
+// 72 + 2 x 216 = 3 x 168 registers: the budget __launch_bounds__(384, 1) gives at entry, redistributed by
+// setmaxnreg. ptxas (NVRTC 13.5, 2026-12-03): no spills in the consumers; the producer spills a few values
+// at head_dim 128 (cq1 8 bytes, cq4 92, 132 at most, loads and stores; read in the SASS). Tile layout, descriptors, products, softmax and epilogue are prefill_wgmma.cu's
+// (wgmma.cuh, prefill_common.cuh); the staging is the same arithmetic as `stage_key`, one 16-byte chunk at
+// a time so that it fits the producer's registers. Each producer thread stages keys sj and sj + 32 of a
+// tile (part sq); the tile-start cos/sin row is read from the global cache (L1) instead of shared memory.
+
+#include "prefill_common.cuh"
+#include "wgmma.cuh"
+
+#define NT_WS (NT + 128)  // consumer warpgroups + the producer warpgroup
+#define PRODUCER_REGS 72
+#define CONSUMER_REGS 216
+
+#if CK > 8
+#error "the producer stages key centroids of at most 8 channels"
+#endif
+
+__device__ __forceinline__ void mbar_init(u64* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("{ .reg .b64 st; mbarrier.arrive.shared::cta.b64 st, [%0]; }" ::"r"(smem_u32(bar)) : "memory");
+}
+
+// wait until the barrier's phase of this parity has completed (phase k of a barrier has parity k & 1)
+__device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
+    asm volatile(
+        "{ .reg .pred done;\n"
+        "WS_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WS_WAIT;\n}" ::"r"(smem_u32(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+// 16-byte chunk c of tile row j: the staged values of 8 channels
+__device__ __forceinline__ void sts_chunk(u8* tile, int j, int c, const u32* w) {
+    *reinterpret_cast<uint4*>(tile + tile_off(j, c)) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Key sj of a tile (part sq, rotation table slot `slot`): the same values as `stage_key`, chunk by chunk.
+// `bc`: the tile start's cos/sin row at this thread's slice (global memory; HAS_ROPE).
+__device__ __forceinline__ void stage_key_chunked(u8* ks, u8* vs, const u16* kcb, const u16* vcb,
+                                                  const TileCodes& tc, const float* bc, const float4* rot, int sj,
+                                                  int sq, int slot) {
+    const u32 zero[4] = {0u, 0u, 0u, 0u};
+    if (!tc.ok) {  // past the block's visible keys: zeros (masked scores, no stale NaN into P V)
+#pragma unroll
+        for (int c = 0; c < PPT / 8; ++c) {
+            sts_chunk(ks, sj, sq * PPT / 8 + c, zero);
+            sts_chunk(ks, sj, (HALF + sq * PPT) / 8 + c, zero);
+        }
+#pragma unroll
+        for (int c = 0; c < VPT / 8; ++c) sts_chunk(vs, sj, sq * VPT / 8 + c, zero);
+        return;
+    }
+    // keys: chunk c of the slice in each half (pairs 8c .. 8c + 7), 8 / CK centroids per chunk
+#pragma unroll
+    for (int c = 0; c < PPT / 8; ++c) {
+        u32 w1[4], w2[4];
+#pragma unroll
+        for (int j = 0; j < 8 / CK; ++j) {
+            const int g = c * (8 / CK) + j, g1 = sq * NGT + g;
+            lds_words<CK>(kcb + (g1 * 256 + code_of(tc.c1, g)) * CK, w1 + j * (CK / 2));
+            lds_words<CK>(kcb + ((GK / 2 + g1) * 256 + code_of(tc.c2, g)) * CK, w2 + j * (CK / 2));
+        }
+#if HAS_ROPE
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // word k: pairs 8c + 2k, + 1 (the tile row's cos and sin of both)
+            const float2 cb = __ldg(reinterpret_cast<const float2*>(bc + 8 * c + 2 * k));
+            const float2 sb = __ldg(reinterpret_cast<const float2*>(bc + HALF + 8 * c + 2 * k));
+            const float4 r = rot[(4 * c + k) * NT + slot];
+            const float c0 = cb.x * r.x - sb.x * r.z, s0 = sb.x * r.x + cb.x * r.z;
+            const float c1f = cb.y * r.y - sb.y * r.w, s1 = sb.y * r.y + cb.y * r.w;
+            const float a1 = lo_f(w1[k]), b1 = hi_f(w1[k]), a2 = lo_f(w2[k]), b2 = hi_f(w2[k]);
+            w1[k] = pack2(a1 * c0 - a2 * s0, b1 * c1f - b2 * s1);
+            w2[k] = pack2(a2 * c0 + a1 * s0, b2 * c1f + b1 * s1);
+        }
+#endif
+        sts_chunk(ks, sj, sq * PPT / 8 + c, w1);
+        sts_chunk(ks, sj, (HALF + sq * PPT) / 8 + c, w2);
+    }
+    // values: VPT channels from sq * VPT, 8 at a time (a 16-channel centroid is two chunks)
+#if CV <= 8
+#pragma unroll
+    for (int c = 0; c < VPT / 8; ++c) {
+        u32 w[4];
+#pragma unroll
+        for (int j = 0; j < 8 / CV; ++j) {
+            const int g = c * (8 / CV) + j;
+            lds_words<CV>(vcb + ((sq * NGVP + g) * 256 + code_of(tc.cv, g)) * CV, w + j * (CV / 2));
+        }
+        sts_chunk(vs, sj, sq * VPT / 8 + c, w);
+    }
+#else
+#pragma unroll
+    for (int g = 0; g < NGVP; ++g) {
+#pragma unroll
+        for (int c = 0; c < CV / 8; ++c) {
+            u32 w[4];
+            lds_words<8>(vcb + ((sq * NGVP + g) * 256 + code_of(tc.cv, g)) * CV + 8 * c, w);
+            sts_chunk(vs, sj, (sq * VPT + g * CV) / 8 + c, w);
+        }
+    }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_PREFILL_PARAMS) {
+    extern __shared__ __align__(1024) u8 smem[];
+    __shared__ u64 full[2], empty[2];  // per tile buffer: staged (producer -> consumers), read (back)
+    u16* kcb = reinterpret_cast<u16*>(smem);
+    u16* vcb = kcb + GK * 256 * CK;
+    u8* tiles = smem + 2 * CB_BYTES;  // [2 buffers][keys, values][TILE_BYTES], 1024-byte aligned
+#if HAS_ROPE
+    float4* rot = reinterpret_cast<float4*>(tiles + 4 * TILE_BYTES);  // [PPT / 2][NT]: slot sj * 4 + sq
+#else
+    const float4* rot = nullptr;
+#endif
+    if (smem_u32(tiles) & 1023) __trap();  // the swizzle is on address bits: tiles must start on 1024 bytes
+
+    const int h = blockIdx.y, hq = gridDim.y * G;
+    QueryBlock b;
+    if (!query_block(qsl, seq_lens, num_seqs, win, b)) return;  // uniform over the CTA
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+
+    if (threadIdx.x == 0) {
+        mbar_init(&full[0], 128);
+        mbar_init(&full[1], 128);
+        mbar_init(&empty[0], NT);
+        mbar_init(&empty[1], NT);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (threadIdx.x < NT) {  // the 256-slot layouts of prefill_common.cuh
+        stage_codebooks(smem, kcb_g, vcb_g, h);
+#if HAS_ROPE
+        stage_rotations(rot, cos_sin, stride_cs, threadIdx.x >> 2, threadIdx.x & 3);
+#endif
+    }
+    __syncthreads();  // codebooks, rotations, barriers
+
+    if (warp < 4) {  // producer warpgroup
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
+        const int sj = threadIdx.x >> 2, sq = threadIdx.x & 3;
+        // keys sj, then sj + 32 of each tile, the first one's codes a tile ahead (one set of code registers)
+        const int kv_hi = b.kv_hi;
+        TileCodes tc;
+        tc.bt = block_table + (i64)b.i_s * stride_bt;
+        tc.head_base = cache + (i64)h * stride_ch;
+        auto fetch = [&](int t0, int key) { tc.fetch(t0, kv_hi, key, sq, stride_cb, stride_co, block_size, v_offset); };
+        fetch(0, sj);
+        for (int i = 0, t0 = 0; t0 < kv_hi; ++i, t0 += BN) {
+            const int st = i & 1;
+            if (i >= 2) mbar_wait(&empty[st], ((i >> 1) + 1) & 1);  // tile i - 2 read from this buffer
+            u8* kt = tiles + st * (2 * TILE_BYTES);
+            const float* bc = HAS_ROPE ? cos_sin + (i64)t0 * stride_cs + sq * PPT : nullptr;
+            stage_key_chunked(kt, kt + TILE_BYTES, kcb, vcb, tc, bc, rot, sj, sq, threadIdx.x);
+            fetch(t0, sj + 32);
+            stage_key_chunked(kt, kt + TILE_BYTES, kcb, vcb, tc, bc, rot, sj + 32, sq, threadIdx.x + 128);
+            fetch(t0 + BN, sj);
+            fence_proxy_async();  // the staged stores, visible to the consumers' wgmma reads
+            mbar_arrive(&full[st]);
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
+    const int cw = warp - 4;  // consumer warp: rows cw * 16 .. + 15 (warpgroup 1: rows 0 .. 63)
+    QueryRows qr;
+    qr.load(b, q, stride_qt, stride_qh, h, cw, gid, tig);
+    float o[DT][4];
+#pragma unroll
+    for (int n = 0; n < DT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};  // m_run in scaled (log2) units
+    float s[BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+
+    for (int i = 0, t0 = 0; t0 < b.kv_hi; ++i, t0 += BN) {
+        const int st = i & 1;
+        mbar_wait(&full[st], (i >> 1) & 1);
+        const u32 ks_base = smem_u32(tiles + st * (2 * TILE_BYTES)), vs_base = ks_base + TILE_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk) {
+            const u32 addr = ks_base + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
+            wgmma_n64<0>(&s[0][0], qr.qa[kk], smem_desc(addr, 16, 1024), kk > 0);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        hold_regs<BN / 2>(&s[0][0]);
+
+        u32 pa[BN / 8][2];
+        online_softmax(s, pa, m_run, l_run, o, qr.pos, t0, b.diag0, win, tig, qk_scale);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            const u32 a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+            wgmma_pv<1>(&o[0][0], a, smem_desc(vs_base + kk * 2048, BN * 128, 1024), 1);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        hold_regs<HEAD_DIM / 2>(&o[0][0]);
+        mbar_arrive(&empty[st]);  // this buffer's tile read: the producer may restage it
+    }
+    write_rows(b, qr, o, m_run, l_run, out, ml, stride_ot, stride_oh, hq, tig);
+}
