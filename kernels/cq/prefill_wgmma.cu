@@ -82,13 +82,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cq_prefill_wgmma_kernel(CQ_P
     for (int t0 = 0, buf = 0; t0 < b.kv_hi; t0 += BN, buf ^= 1) {
         const u32 ks_base = smem_u32(tiles + buf * (2 * TILE_BYTES)), vs_base = ks_base + TILE_BYTES;
         // S = Q K^T: this warpgroup's 64 rows x the tile's 64 keys, k16 steps along the head dim
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KT; ++kk) {
-            const u32 addr = ks_base + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
-            wgmma_n64<0>(&s[0][0], qr.qa[kk], smem_desc(addr, 16, 1024), kk > 0);
-        }
-        wgmma_commit();
+        issue_scores(s, qr.qa, ks_base);
         if (t0 + BN < b.kv_hi) {  // while S runs: stage tile i + 1 into the other buffer
             u8* nk = tiles + (buf ^ 1) * (2 * TILE_BYTES);
             stage_key(nk, nk + TILE_BYTES, kcb, vcb, tc, base + (buf ^ 1) * HEAD_DIM + sq * PPT, rot, sj, sq);
@@ -108,13 +102,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cq_prefill_wgmma_kernel(CQ_P
         u32 pa[BN / 8][2];  // P packed: [n-tile][row gid / gid + 8]
         online_softmax(s, pa, m_run, l_run, o, qr.pos, t0, b.diag0, win, tig, qk_scale);
         // O += P V: k16 steps of 16 keys, the value tile transposed (MN-major)
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const u32 a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
-            wgmma_pv<1>(&o[0][0], a, smem_desc(vs_base + kk * 2048, BN * 128, 1024), 1);
-        }
-        wgmma_commit();
+        issue_pv(o, pa, vs_base);
         wgmma_wait_all();
         hold_regs<HEAD_DIM / 2>(&o[0][0]);
         fence_proxy_async();

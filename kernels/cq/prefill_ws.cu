@@ -195,25 +195,13 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
         const int st = i & 1;
         mbar_wait(&full[st], (i >> 1) & 1);
         const u32 ks_base = smem_u32(tiles + st * (2 * TILE_BYTES)), vs_base = ks_base + TILE_BYTES;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KT; ++kk) {
-            const u32 addr = ks_base + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
-            wgmma_n64<0>(&s[0][0], qr.qa[kk], smem_desc(addr, 16, 1024), kk > 0);
-        }
-        wgmma_commit();
+        issue_scores(s, qr.qa, ks_base);
         wgmma_wait_all();
         hold_regs<BN / 2>(&s[0][0]);
 
         u32 pa[BN / 8][2];
         online_softmax(s, pa, m_run, l_run, o, qr.pos, t0, b.diag0, win, tig, qk_scale);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            const u32 a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
-            wgmma_pv<1>(&o[0][0], a, smem_desc(vs_base + kk * 2048, BN * 128, 1024), 1);
-        }
-        wgmma_commit();
+        issue_pv(o, pa, vs_base);
         wgmma_wait_all();
         hold_regs<HEAD_DIM / 2>(&o[0][0]);
         mbar_arrive(&empty[st]);  // this buffer's tile read: the producer may restage it

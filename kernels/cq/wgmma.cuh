@@ -74,3 +74,26 @@ __device__ __forceinline__ void wgmma_n128(float* d, const u32* a, u64 desc, int
 #else
 #define wgmma_pv wgmma_n64
 #endif
+
+// S = Q K^T for this warpgroup's 64 rows and a tile's 64 keys, k16 steps along the head dim; committed,
+// not waited for
+__device__ __forceinline__ void issue_scores(float (&s)[BN / 8][4], const u32 (&qa)[KT][4], u32 ks_base) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+        const u32 addr = ks_base + (kk >> 2) * (BN * 128) + (kk & 3) * 32;
+        wgmma_n64<0>(&s[0][0], qa[kk], smem_desc(addr, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+}
+
+// O += P V: k16 steps of 16 keys, the value tile transposed (MN-major); committed, not waited for
+__device__ __forceinline__ void issue_pv(float (&o)[DT][4], const u32 (&pa)[BN / 8][2], u32 vs_base) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+        const u32 a[4] = {pa[2 * kk][0], pa[2 * kk][1], pa[2 * kk + 1][0], pa[2 * kk + 1][1]};
+        wgmma_pv<1>(&o[0][0], a, smem_desc(vs_base + kk * 2048, BN * 128, 1024), 1);
+    }
+    wgmma_commit();
+}
