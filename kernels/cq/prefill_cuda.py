@@ -101,28 +101,21 @@ def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
 
 
 def enabled(choice: str | None = None) -> bool:
-    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda", "wgmma", "mma" or "triton"; none: this kernel once
-    verified."""
+    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda", a form ("wgmma", "mma", "ws") or "triton"; none: this
+    kernel once verified."""
     return cuda_build.kernel_chosen(ENV, choice, VERIFIED_ON_GPU, VARIANTS)
 
 
-def wgmma_chosen(choice: str | None, device_index: int) -> bool:
-    """The wgmma variant on an sm_90 device: when asked ("wgmma"), or by default ("cuda", none) once
-    verified; "mma" (and any other GPU) takes the mma.sync kernel."""
-    choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
-    wanted = choice == "wgmma" or (choice in ("", "cuda") and WGMMA_VERIFIED_ON_GPU)
-    return wanted and torch.cuda.get_device_capability(device_index) == (9, 0)
-
-
 def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
-    """Which form of the kernel runs: "ws" when asked on sm_90 (key centroids of at most 8 channels; where
-    it cannot run, the default form), else "wgmma" or "mma" as `wgmma_chosen` says."""
+    """Which form of the kernel runs. On sm_90: "wgmma" by default and for "cuda" or "wgmma" (once
+    verified), "ws" when asked (key centroids of at most 8 channels, else the default form), "mma" when
+    asked. Every other GPU: "mma"."""
     choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
-    if choice == "ws":
-        if torch.cuda.get_device_capability(device_index) == (9, 0) and ck <= 8:
-            return "ws"
-        choice = "cuda"
-    return "wgmma" if wgmma_chosen(choice, device_index) else "mma"
+    if torch.cuda.get_device_capability(device_index) != (9, 0) or choice == "mma":
+        return "mma"
+    if choice == "ws" and ck <= 8:
+        return "ws"
+    return "wgmma" if choice == "wgmma" or WGMMA_VERIFIED_ON_GPU else "mma"
 
 
 def supports(
