@@ -35,10 +35,7 @@
 # Sixth session (2026-12-03), after the three staging calls:
 #   bash scripts/gpu_session.sh s6a        # prefill + mixed-step tests, tiny-model vLLM tests, prefill rows vs FA3
 #   bash scripts/gpu_session.sh s6b        # e2e cq1 on both workloads through both CUDA kernels (~8 min)
-# Next session: `wgmma` first (no vLLM; ~2 min), then with vLLM staged s6a (KERNEL_BACKENDS with cq-wgmma;
-# its vLLM tests now include the opt-in full-CUDA-graph decode test) and s6b (VLLM_CQ_PREFILL_KERNEL=wgmma
-# and/or VLLM_CQ_FULL_CUDA_GRAPHS=1) if they pass.
-#   bash scripts/gpu_session.sh wgmma      # the wgmma prefill variant's tests + prefill rows vs the mma.sync kernel
+# (`wgmma`, the wgmma form's first run, done 2026-12-03 b: `ws` below now tests and times all three forms)
 # Seventh session (2026-12-03 b) ran `wgmma` (170 passed), the vLLM tests through it, e2e cq1 through it and the
 # full-graph test (codes only: passed). Next window, after the three staging calls:
 #   bash scripts/gpu_session.sh s7a        # full-graph decode test, codes and a 16-token window (~5 min)
@@ -85,6 +82,12 @@ lane() {  # lane GPU NAME CMD...: run CMD on one GPU in the background, output t
   local gpu=$1 name=$2; shift 2
   mkdir -p "$OUT/w"
   ( export CUDA_VISIBLE_DEVICES=$gpu; "$@" ) > "$OUT/w/$name.log" 2>&1 &
+}
+prefill_rows() {  # prefill_rows OUT_JSON BACKENDS BUDGET_S: 2K/8K prefill rows (log kernels.log), table printed
+  timeout $(( $3 + 20 )) python3 benchmarks/attention_bench.py --out "$1" --backends "$2" --prefill-contexts 2k,8k \
+    --kinds prefill --timers bench --budget-s "$3" > "$OUT/w/kernels.log" 2>&1
+  echo "attention_bench rc=$?"
+  grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
 }
 pack() {  # one tarball of every log and result (the tool returns at most 8 files)
   cp -r "$OUT"/w/*.json "$OUT"/ 2>/dev/null
@@ -396,11 +399,8 @@ case "${1:-tests}" in
       | tee "$OUT/w/prefill-kernels.log" | tail -4 | cut -c1-300
     timeout 330 python3 -m pytest -q --tb=short tests/integration/test_vllm_generate.py 2>&1 \
       | tee "$OUT/w/vllm-generate.log" | tail -4 | cut -c1-300  # 188 s for its 5 tests on 2026-12-03, now 6
-    timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-h200-2026-12-03-prefill.json" \
-      --backends "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq-triton:cq1,cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4,cq-cuda:cq_k4v1}" \
-      --prefill-contexts 2k,8k --kinds prefill --timers bench --budget-s 180 > "$OUT/w/kernels.log" 2>&1
-    echo "attention_bench rc=$?"
-    grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
+    prefill_rows "$OUT/w/attention-h200-2026-12-03-prefill.json" \
+      "${KERNEL_BACKENDS:-fa3:bf16,fa3:fp8,cq-triton:cq1,cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4,cq-cuda:cq_k4v1}" 180
     pack s6a
     ;;
   s6b)
@@ -418,11 +418,7 @@ case "${1:-tests}" in
     mkdir -p "$OUT/w"
     timeout 300 python3 -m pytest -q --tb=short -p timeout --timeout 60 tests/kernels/test_cq_prefill_cuda.py 2>&1 \
       | tee "$OUT/w/prefill-kernels.log" | tail -25 | cut -c1-300
-    timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-ws.json" \
-      --backends "${KERNEL_BACKENDS:-cq-wgmma:cq1,cq-ws:cq1,cq-mma:cq1,cq-wgmma:cq4,cq-ws:cq4}" \
-      --prefill-contexts 2k,8k --kinds prefill --timers bench --budget-s 150 > "$OUT/w/kernels.log" 2>&1
-    echo "attention_bench rc=$?"
-    grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -20
+    prefill_rows "$OUT/w/attention-ws.json" "${KERNEL_BACKENDS:-cq-wgmma:cq1,cq-ws:cq1,cq-mma:cq1,cq-wgmma:cq4,cq-ws:cq4}" 150
     pack ws
     ;;
   profile)
@@ -467,19 +463,6 @@ case "${1:-tests}" in
       echo "$cfg rc=$?"; grep -E "^\s+\[cq1\]" "$OUT/w/e2e-$cfg.log" | tail -4 | cut -c1-200
     done
     pack s7b
-    ;;
-  wgmma)
-    # NEXT (no vLLM needed): the wgmma variant of the prefill kernel (prefill_wgmma.cu, written 2026-12-03
-    # without a GPU) against the reference beside the verified mma.sync kernel, then prefill rows of both
-    mkdir -p "$OUT/w"
-    timeout 240 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py 2>&1 \
-      | tee "$OUT/w/prefill-kernels.log" | tail -25 | cut -c1-300
-    timeout 200 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-wgmma.json" \
-      --backends "${KERNEL_BACKENDS:-cq-cuda:cq1,cq-wgmma:cq1,cq-cuda:cq4,cq-wgmma:cq4}" --prefill-contexts 2k,8k \
-      --kinds prefill --timers bench --budget-s 150 > "$OUT/w/kernels.log" 2>&1
-    echo "attention_bench rc=$?"
-    grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -20
-    pack wgmma
     ;;
   s5)
     # fifth session: decode grid (issue 5's contexts x batches) FA3 bf16/fp8 vs the Triton and CUDA cq decode

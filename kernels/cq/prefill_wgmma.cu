@@ -67,12 +67,10 @@ extern "C" __global__ void __launch_bounds__(NT, 1) cq_prefill_wgmma_kernel(CQ_P
     qr.load(b, q, stride_qt, stride_qh, h, warp, gid, tig);
 
     float o[DT][4];
-#pragma unroll
-    for (int n = 0; n < DT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    zero_acc(o);
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};  // m_run in scaled (log2) units
     float s[BN / 8][4];  // this tile's raw scores (the first k-step of each S overwrites them)
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    zero_acc(s);
     __syncthreads();  // codebooks, rotations, cos/sin rows staged
     stage_key(tiles, tiles + TILE_BYTES, kcb, vcb, tc, base + sq * PPT, rot, sj, sq);  // tile 0 into buffer 0
     tc.fetch(BN, b.kv_hi, sj, sq, stride_cb, stride_co, block_size, v_offset);

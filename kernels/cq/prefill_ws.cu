@@ -184,12 +184,10 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
     QueryRows qr;
     qr.load(b, q, stride_qt, stride_qh, h, cw, gid, tig);
     float o[DT][4];
-#pragma unroll
-    for (int n = 0; n < DT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    zero_acc(o);
     float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};  // m_run in scaled (log2) units
     float s[BN / 8][4];
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    zero_acc(s);
 
     for (int i = 0, t0 = 0; t0 < b.kv_hi; ++i, t0 += BN) {
         const int st = i & 1;

@@ -75,6 +75,13 @@ __device__ __forceinline__ void wgmma_n128(float* d, const u32* a, u64 desc, int
 #define wgmma_pv wgmma_n64
 #endif
 
+// an accumulator array (O, or S before its first k-step) set to zero
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&x)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) x[n][0] = x[n][1] = x[n][2] = x[n][3] = 0.f;
+}
+
 // S = Q K^T for this warpgroup's 64 rows and a tile's 64 keys, k16 steps along the head dim; committed,
 // not waited for
 __device__ __forceinline__ void issue_scores(float (&s)[BN / 8][4], const u32 (&qa)[KT][4], u32 ks_base) {
