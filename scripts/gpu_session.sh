@@ -38,6 +38,9 @@
 # (`wgmma`, the wgmma form's first run, done 2026-12-03 b: `ws` below now tests and times all three forms)
 # Seventh session (2026-12-03 b) ran `wgmma` (170 passed), the vLLM tests through it, e2e cq1 through it and the
 # full-graph test (codes only: passed). Next window, after the three staging calls:
+# Eighth session (2026-12-03 c): `s8a` (no vLLM) first, carry [".gpu-stage/ab_old"] (the previous kernel sources):
+#   bash scripts/gpu_session.sh s8a        # bank-aware codebook layouts: prefill + decode kernel tests, rows new vs old
+# then vLLM staged in two calls (.gpu-stage/q1, q2: the three p-parts repacked), then s7a and s7b.
 #   bash scripts/gpu_session.sh s7a        # full-graph decode test, codes and a 16-token window (~5 min)
 #   bash scripts/gpu_session.sh s7b        # e2e A/B in one window, cq1 128x(4096+512): prefill mma.sync vs wgmma,
 #                                          # then wgmma + VLLM_CQ_FULL_CUDA_GRAPHS=1 (~6.5 min; E2E_WORKLOADS)
@@ -442,9 +445,31 @@ case "${1:-tests}" in
     [ -d /tmp/site/vllm ] && PYTHONPATH=/tmp/site prof prefill-fa3 "flash|fwd" --backend fa3:bf16 --kind prefill --context 8192
     pack profile
     ;;
+  s8a)
+    # eighth session: the bank-aware codebook layouts (cq_common.cuh CbLayout / OwnerLayout) in every CUDA
+    # kernel: all prefill forms' and the decode kernel's tests, then timing rows of the new kernels and of
+    # the previous sources (carried in .gpu-stage/ab_old) back to back on this machine
+    mkdir -p "$OUT/w"
+    timeout 330 python3 -m pytest -q --tb=short -p timeout --timeout 60 tests/kernels/test_cq_prefill_cuda.py \
+      tests/kernels/test_cq_decode_cuda.py 2>&1 | tee "$OUT/w/kernel-tests.log" | tail -25 | cut -c1-300
+    ab_rows() {  # ab_rows TAG PREFILL_BACKENDS DECODE_BACKENDS
+      prefill_rows "$OUT/w/attention-s8-$1.json" "$2" 70
+      timeout 90 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-s8-$1.json" --backends "$3" \
+        --contexts 32k --batches 64 --kinds decode --timers graph_cold --budget-s 70 > "$OUT/w/decode-$1.log" 2>&1
+      echo "decode rows rc=$?"; grep -E "^\| decode" "$OUT/w/decode-$1.log" | cut -c1-200
+    }
+    ab_rows new "${S8_PREFILL:-cq-wgmma:cq1,cq-mma:cq1,cq-ws:cq1,cq-wgmma:cq2,cq-wgmma:cq4,cq-wgmma:cq_k4v1}" \
+      "${S8_DECODE:-cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4,cq-cuda:cq_k4v1}"
+    if [ -d .gpu-stage/ab_old ]; then
+      mkdir -p /tmp/ab_new && cp kernels/cq/*.cu kernels/cq/*.cuh /tmp/ab_new/ && cp .gpu-stage/ab_old/* kernels/cq/
+      ab_rows old "cq-wgmma:cq1,cq-mma:cq1,cq-wgmma:cq2,cq-wgmma:cq4" "cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4"
+      cp /tmp/ab_new/* kernels/cq/
+    fi
+    pack s8a
+    ;;
   s7a)
     mkdir -p "$OUT/w"
-    timeout 400 python3 -m pytest -q --tb=short -rA tests/integration/test_vllm_generate.py -k full_cuda_graph \
+    timeout 400 python3 -m pytest -q --tb=short -rA tests/integration/test_vllm_generate.py -k "${S7A_K:-full_cuda_graph}" \
       --durations=4 > "$OUT/w/vllm-full-graphs.log" 2>&1
     echo "pytest rc=$?"
     grep -E "passed|failed|PASSED|FAILED|^E |s call|s setup" "$OUT/w/vllm-full-graphs.log" | tail -16 | cut -c1-300
@@ -454,7 +479,7 @@ case "${1:-tests}" in
     # the same engine three ways, back to back, rows keyed by tag in one file
     mkdir -p "$OUT/w"
     python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
-    for cfg in mma wgmma wgmma-full; do
+    for cfg in ${S7B_CFGS:-mma wgmma wgmma-full}; do
       full=0; [ "$cfg" = wgmma-full ] && full=1
       VLLM_CQ_PREFILL_KERNEL=${cfg%-full} VLLM_CQ_FULL_CUDA_GRAPHS=$full VLLM_CQ_STACK_DUMP_S=150 timeout 200 \
         python3 benchmarks/e2e_throughput.py $M8B --formats cq1 --workloads "${E2E_WORKLOADS:-128x4096+512}" \
