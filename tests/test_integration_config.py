@@ -219,3 +219,51 @@ def test_key_norm_format_gets_its_window_through_padded_code_pages():
     assert window_page_padding("cq1", 128, 2) == 0
     assert window_tokens(window_config("cq2n")) == 128
     assert BACKENDS["cq2n"].indexes_kv_by_block_stride()
+
+
+def test_full_decode_graphs_where_the_cuda_decode_kernel_covers(monkeypatch):
+    """Decode steps replay full CUDA graphs by default exactly where `decode_cuda.covers` says the CUDA
+    kernel takes them; VLLM_CQ_FULL_CUDA_GRAPHS=0 turns them off, =1 on an uncovered model is one clear
+    error (not a silent Triton capture)."""
+    from types import SimpleNamespace
+
+    from vllm_cq.integration import backend
+    from vllm_cq.kernels.cq import decode_cuda
+
+    asked = []
+
+    def covers(fmt, group, head_dim, dtype, whole, block_size):
+        asked.append((fmt.name, group, head_dim, dtype, whole, block_size))
+        return fmt.name == "cq1"
+
+    monkeypatch.setattr(decode_cuda, "covers", covers)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(backend.FULL_GRAPHS_ENV, raising=False)
+
+    def config(dtype: str, rotary: float = 1.0):
+        vc = window_config(dtype)
+        hf = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 32, "num_key_value_heads": 8,
+              "hidden_size": 4096, "num_hidden_layers": 2, "rope_theta": 5e5,
+              "partial_rotary_factor": rotary}  # fmt: skip
+        vc.model_config.hf_text_config = SimpleNamespace(**hf)
+        vc.model_config.model = "m"
+        vc.model_config.get_num_attention_heads = lambda pc: 32
+        vc.model_config.get_num_kv_heads = lambda pc: 8
+        return vc
+
+    assert backend.full_decode_graphs(config("cq1"))
+    assert asked[-1] == ("cq1", 4, 128, torch.bfloat16, True, 256)  # the default window's code pages
+    assert not backend.full_decode_graphs(config("cq4"))
+    backend.full_decode_graphs(config("cq1", rotary=0.5))
+    assert asked[-1][-2] is False  # partial rotary reaches `covers`
+    vc = config("cq1")
+    vc.additional_config = {"cq_recent_window": 0}
+    vc.cache_config.block_size = 32
+    backend.full_decode_graphs(vc)
+    assert asked[-1][-1] == 32  # codes only: vLLM's block size
+    monkeypatch.setenv(backend.FULL_GRAPHS_ENV, "0")
+    assert not backend.full_decode_graphs(config("cq1"))
+    monkeypatch.setenv(backend.FULL_GRAPHS_ENV, "1")
+    assert backend.full_decode_graphs(config("cq1"))
+    with pytest.raises(CQConfigError, match="VLLM_CQ_FULL_CUDA_GRAPHS=1"):
+        backend.full_decode_graphs(config("cq4"))

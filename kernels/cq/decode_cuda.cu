@@ -41,17 +41,12 @@
 #define NGV (VDT / VLEN)         // value chunks (code bytes) per key and thread
 #define RESEED 64                // ROPE_MODE 2: steps between re-reads of the cos/sin rows
 #define LAZY_MAX 8.f             // log2 headroom of the lazily rescaled running max
-#define UK (CK < 8 ? CK : 8)      // channels per shared load of a key / value centroid (cq_common.cuh)
-#define UV (CV < 8 ? CV : 8)
 
 #if (PPT % CK) != 0 || (HALF % 8) != 0 || G > 8 || (VDT % VLEN) != 0
 #error "unsupported CQ decode instance"
 #endif
 
 typedef typename CodeWord<NGT>::T KCodes;
-// shared-memory codebook layouts (cq_common.cuh): key parts are the quad members tig, value owners gid
-typedef CbLayout<UK, NGT * (CK / UK), false> KLayout;
-typedef OwnerLayout<UV, VDT> VLayout;
 typedef typename CodeWord<NGV>::T VCodes;
 
 // A 16-key step's code bytes for this thread: keys gid and 8 + gid (for S), and keys 2tig, 2tig+1,
@@ -99,12 +94,9 @@ __device__ __forceinline__ void qk_tile(
     u32 w1[KSTEPS], w2[KSTEPS];  // first- and second-half centroid words of this thread's pairs
 #pragma unroll
     for (int j = 0; j < NGT; ++j) {
-#pragma unroll
-        for (int k = 0; k < CK / UK; ++k) {
-            const int x = j * (CK / UK) + k, o = j * (CK / 2) + k * (UK / 2);
-            lds_words<UK>(kcb + KLayout::off(0, tig, x, (int)code_at(kcodes[0], j)), w1 + o);
-            lds_words<UK>(kcb + KLayout::off(1, tig, x, (int)code_at(kcodes[1], j)), w2 + o);
-        }
+        const int g1 = tig * NGT + j;
+        lds_words<CK>(kcb + ((g1 * 256 + (int)code_at(kcodes[0], j)) * CK), w1 + j * (CK / 2));
+        lds_words<CK>(kcb + (((GK / 2 + g1) * 256 + (int)code_at(kcodes[1], j)) * CK), w2 + j * (CK / 2));
     }
     float acc[2][4] = {};  // even and odd k-steps: two MMA dependency chains of half the length
 #pragma unroll
@@ -182,13 +174,17 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
     const int seq_len = seq_lens[i_s];
     const int kv_len = max(seq_len - win, 0);  // decode: one query at position seq_len - 1
 
-    // stage this head's codebooks (model dtype, D * 256 values each) in their gather layouts
-    stage_cb<CK>(kcb, kcb_g + (i64)h * (GK * 256 * CK), HEAD_DIM * 512, NW * 32, [](int g, int k, int c) {
-        const int w = g % (GK / 2);  // half g / (GK / 2), part w / NGT, group w % NGT of the part
-        return KLayout::off(g / (GK / 2), w / NGT, (w % NGT) * (CK / UK) + k, c);
-    });
-    stage_cb<CV>(vcb, vcb_g + (i64)h * (GV * 256 * CV), HEAD_DIM * 512, NW * 32,
-                 [](int g, int k, int c) { return VLayout::off((g * CV) / UV + k, c); });
+    // stage this head's codebooks (model dtype), 16 bytes per thread and load
+    {
+        const uint4* src_k = reinterpret_cast<const uint4*>(kcb_g + (i64)h * (GK * 256 * CK));
+        const uint4* src_v = reinterpret_cast<const uint4*>(vcb_g + (i64)h * (GV * 256 * CV));
+        uint4* dst = reinterpret_cast<uint4*>(smem);
+        constexpr int n16 = HEAD_DIM * 256 * 2 / 16;  // each codebook: D * 256 values of 2 bytes
+        for (int i = threadIdx.x; i < n16; i += NW * 32) {
+            dst[i] = __ldg(src_k + i);
+            dst[n16 + i] = __ldg(src_v + i);
+        }
+    }
 
 #if ROPE_MODE != 0
     // pure rotations by 8 and 16 positions: rows 8 and 16 over row 0 (vLLM's scaled caches hold
@@ -242,6 +238,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
     const int* bt = block_table + (i64)i_s * stride_bt;
     const u8* head_base = cache + (i64)h * stride_ch;
     const int v_byte = v_offset + (gid * VDT) / CV;
+    const int v_off = (gid * VDT) % CV;  // channel offset inside the value centroid (VDT < CV)
 
     float o[KSTEPS][4];
 #pragma unroll
@@ -323,11 +320,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int c = 0; c < NGV; ++c) {
-#pragma unroll
-                for (int k = 0; k < VLEN / UV; ++k) {  // dims gid * VDT + c * VLEN + k * UV ..
-                    const int u = (gid * VDT + c * VLEN) / UV + k;
-                    lds_words<UV>(vcb + VLayout::off(u, (int)code_at(cur.v[j], c)), vw[j] + c * (VLEN / 2) + k * (UV / 2));
-                }
+                const int g = (gid * VDT) / CV + c;
+                lds_words<VLEN>(vcb + ((g * 256 + (int)code_at(cur.v[j], c)) * CV + v_off), vw[j] + c * (VLEN / 2));
             }
         }
 #pragma unroll

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_cq.formats import CQSpec, KVFormat
 from vllm_cq.kernels.cq import cuda_build
 from vllm_cq.kernels.varlen import LaunchPlan, merge_segments, plan_launch
 from vllm_cq.kernels.window import WindowCache
@@ -175,6 +176,27 @@ def supports(
     if not shape_ok(query.shape[1] // kv_cache.shape[1], query.shape[2], k_codebook.shape[2], v_codebook.shape[2]):
         return False
     return cuda_build.device_fits(cuda_build.device_index(query), smem_bytes_for(query.shape[2]))
+
+
+def covers(
+    fmt: KVFormat, group: int, head_dim: int, dtype: torch.dtype, rope_whole_head: bool, block_size: int
+) -> bool:
+    """`supports` from the model's configuration, before any tensor exists: whether every decode step of
+    a model of this shape (GQA `group` per rank, NeoX RoPE over the whole head or none, pages of
+    `block_size` tokens) takes this kernel on the current CUDA device. The backend asks it to choose full
+    CUDA graphs."""
+    key, value = fmt.key, fmt.value
+    if not (isinstance(key, CQSpec) and isinstance(value, CQSpec)) or key.norm or not rope_whole_head:
+        return False
+    if block_size < 16 or block_size & (block_size - 1):
+        return False
+    if key.bits != 8 or value.bits != 8 or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not (torch.cuda.is_available() and enabled() and cuda_build.toolchain_available()):
+        return False
+    if not shape_ok(group, head_dim, key.channels, value.channels):
+        return False
+    return cuda_build.device_fits(torch.cuda.current_device(), smem_bytes_for(head_dim))
 
 
 def compile_cubin(inst: Instance, arch: str, verbose: bool = False) -> tuple[bytes, str]:

@@ -26,10 +26,6 @@
 #define NGT (PPT / CK)            // key centroids per half it gathers (= its code bytes per half)
 #define VPT (HEAD_DIM / 4)        // value channels a staging thread gathers
 #define NGVP (VPT / CV)           // value centroids it gathers
-#define UK (CK < 8 ? CK : 8)      // channels per shared load of a key centroid (a unit; 16 bytes at most)
-#define UV (CV < 8 ? CV : 8)      // likewise for values
-#define NUK (NGT * (CK / UK))     // key units a staging thread gathers per half
-#define NUV (NGVP * (CV / UV))    // value units it gathers
 #define LAZY_MAX 8.f
 #define CB_BYTES (HEAD_DIM * 256 * 2)   // one codebook of one KV head: D channels x 256 centroids
 #define TILE_BYTES (BN * HEAD_DIM * 2)  // one key or value tile
@@ -59,20 +55,15 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
     return r;
 }
 
-// N channels from dim0 as 16-byte chunks; chunk i of the words goes to chunk i ^ x of the slice (the
-// staging's unit order, CbLayout)
 template <int N>
-__device__ __forceinline__ void sts_words(u8* tile, int j, int dim0, const u32* w, int x = 0) {
+__device__ __forceinline__ void sts_words(u8* tile, int j, int dim0, const u32* w) {
     static_assert(N % 8 == 0, "whole 16-byte chunks");
 #pragma unroll
     for (int i = 0; i < N / 8; ++i) {
-        *reinterpret_cast<uint4*>(tile + tile_off(j, dim0 / 8 + (i ^ x))) =
+        *reinterpret_cast<uint4*>(tile + tile_off(j, dim0 / 8 + i)) =
             make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
     }
 }
-
-typedef CbLayout<UK, NUK> KLayout;
-typedef CbLayout<UV, NUV> VLayout;
 
 // N code bytes (N a power of two) from an address aligned to min(N, 8) bytes, as 32-bit words
 template <int N> struct Codes { u32 w[N >= 4 ? N / 4 : 1]; };
@@ -149,25 +140,24 @@ struct TileCodes {
     }
 };
 
-// this head's key and value codebooks into shared memory (CbLayout), by threads [0, n)
-__device__ __forceinline__ void stage_codebooks(u8* smem, const u16* kcb_g, const u16* vcb_g, int h, int n = NT) {
-    u16* kcb = reinterpret_cast<u16*>(smem);
-    stage_cb<CK>(kcb, kcb_g + (i64)h * (GK * 256 * CK), CB_BYTES, n, [](int g, int k, int c) {
-        const int w = g % (GK / 2);  // half g / (GK / 2), part w / NGT, centroid w % NGT of the part
-        return KLayout::off(g / (GK / 2), w / NGT, (w % NGT) * (CK / UK) + k, c);
-    });
-    stage_cb<CV>(kcb + GK * 256 * CK, vcb_g + (i64)h * (GV * 256 * CV), CB_BYTES, n, [](int g, int k, int c) {
-        return VLayout::off(0, g / NGVP, (g % NGVP) * (CV / UV) + k, c);
-    });
+// this head's codebooks into shared memory, 16 bytes per thread and load
+__device__ __forceinline__ void stage_codebooks(u8* smem, const u16* kcb_g, const u16* vcb_g, int h) {
+    const uint4* src_k = reinterpret_cast<const uint4*>(kcb_g + (i64)h * (GK * 256 * CK));
+    const uint4* src_v = reinterpret_cast<const uint4*>(vcb_g + (i64)h * (GV * 256 * CV));
+    uint4* dst = reinterpret_cast<uint4*>(smem);
+    constexpr int n16 = CB_BYTES / 16;
+    for (int i = threadIdx.x; i < n16; i += NT) {
+        dst[i] = __ldg(src_k + i);
+        dst[n16 + i] = __ldg(src_v + i);
+    }
 }
 
-// rot[i][thread]: the pure rotation by sj positions of pairs 2i, 2i + 1 of its slice (cos, cos, sin, sin),
+// rot[i][thread]: the pure rotation by sj positions of pairs 2i, 2i + 1 of its slice (cos, cos, sin, sin):
 // row sj over row 0 (vLLM's scaled caches hold mscale * cos, mscale * sin)
-// Slot i holds the pairs the staging rotates in slot i: those of word i ^ 4 xr(sj) (KLayout's unit order).
 __device__ __forceinline__ void stage_rotations(float4* rot, const float* cos_sin, i64 stride_cs, int sj, int sq) {
 #pragma unroll
     for (int i = 0; i < PPT / 2; ++i) {
-        const int p = sq * PPT + 2 * (i ^ (4 * KLayout::xr(sj)));
+        const int p = sq * PPT + 2 * i;
         const float* r = cos_sin + (i64)sj * stride_cs;
         const float m0 = cos_sin[p], m1 = cos_sin[p + 1];
         rot[i * NT + threadIdx.x] = make_float4(r[p] / m0, r[p + 1] / m1, r[HALF + p] / m0, r[HALF + p + 1] / m1);
@@ -203,32 +193,27 @@ struct QueryRows {
 
 // Stage key t0 + sj of a tile: rotated key pairs [sq*PPT, (sq+1)*PPT), value channels [sq*VPT, (sq+1)*VPT).
 // `bc` is the tile start's cos/sin row at this thread's slice. Keys past the block's visible ones (codes
-// not ok) are stored as zeros: masked scores, and no stale NaN into P V. Units are gathered in the
-// CbLayout order (register slot i: unit i ^ xr); the rotations (stage_rotations), the cos/sin row reads
-// and the stores follow it.
+// not ok) are stored as zeros: masked scores, and no stale NaN into P V.
 __device__ __forceinline__ void stage_key(u8* ks, u8* vs, const u16* kcb, const u16* vcb, const TileCodes& tc,
                                           const float* bc, const float4* rot, int sj, int sq) {
-    const int xk = KLayout::xr(sj), xv = VLayout::xr(sj);
     u32 y1[PPT / 2], y2[PPT / 2], vw[VPT / 2];
     if (tc.ok) {
         u32 w1[PPT / 2], w2[PPT / 2];
 #pragma unroll
-        for (int i = 0; i < NUK; ++i) {
-            const int x = i ^ xk, c1 = code_of(tc.c1, x / (CK / UK)), c2 = code_of(tc.c2, x / (CK / UK));
-            lds_words<UK>(kcb + KLayout::off(0, sq, x, c1), w1 + i * (UK / 2));
-            lds_words<UK>(kcb + KLayout::off(1, sq, x, c2), w2 + i * (UK / 2));
+        for (int j = 0; j < NGT; ++j) {
+            const int g1 = sq * NGT + j;
+            lds_words<CK>(kcb + (g1 * 256 + code_of(tc.c1, j)) * CK, w1 + j * (CK / 2));
+            lds_words<CK>(kcb + ((GK / 2 + g1) * 256 + code_of(tc.c2, j)) * CK, w2 + j * (CK / 2));
         }
 #pragma unroll
-        for (int i = 0; i < NUV; ++i) {
-            const int x = i ^ xv;
-            lds_words<UV>(vcb + VLayout::off(0, sq, x, code_of(tc.cv, x / (CV / UV))), vw + i * (UV / 2));
+        for (int j = 0; j < NGVP; ++j) {
+            lds_words<CV>(vcb + ((sq * NGVP + j) * 256 + code_of(tc.cv, j)) * CV, vw + j * (CV / 2));
         }
 #if HAS_ROPE
 #pragma unroll
-        for (int i = 0; i < PPT / 4; ++i) {  // pairs 4i' .. 4i' + 3 of the slice, i' = i ^ 2 xk (2 words per i)
-            const int ib = 4 * (i ^ (2 * xk));
-            const float4 cb = *reinterpret_cast<const float4*>(bc + ib);
-            const float4 sb = *reinterpret_cast<const float4*>(bc + HALF + ib);
+        for (int i = 0; i < PPT / 4; ++i) {  // pairs 4i .. 4i + 3 of the slice
+            const float4 cb = *reinterpret_cast<const float4*>(bc + 4 * i);
+            const float4 sb = *reinterpret_cast<const float4*>(bc + HALF + 4 * i);
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
                 const float4 r = rot[(2 * i + u) * NT + threadIdx.x];
@@ -252,9 +237,9 @@ __device__ __forceinline__ void stage_key(u8* ks, u8* vs, const u16* kcb, const 
 #pragma unroll
         for (int i = 0; i < VPT / 2; ++i) vw[i] = 0u;
     }
-    sts_words<PPT>(ks, sj, sq * PPT, y1, xk);
-    sts_words<PPT>(ks, sj, HALF + sq * PPT, y2, xk);
-    sts_words<VPT>(vs, sj, sq * VPT, vw, xv);
+    sts_words<PPT>(ks, sj, sq * PPT, y1);
+    sts_words<PPT>(ks, sj, HALF + sq * PPT, y2);
+    sts_words<VPT>(vs, sj, sq * VPT, vw);
 }
 
 // One tile's raw scores s (rows gid: s[..][0..1], gid + 8: s[..][2..3]) -> the causal / window mask

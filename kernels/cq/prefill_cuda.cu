@@ -2,6 +2,9 @@
 // (issue 5). Verified against the torch reference on an H200 (tests/kernels/test_cq_prefill_cuda.py).
 // Its macros, CTA set-up, staging, softmax and epilogue are prefill_common.cuh's (shared with the wgmma
 // and warp-specialized Hopper forms); the products here are mma.sync m16n8k16 with ldmatrix operands.
+// (This body used to inline them; on the shared functions it passed the prefill tests on the H200,
+// 2026-12-03, in a build whose shared functions also read a bank-aware codebook layout, since withdrawn
+// as slower: the functions it calls now are the ones the verified wgmma form runs.)
 //
 // Compiled by NVRTC (cuda_build.py) with -D macros: G (query heads per KV head), HEAD_DIM (64 or 128),
 // CK, CV (channels per key / value centroid, 8-bit codes), HAS_ROPE (keys stored before RoPE), IS_BF16,

@@ -70,24 +70,21 @@ __device__ __forceinline__ void stage_key_chunked(u8* ks, u8* vs, const u16* kcb
         for (int c = 0; c < VPT / 8; ++c) sts_chunk(vs, sj, sq * VPT / 8 + c, zero);
         return;
     }
-    // keys: chunk c' = c ^ xk of the slice in each half (pairs 8c' .. 8c' + 7), 8 / CK centroids per chunk
-    // (KLayout's unit order; rotation slot 4c + k holds chunk c''s pairs)
-    const int xk = KLayout::xr(sj), xv = VLayout::xr(sj);
+    // keys: chunk c of the slice in each half (pairs 8c .. 8c + 7), 8 / CK centroids per chunk
 #pragma unroll
     for (int c = 0; c < PPT / 8; ++c) {
-        const int cx = c ^ xk;
         u32 w1[4], w2[4];
 #pragma unroll
         for (int j = 0; j < 8 / CK; ++j) {
-            const int g = cx * (8 / CK) + j;
-            lds_words<CK>(kcb + KLayout::off(0, sq, g, code_of(tc.c1, g)), w1 + j * (CK / 2));
-            lds_words<CK>(kcb + KLayout::off(1, sq, g, code_of(tc.c2, g)), w2 + j * (CK / 2));
+            const int g = c * (8 / CK) + j, g1 = sq * NGT + g;
+            lds_words<CK>(kcb + (g1 * 256 + code_of(tc.c1, g)) * CK, w1 + j * (CK / 2));
+            lds_words<CK>(kcb + ((GK / 2 + g1) * 256 + code_of(tc.c2, g)) * CK, w2 + j * (CK / 2));
         }
 #if HAS_ROPE
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {  // word k: pairs 8c' + 2k, + 1 (the tile row's cos and sin of both)
-            const float2 cb = __ldg(reinterpret_cast<const float2*>(bc + 8 * cx + 2 * k));
-            const float2 sb = __ldg(reinterpret_cast<const float2*>(bc + HALF + 8 * cx + 2 * k));
+        for (int k = 0; k < 4; ++k) {  // word k: pairs 8c + 2k, + 1 (the tile row's cos and sin of both)
+            const float2 cb = __ldg(reinterpret_cast<const float2*>(bc + 8 * c + 2 * k));
+            const float2 sb = __ldg(reinterpret_cast<const float2*>(bc + HALF + 8 * c + 2 * k));
             const float4 r = rot[(4 * c + k) * NT + slot];
             const float c0 = cb.x * r.x - sb.x * r.z, s0 = sb.x * r.x + cb.x * r.z;
             const float c1f = cb.y * r.y - sb.y * r.w, s1 = sb.y * r.y + cb.y * r.w;
@@ -96,29 +93,30 @@ __device__ __forceinline__ void stage_key_chunked(u8* ks, u8* vs, const u16* kcb
             w2[k] = pack2(a2 * c0 + a1 * s0, b2 * c1f + b1 * s1);
         }
 #endif
-        sts_chunk(ks, sj, sq * PPT / 8 + cx, w1);
-        sts_chunk(ks, sj, (HALF + sq * PPT) / 8 + cx, w2);
+        sts_chunk(ks, sj, sq * PPT / 8 + c, w1);
+        sts_chunk(ks, sj, (HALF + sq * PPT) / 8 + c, w2);
     }
     // values: VPT channels from sq * VPT, 8 at a time (a 16-channel centroid is two chunks)
 #if CV <= 8
 #pragma unroll
     for (int c = 0; c < VPT / 8; ++c) {
-        const int cx = c ^ xv;
         u32 w[4];
 #pragma unroll
         for (int j = 0; j < 8 / CV; ++j) {
-            const int g = cx * (8 / CV) + j;
-            lds_words<CV>(vcb + VLayout::off(0, sq, g, code_of(tc.cv, g)), w + j * (CV / 2));
+            const int g = c * (8 / CV) + j;
+            lds_words<CV>(vcb + ((sq * NGVP + g) * 256 + code_of(tc.cv, g)) * CV, w + j * (CV / 2));
         }
-        sts_chunk(vs, sj, sq * VPT / 8 + cx, w);
+        sts_chunk(vs, sj, sq * VPT / 8 + c, w);
     }
 #else
 #pragma unroll
-    for (int i = 0; i < NUV; ++i) {  // unit x: half x % 2 of centroid x / 2 (16 channels)
-        const int x = i ^ xv;
-        u32 w[4];
-        lds_words<8>(vcb + VLayout::off(0, sq, x, code_of(tc.cv, x / (CV / 8))), w);
-        sts_chunk(vs, sj, sq * VPT / 8 + x, w);
+    for (int g = 0; g < NGVP; ++g) {
+#pragma unroll
+        for (int c = 0; c < CV / 8; ++c) {
+            u32 w[4];
+            lds_words<8>(vcb + ((sq * NGVP + g) * 256 + code_of(tc.cv, g)) * CV + 8 * c, w);
+            sts_chunk(vs, sj, (sq * VPT + g * CV) / 8 + c, w);
+        }
     }
 #endif
 }

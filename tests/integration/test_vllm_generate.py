@@ -155,10 +155,13 @@ def test_skip_layers_stay_in_model_dtype(cq_model, llm):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-def test_cuda_graph_decode_matches_eager(cq_model, llm):
-    """With CUDA graphs on (vLLM's default; cq attention runs between piecewise graphs), greedy tokens
-    equal the eager engine's, for a batch size that is padded up to a captured size."""
+def test_cuda_graph_decode_matches_eager(cq_model, llm, monkeypatch):
+    """With piecewise CUDA graphs (VLLM_CQ_FULL_CUDA_GRAPHS=0, and wherever the CUDA decode kernel does not
+    cover a model: cq attention runs between the graphs), greedy tokens equal the eager engine's, for a
+    batch size that is padded up to a captured size."""
     from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_CQ_FULL_CUDA_GRAPHS", "0")
 
     sp = SamplingParams(max_tokens=24, temperature=0)
     prompts = PROMPTS + [p[::-1] for p in PROMPTS]  # 6 sequences: padded to a captured batch of 8
@@ -177,10 +180,11 @@ def test_cuda_graph_decode_matches_eager(cq_model, llm):
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("window", [0, 16], ids=["codes", "window16"])
 def test_full_cuda_graph_decode_matches_eager(cq_model, llm, monkeypatch, capfd, window):
-    """Opt-in VLLM_CQ_FULL_CUDA_GRAPHS=1: decode steps replay whole-model CUDA graphs with cq attention
-    captured inside (no Python between layers); greedy tokens equal the eager engine's, for a batch padded
-    up to a captured size; codes only (passed on the H200, 2026-12-03) and with a 16-token recent window,
-    which these prompts and their 24 new tokens outgrow (the window merge captured too)."""
+    """Full CUDA graphs (the default where the CUDA decode kernel covers the model; =1 here also asserts
+    that it does): decode steps replay whole-model CUDA graphs with cq attention captured inside (no
+    Python between layers); greedy tokens equal the eager engine's, for a batch padded up to a captured
+    size; codes only and with a 16-token recent window, which these prompts and their 24 new tokens
+    outgrow (the window merge captured too). Both passed on the H200 (2026-12-03)."""
     from vllm import LLM, SamplingParams
 
     sp = SamplingParams(max_tokens=24, temperature=0)

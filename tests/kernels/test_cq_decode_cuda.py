@@ -304,3 +304,35 @@ def test_compiles_for_sm80(fmt_name):
         if rep["registers"] < 0:
             pytest.skip("this NVRTC prints no ptxas report")
         assert rep["spill_bytes"] == 0, log
+
+
+def test_covers_decides_from_the_configuration_alone(monkeypatch):
+    """`covers` (the backend's choice of full CUDA graphs) agrees with what `supports` takes: 8-bit CQ
+    codes without key norms, bf16/fp16, GQA <= 8, RoPE over the whole head, a device that fits, the
+    kernel not turned off; everything else runs the Triton kernel, which stays out of full graphs."""
+    monkeypatch.delenv("VLLM_CQ_DECODE_KERNEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda_build, "toolchain_available", lambda: True)
+    fits = {"ok": True}
+    monkeypatch.setattr(cuda_build, "device_fits", lambda i, smem: fits["ok"] and smem <= 128 * 1024)
+
+    def covers(name: str, group: int = 4, d: int = 128, dtype=torch.bfloat16, whole: bool = True, bs: int = 16):
+        return decode_cuda.covers(get_format(name), group, d, dtype, whole, bs)
+
+    assert all(covers(n) for n in ("cq1", "cq2", "cq4", "cq_k4v1", "cq_k4v2", "cq_k4v05"))
+    assert covers("cq1", group=8) and covers("cq1", dtype=torch.float16) and covers("cq2", d=64)
+    assert not covers("cq2n")  # key norms: Triton
+    assert not any(covers(n) for n in ("kvtq", "kvtq1"))
+    assert not covers("cq1", group=16) and not covers("cq1", dtype=torch.float32)
+    assert not covers("cq1", whole=False)  # partial rotary
+    assert not covers("cq1", d=256)  # 256 KB of codebooks: no device fits them
+    assert covers("cq1", bs=256) and not covers("cq1", bs=24) and not covers("cq1", bs=8)  # page sizes
+    monkeypatch.setenv("VLLM_CQ_DECODE_KERNEL", "triton")
+    assert not covers("cq1")
+    monkeypatch.delenv("VLLM_CQ_DECODE_KERNEL")
+    fits["ok"] = False
+    assert not covers("cq1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fits["ok"] = True
+    assert not covers("cq1")

@@ -32,6 +32,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm_cq.errors import CQConfigError
 from vllm_cq.formats import KVFormat, format_names, get_format
 from vllm_cq.integration import compat
+from vllm_cq.integration.config import model_identity, window_block_sizes, window_tokens
 from vllm_cq.integration.families import family_for
 from vllm_cq.kernels.window import WindowCache, write_window
 
@@ -51,14 +52,42 @@ class CQAttentionMetadata:
 FULL_GRAPHS_ENV = "VLLM_CQ_FULL_CUDA_GRAPHS"
 
 
+def full_decode_graphs(vllm_config: Any) -> bool:
+    """Whether decode-only steps replay full CUDA graphs (cq attention captured with the model, no Python
+    between layers): by default where the CUDA decode kernel takes every decode step (`decode_cuda.covers`;
+    greedy tokens equal eager's on the H200 with codes and with a recent window, and 128 x (4096+512) on
+    the 8B shape went from 1,677 to 2,219 output tok/s, 2026-12-03). Elsewhere attention stays between
+    vLLM's piecewise graphs: the Triton decode kernel failed its full-graph test (H100, 2026-11-23).
+    VLLM_CQ_FULL_CUDA_GRAPHS=0 turns them off; =1 insists (an error where the kernel does not cover)."""
+    choice = os.environ.get(FULL_GRAPHS_ENV, "")
+    if choice == "0" or not torch.cuda.is_available():
+        return False
+    from vllm_cq.kernels.cq import decode_cuda
+
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    ident = model_identity(vllm_config)
+    group = mc.get_num_attention_heads(pc) // max(1, mc.get_num_kv_heads(pc))
+    fmt = get_format(vllm_config.cache_config.cache_dtype)
+    if window_tokens(vllm_config):  # the code pages the window's page padding gives
+        block_size = window_block_sizes(fmt.name, ident.head_dim, mc.dtype.itemsize)[0]
+    else:
+        block_size = getattr(vllm_config.cache_config, "block_size", None) or 16
+    whole = ident.rotary_dim in (None, ident.head_dim)
+    covered = decode_cuda.covers(fmt, group, ident.head_dim, mc.dtype, whole, block_size)
+    if choice == "1" and not covered:
+        raise CQConfigError(
+            f"{FULL_GRAPHS_ENV}=1: the CUDA decode kernel does not cover --kv-cache-dtype {fmt.name} for this "
+            "model on this GPU (8-bit CQ codes without key norms, bf16/fp16, GQA <= 8, RoPE over the whole "
+            "head, pages of a power of two >= 16 tokens, sm_80+ with the codebooks' shared memory), and the "
+            "Triton kernel is not verified in full CUDA graphs"
+        )
+    return covered
+
+
 class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
     # The kernels read only vLLM's persistent buffers (query_start_loc, seq_lens, block table, slot
-    # mapping) and derive positions on the device, as full CUDA graphs need; but the full-graph decode
-    # test failed on the H100 (2026-11-23, Triton decode, cause not yet found), so attention stays
-    # outside CUDA graphs (vLLM's piecewise graphs) unless VLLM_CQ_FULL_CUDA_GRAPHS=1 asks for full
-    # decode graphs (the CUDA decode kernel replays from a captured graph; the vLLM-level test with the
-    # flag, test_full_cuda_graph_decode_matches_eager, has not run on a GPU yet).
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # mapping) and derive positions on the device, as full CUDA graphs need; `full_decode_graphs` says
+    # where decode steps are captured whole (mixed and prefill steps stay piecewise).
     # vLLM puts requests with one new token first in a step, so a mixed step splits into a decode part
     # (decode kernel) and a prefill part; without the reordering the split only gets shorter
     reorder_batch_threshold: ClassVar[int | None] = 1
@@ -68,9 +97,9 @@ class CQAttentionMetadataBuilder(AttentionMetadataBuilder[CQAttentionMetadata]):
 
     @classmethod
     def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
-        if os.environ.get(FULL_GRAPHS_ENV, "") == "1":
+        if full_decode_graphs(vllm_config):
             return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
-        return cls._cudagraph_support
+        return AttentionCGSupport.NEVER
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
