@@ -38,9 +38,11 @@
 # (`wgmma`, the wgmma form's first run, done 2026-12-03 b: `ws` below now tests and times all three forms)
 # Seventh session (2026-12-03 b) ran `wgmma` (170 passed), the vLLM tests through it, e2e cq1 through it and the
 # full-graph test (codes only: passed). Next window, after the three staging calls:
-# Eighth session (2026-12-03 c): `s8a` (no vLLM) first, carry [".gpu-stage/ab_old"] (the previous kernel sources):
-#   bash scripts/gpu_session.sh s8a        # bank-aware codebook layouts: prefill + decode kernel tests, rows new vs old
-# then vLLM staged in two calls (.gpu-stage/q1, q2: the three p-parts repacked), then s7a and s7b.
+# Eighth session (2026-12-03 c) ran ws + profile, s8a, then vLLM in two staging calls, s7a (window16) and s7b.
+# vLLM in two calls instead of three: `bash scripts/gpu_stage_two.sh` here (calls in its header).
+#   bash scripts/gpu_session.sh s8a        # A/B of a kernel change (no vLLM): prefill + decode kernel tests, then
+#                                          # rows of the working tree's kernels and of the sources carried in
+#                                          # .gpu-stage/ab_old (carry it), back to back (~4 min)
 #   bash scripts/gpu_session.sh s7a        # full-graph decode test, codes and a 16-token window (~5 min)
 #   bash scripts/gpu_session.sh s7b        # e2e A/B in one window, cq1 128x(4096+512): prefill mma.sync vs wgmma,
 #                                          # then wgmma + VLLM_CQ_FULL_CUDA_GRAPHS=1 (~6.5 min; E2E_WORKLOADS)

@@ -82,6 +82,17 @@ def window_rows(window: WindowCache | None, start: int, stop: int | None) -> Win
     return None if window is None else dataclasses.replace(window, block_table=window.block_table[start:stop])
 
 
+def refuse_triton_decode_capture(query: torch.Tensor, max_query_len: int) -> None:
+    """A decode step that reaches the Triton kernel while a CUDA graph is being captured: an error, not a
+    capture. The backend asks for full decode graphs only where the CUDA decode kernel covers the model
+    (`decode_cuda.covers`); the Triton kernel failed its full-graph test (H100, 2026-11-23)."""
+    if max_query_len <= 1 and query.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "vllm-cq: a decode step is being captured in a full CUDA graph but the CUDA decode kernel does not "
+            "take it (the Triton kernel is not verified in full graphs); set VLLM_CQ_FULL_CUDA_GRAPHS=0"
+        )
+
+
 def paged_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -157,13 +168,7 @@ def paged_attention(
                 window=window_rows(window, nd, None), decode_kernel=decode_kernel, prefill_kernel=prefill_kernel,
             )  # fmt: skip
             return out
-    if max_query_len <= 1 and query.is_cuda and torch.cuda.is_current_stream_capturing():
-        # the backend asks for full decode graphs only where the CUDA decode kernel covers the model
-        # (`decode_cuda.covers`); the Triton kernel failed its full-graph test (H100, 2026-11-23)
-        raise RuntimeError(
-            "vllm-cq: a decode step is being captured in a full CUDA graph but the CUDA decode kernel does not "
-            "take it (the Triton kernel is not verified in full graphs); set VLLM_CQ_FULL_CUDA_GRAPHS=0"
-        )
+    refuse_triton_decode_capture(query, max_query_len)
     if max_query_len > 1 and prefill_cuda.supports(
         query, kv_cache, kcb, vcb, cos_sin_cache, is_neox, key_bytes, norm_offset, prefill_kernel, block_table
     ):

@@ -1,6 +1,7 @@
 // Prefill / chunked-prefill attention over CQ codes, warp-specialized Hopper form (sm_90a; issue 5).
-// WRITTEN 2026-12-03 WITHOUT A GPU: compiled for sm_90a in CI; the dispatch takes it only when asked
-// (VLLM_CQ_PREFILL_KERNEL=ws) until tests/kernels/test_cq_prefill_cuda.py has passed with it on an H100/H200.
+// Opt-in (VLLM_CQ_PREFILL_KERNEL=ws): tests/kernels/test_cq_prefill_cuda.py passes with it on the H200
+// (2026-12-03), but it is not faster than prefill_wgmma.cu (8K causal cq1 2.55 vs 2.51 ms, cq4 3.18 vs
+// 2.80): the producer's staging became the critical path (ncu: its L1TEX scoreboard is the top stall).
 //
 // Why: prefill_wgmma.cu measured about 4,600 cycles per 64-key tile on the H200 against about 1,650 issue
 // cycles (826 SASS instructions per warp, 2 warps per scheduler) and about 1,000 tensor cycles: its warps

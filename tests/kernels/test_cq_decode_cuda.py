@@ -336,3 +336,22 @@ def test_covers_decides_from_the_configuration_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     fits["ok"] = True
     assert not covers("cq1")
+
+
+def test_a_triton_decode_step_is_never_captured(monkeypatch):
+    """Inside a CUDA graph capture, a decode step that the CUDA kernel does not take is an error (the
+    Triton decode kernel is not verified in full graphs); prefill-shaped steps and steps outside a
+    capture pass through."""
+    from types import SimpleNamespace
+
+    from vllm_cq.kernels.cq import ops
+
+    capturing = {"on": True}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
+    q = SimpleNamespace(is_cuda=True)
+    with pytest.raises(RuntimeError, match="VLLM_CQ_FULL_CUDA_GRAPHS=0"):
+        ops.refuse_triton_decode_capture(q, 1)
+    ops.refuse_triton_decode_capture(q, 7)  # prefill / mixed steps run between piecewise graphs
+    ops.refuse_triton_decode_capture(SimpleNamespace(is_cuda=False), 1)
+    capturing["on"] = False
+    ops.refuse_triton_decode_capture(q, 1)
