@@ -41,6 +41,18 @@ DEFAULT_ENGINE = {
 }
 
 
+def cq_full_decode_graphs(vllm_config, kv_cache_dtype: str) -> bool | None:
+    """Whether the plugin asked vLLM for full decode graphs (None: not a plugin dtype). vLLM's own
+    cudagraph_mode reads the same either way."""
+    from vllm_cq.formats import format_names
+
+    if kv_cache_dtype not in format_names():
+        return None
+    from vllm_cq.integration.backend import full_decode_graphs
+
+    return full_decode_graphs(vllm_config)
+
+
 def parse_workload(s: str) -> tuple[int, int, int]:
     """'128x4096+512' -> (prompts, input tokens, output tokens)."""
     m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*\+\s*(\d+)\s*", s)
@@ -190,6 +202,7 @@ def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, 
         max_num_seqs=getattr(vc.scheduler_config, "max_num_seqs", None),
         max_num_batched_tokens=getattr(vc.scheduler_config, "max_num_batched_tokens", None),
         cudagraph_mode=str(getattr(vc.compilation_config, "cudagraph_mode", "")),
+        cq_full_decode_graphs=cq_full_decode_graphs(vc, kw["kv_cache_dtype"]),
         v2_model_runner=os.environ.get("VLLM_USE_V2_MODEL_RUNNER"),
     )
     print(f"[{fmt}] engine up in {start_s:.1f} s, {base['kv_cache_tokens']:,} KV tokens", flush=True)
