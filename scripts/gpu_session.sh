@@ -42,7 +42,12 @@
 # vLLM in two calls instead of three: `bash scripts/gpu_stage_two.sh` here (calls in its header).
 #   bash scripts/gpu_session.sh s8a        # A/B of a kernel change (no vLLM): prefill + decode kernel tests, then
 #                                          # rows of the working tree's kernels and of the sources carried in
-#                                          # .gpu-stage/ab_old (carry it), back to back (~4 min)
+#                                          # .gpu-stage/ab_old (carry it), back to back (~4 min). Make ab_old here:
+#                                          # mkdir -p .gpu-stage/ab_old && for f in $(git ls-files kernels/cq | grep -E 'cuh?$');
+#                                          # do git show REV:$f > .gpu-stage/ab_old/${f##*/}; done
+# Next window (ninth session), FIRST: s8a with ab_old from a5c45e3 (the one-producer ws form): the two-producer
+# ws form's first run (its tests, then ws vs wgmma vs the old ws). Then, after gpu_stage_two.sh's two calls,
+# `tests` (the tiny-model vLLM tests with full decode graphs now the default).
 #   bash scripts/gpu_session.sh s7a        # full-graph decode test, codes and a 16-token window (~5 min)
 #   bash scripts/gpu_session.sh s7b        # e2e A/B in one window, cq1 128x(4096+512): prefill mma.sync vs wgmma,
 #                                          # then wgmma + VLLM_CQ_FULL_CUDA_GRAPHS=1 (~6.5 min; E2E_WORKLOADS)
@@ -460,11 +465,11 @@ case "${1:-tests}" in
         --contexts 32k --batches 64 --kinds decode --timers graph_cold --budget-s 70 > "$OUT/w/decode-$1.log" 2>&1
       echo "decode rows rc=$?"; grep -E "^\| decode" "$OUT/w/decode-$1.log" | cut -c1-200
     }
-    ab_rows new "${S8_PREFILL:-cq-wgmma:cq1,cq-mma:cq1,cq-ws:cq1,cq-wgmma:cq2,cq-wgmma:cq4,cq-wgmma:cq_k4v1}" \
-      "${S8_DECODE:-cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4,cq-cuda:cq_k4v1}"
+    ab_rows new "${S8_PREFILL:-cq-wgmma:cq1,cq-ws:cq1,cq-mma:cq1,cq-wgmma:cq4,cq-ws:cq4}" \
+      "${S8_DECODE:-cq-cuda:cq1,cq-cuda:cq4}"
     if [ -d .gpu-stage/ab_old ]; then
       mkdir -p /tmp/ab_new && cp kernels/cq/*.cu kernels/cq/*.cuh /tmp/ab_new/ && cp .gpu-stage/ab_old/* kernels/cq/
-      ab_rows old "cq-wgmma:cq1,cq-mma:cq1,cq-wgmma:cq2,cq-wgmma:cq4" "cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4"
+      ab_rows old "${S8_OLD_PREFILL:-cq-wgmma:cq1,cq-ws:cq1,cq-wgmma:cq4,cq-ws:cq4}" "${S8_OLD_DECODE:-cq-cuda:cq1,cq-cuda:cq4}"
       cp /tmp/ab_new/* kernels/cq/
     fi
     pack s8a

@@ -12,9 +12,10 @@ wgmma, compiled for sm_90a) passed the same tests and tiny-model vLLM tests on a
 kernel tests) and is 9-13% faster there, so it is what "cuda" (and the default) runs on sm_90;
 `VLLM_CQ_PREFILL_KERNEL=mma` keeps the `mma.sync` kernel, which every other CUDA GPU runs.
 
-A warp-specialized Hopper form `prefill_ws.cu` (a producer warpgroup stages tiles behind mbarriers, two
-consumer warpgroups compute) passes the same tests on the H200 but is not faster than the wgmma form
-(2026-12-03): `VLLM_CQ_PREFILL_KERNEL=ws` only.
+A warp-specialized Hopper form `prefill_ws.cu` (producer warpgroups stage tiles behind mbarriers, two
+consumer warpgroups compute): `VLLM_CQ_PREFILL_KERNEL=ws` only. Its first form (one producer warpgroup)
+passed the same tests on the H200 but was not faster than the wgmma form (2026-12-03); the current one
+(two producer warpgroups) has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ VARIANTS = ("wgmma", "mma", "ws")
 FORMS = {
     "mma": (SOURCE, "cq_prefill_kernel", "", NUM_WARPS * 32),
     "wgmma": ("prefill_wgmma.cu", "cq_prefill_wgmma_kernel", "a", NUM_WARPS * 32),
-    "ws": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", NUM_WARPS * 32 + 128),  # + a producer warpgroup
+    "ws": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", 2 * NUM_WARPS * 32),  # + two producer warpgroups
 }
 
 

@@ -1,31 +1,37 @@
 // Prefill / chunked-prefill attention over CQ codes, warp-specialized Hopper form (sm_90a; issue 5).
-// Opt-in (VLLM_CQ_PREFILL_KERNEL=ws): tests/kernels/test_cq_prefill_cuda.py passes with it on the H200
-// (2026-12-03), but it is not faster than prefill_wgmma.cu (8K causal cq1 2.55 vs 2.51 ms, cq4 3.18 vs
-// 2.80): the producer's staging became the critical path (ncu: its L1TEX scoreboard is the top stall).
+// Opt-in (VLLM_CQ_PREFILL_KERNEL=ws).
 //
 // Why: prefill_wgmma.cu measured about 4,600 cycles per 64-key tile on the H200 against about 1,650 issue
 // cycles (826 SASS instructions per warp, 2 warps per scheduler) and about 1,000 tensor cycles: its warps
 // stage a tile, wait for S, run the softmax, wait for P V and meet at a CTA barrier, each step waiting on
 // the last. Here the roles split, as in FlashAttention-3:
-//   warpgroup 0 (producer, 72 registers): stages tile i + 1 (gather, rotate, store) while the consumers
-//     compute tile i, signalling `full[stage]` through an mbarrier, and restages a buffer once the
-//     consumers release it (`empty[stage]`);
-//   warpgroups 1, 2 (consumers, 216 registers each, 64 rows each): S = Q K^T and O += P V by wgmma and the
+//   warpgroups 0, 1 (producers, 72 registers): stage tile i + 1 (gather, rotate, store) while the
+//     consumers compute tile i, signalling `full[stage]` through an mbarrier, and restage a buffer once
+//     the consumers release it (`empty[stage]`); thread 4 sj + sq stages part sq of key sj, its code bytes
+//     loaded a tile ahead, the tile-start cos/sin row read from the global cache (L1);
+//   warpgroups 2, 3 (consumers, 184 registers, 64 rows each): S = Q K^T and O += P V by wgmma and the
 //     online softmax, no CTA barrier inside the loop, so one warpgroup's softmax overlaps the other's
 //     products.
-// 72 + 2 x 216 = 3 x 168 registers: the budget __launch_bounds__(384, 1) gives at entry, redistributed by
-// setmaxnreg. ptxas (NVRTC 13.5, 2026-12-03): no spills in the consumers; the producer spills a few values
-// at head_dim 128 (cq1 8 bytes, cq4 92, 132 at most, loads and stores; read in the SASS). Tile layout, descriptors, products, softmax and epilogue are prefill_wgmma.cu's
-// (wgmma.cuh, prefill_common.cuh); the staging is the same arithmetic as `stage_key`, one 16-byte chunk at
-// a time so that it fits the producer's registers. Each producer thread stages keys sj and sj + 32 of a
-// tile (part sq); the tile-start cos/sin row is read from the global cache (L1) instead of shared memory.
+// 2 x 72 + 2 x 184 = 4 x 128 registers: the budget __launch_bounds__(512, 1) gives at entry, redistributed
+// by setmaxnreg (a larger sum makes the consumers' setmaxnreg.inc wait forever). ptxas (NVRTC 13.5): at
+// most 8 bytes of spills (cq2/cq4 with RoPE at head_dim 128). Tile layout, descriptors, products, softmax
+// and epilogue are prefill_wgmma.cu's (wgmma.cuh, prefill_common.cuh); the staging is the same arithmetic
+// as `stage_key`, one 16-byte chunk at a time so that it fits the producers' registers.
+//
+// History: the first form (one producer warpgroup of 128 threads staging keys sj and sj + 32, 216-register
+// consumers) passed every prefill test on the H200 (2026-12-03) but was not faster than the wgmma form
+// (8K causal cq1 2.55 vs 2.51 ms, cq4 3.18 vs 2.80). ncu: the top stall was the producer's L1TEX
+// scoreboard (35% of the cycles between its instructions): one producer warp per scheduler, and key
+// sj + 32's code bytes were loaded right before their staging (block table, then the slot: two dependent
+// global loads per tile) instead of a tile ahead. This form (written the same day, NOT YET RUN ON A GPU)
+// doubles the producers and keeps every code load a tile ahead.
 
 #include "prefill_common.cuh"
 #include "wgmma.cuh"
 
-#define NT_WS (NT + 128)  // consumer warpgroups + the producer warpgroup
+#define NT_WS (2 * NT)  // two producer warpgroups + two consumer warpgroups
 #define PRODUCER_REGS 72
-#define CONSUMER_REGS 216
+#define CONSUMER_REGS 184
 
 #if CK > 8
 #error "the producer stages key centroids of at most 8 channels"
@@ -141,8 +147,8 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
 
     if (threadIdx.x == 0) {
-        mbar_init(&full[0], 128);
-        mbar_init(&full[1], 128);
+        mbar_init(&full[0], NT);
+        mbar_init(&full[1], NT);
         mbar_init(&empty[0], NT);
         mbar_init(&empty[1], NT);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -155,25 +161,20 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
     }
     __syncthreads();  // codebooks, rotations, barriers
 
-    if (warp < 4) {  // producer warpgroup
+    if (warp < NW) {  // producer warpgroups: thread 4 sj + sq stages part sq of key sj (prefill_common's slots)
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(PRODUCER_REGS));
         const int sj = threadIdx.x >> 2, sq = threadIdx.x & 3;
-        // keys sj, then sj + 32 of each tile, the first one's codes a tile ahead (one set of code registers)
-        const int kv_hi = b.kv_hi;
-        TileCodes tc;
+        TileCodes tc;  // the next tile's code bytes, loaded a tile ahead
         tc.bt = block_table + (i64)b.i_s * stride_bt;
         tc.head_base = cache + (i64)h * stride_ch;
-        auto fetch = [&](int t0, int key) { tc.fetch(t0, kv_hi, key, sq, stride_cb, stride_co, block_size, v_offset); };
-        fetch(0, sj);
-        for (int i = 0, t0 = 0; t0 < kv_hi; ++i, t0 += BN) {
+        tc.fetch(0, b.kv_hi, sj, sq, stride_cb, stride_co, block_size, v_offset);
+        for (int i = 0, t0 = 0; t0 < b.kv_hi; ++i, t0 += BN) {
             const int st = i & 1;
             if (i >= 2) mbar_wait(&empty[st], ((i >> 1) + 1) & 1);  // tile i - 2 read from this buffer
             u8* kt = tiles + st * (2 * TILE_BYTES);
             const float* bc = HAS_ROPE ? cos_sin + (i64)t0 * stride_cs + sq * PPT : nullptr;
             stage_key_chunked(kt, kt + TILE_BYTES, kcb, vcb, tc, bc, rot, sj, sq, threadIdx.x);
-            fetch(t0, sj + 32);
-            stage_key_chunked(kt, kt + TILE_BYTES, kcb, vcb, tc, bc, rot, sj + 32, sq, threadIdx.x + 128);
-            fetch(t0 + BN, sj);
+            tc.fetch(t0 + BN, b.kv_hi, sj, sq, stride_cb, stride_co, block_size, v_offset);
             fence_proxy_async();  // the staged stores, visible to the consumers' wgmma reads
             mbar_arrive(&full[st]);
         }
@@ -181,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
     }
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(CONSUMER_REGS));
-    const int cw = warp - 4;  // consumer warp: rows cw * 16 .. + 15 (warpgroup 1: rows 0 .. 63)
+    const int cw = warp - NW;  // consumer warp: rows cw * 16 .. + 15 (warpgroup 2: rows 0 .. 63)
     QueryRows qr;
     qr.load(b, q, stride_qt, stride_qh, h, cw, gid, tig);
     float o[DT][4];
