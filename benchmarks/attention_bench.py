@@ -894,6 +894,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--out", default=None, help="results file (default OUT_DIR/attention-<device>-<date>.json)")
     p.add_argument("--seed-dir", default=None, help="if the results file is new, start from DIR/<same name> if there")
+    p.add_argument("--write-block-t", type=int, default=None, help="cq write kernel: tokens per program of large steps")
     args = p.parse_args(argv)
     if args.quick:
         args.contexts, args.batches, args.prefill_contexts, args.prefill_chunk = "1k,32k", "1,64", "2k", ""
@@ -911,6 +912,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.write_block_t:  # `write.LARGE_BLOCK_T`: one value per run (give each its own --out)
+        from vllm_cq.kernels.cq import write
+
+        write.LARGE_BLOCK_T = args.write_block_t
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     dname = device_name(dev)

@@ -472,6 +472,11 @@ case "${1:-tests}" in
       ab_rows old "${S8_OLD_PREFILL:-cq-wgmma:cq1,cq-ws:cq1,cq-wgmma:cq4,cq-ws:cq4}" "${S8_OLD_DECODE:-cq-cuda:cq1,cq-cuda:cq4}"
       cp /tmp/ab_new/* kernels/cq/
     fi
+    for bt in 16 64; do  # the cq write kernel's tokens per program at an 8K-token chunk (write.LARGE_BLOCK_T)
+      timeout 60 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-s8-write$bt.json" --backends cq:cq1,cq:cq4 \
+        --kinds write --write-block-t $bt --budget-s 45 > "$OUT/w/write-$bt.log" 2>&1
+      echo "write block_t $bt rc=$?"; grep -E "^\| write" "$OUT/w/write-$bt.log" | cut -c1-200
+    done
     pack s8a
     ;;
   s7a)

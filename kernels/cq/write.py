@@ -18,6 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
+# Tokens per program: BLOCK_T for decode-sized steps (many small programs spread a small step over the
+# GPU); steps of at least LARGE_STEP tokens take LARGE_BLOCK_T. Each program reads its group's whole
+# codebook (16 KB of float32 for cq1's 8-channel groups) once per block, so an 8K-token prefill chunk of
+# 8 KV heads at 16 tokens reads 2.1 GB of codebooks; cq1's write of such a chunk took 1.82 ms on the
+# H200, against 2.5 ms for its prefill attention (2026-12-02). LARGE_BLOCK_T > 16 is untimed: it stays
+# 16 until `benchmarks/attention_bench.py --write-block-t` has measured it.
+BLOCK_T, LARGE_STEP, LARGE_BLOCK_T = 16, 256, 16
+
 
 @triton.jit
 def _unrope(x_rows, x, o, m, cos_rows, HALF: tl.constexpr, IS_NEOX: tl.constexpr):
@@ -211,7 +219,7 @@ def write_kv_cache(
         return
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    block_t = 16
+    block_t = LARGE_BLOCK_T if n >= LARGE_STEP else BLOCK_T
     num_seqs = seq_lens.shape[0] if has_rope else 1
     _write_kv_kernel[(triton.cdiv(n, block_t), h, d // ck + d // cv)](
         key,
@@ -247,5 +255,5 @@ def write_kv_cache(
         BLOCK_T=block_t,
         KEY_NORM=key_norm_offset >= 0,
         D_P2=triton.next_power_of_2(d),
-        num_warps=4,
+        num_warps=4 if block_t <= 16 else 8,
     )

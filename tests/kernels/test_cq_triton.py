@@ -197,10 +197,14 @@ def test_attention_padded_batch_leaves_real_rows_exact():
         ("cq2n", 1, 32, False, False),
     ],
 )
-def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope):
+def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope, monkeypatch):
     """One launch writes K and V codes; post-RoPE keys are un-rotated at positions the kernel derives
     from the varlen batch (decode tokens and prefill chunks of several sequences). Both group forms:
-    8-channel groups as a matmul (cq1, cq_k4v1's values), smaller ones per channel."""
+    8-channel groups as a matmul (cq1, cq_k4v1's values), smaller ones per channel. cq1 and cq4 also
+    with 64 tokens per program (what large steps may take, `write.LARGE_BLOCK_T`)."""
+    if fmt_name in ("cq1", "cq4") and head_dim == 32:
+        monkeypatch.setattr(write_mod, "LARGE_STEP", 1)
+        monkeypatch.setattr(write_mod, "LARGE_BLOCK_T", 64)
     fmt, bs = get_format(fmt_name), 16
     seqs = [(37, 37), (50, 1), (21, 5)]
     nblk, table, seq_lens, qsl = make_paged(seqs, bs)
