@@ -61,11 +61,12 @@ __device__ __forceinline__ void sts_chunk(u8* tile, int j, int c, const u32* w) 
     *reinterpret_cast<uint4*>(tile + tile_off(j, c)) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Key sj of a tile (part sq, rotation table slot `slot`): the same values as `stage_key`, chunk by chunk.
+// Key sj of a tile (part sq; this thread's rotation table slot, as in `stage_key`): the same values as
+// `stage_key`, chunk by chunk.
 // `bc`: the tile start's cos/sin row at this thread's slice (global memory; HAS_ROPE).
 __device__ __forceinline__ void stage_key_chunked(u8* ks, u8* vs, const u16* kcb, const u16* vcb,
                                                   const TileCodes& tc, const float* bc, const float4* rot, int sj,
-                                                  int sq, int slot) {
+                                                  int sq) {
     const u32 zero[4] = {0u, 0u, 0u, 0u};
     if (!tc.ok) {  // past the block's visible keys: zeros (masked scores, no stale NaN into P V)
 #pragma unroll
@@ -92,7 +93,7 @@ __device__ __forceinline__ void stage_key_chunked(u8* ks, u8* vs, const u16* kcb
         for (int k = 0; k < 4; ++k) {  // word k: pairs 8c + 2k, + 1 (the tile row's cos and sin of both)
             const float2 cb = __ldg(reinterpret_cast<const float2*>(bc + 8 * c + 2 * k));
             const float2 sb = __ldg(reinterpret_cast<const float2*>(bc + HALF + 8 * c + 2 * k));
-            const float4 r = rot[(4 * c + k) * NT + slot];
+            const float4 r = rot[(4 * c + k) * NT + threadIdx.x];
             const float c0 = cb.x * r.x - sb.x * r.z, s0 = sb.x * r.x + cb.x * r.z;
             const float c1f = cb.y * r.y - sb.y * r.w, s1 = sb.y * r.y + cb.y * r.w;
             const float a1 = lo_f(w1[k]), b1 = hi_f(w1[k]), a2 = lo_f(w2[k]), b2 = hi_f(w2[k]);
@@ -173,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
             if (i >= 2) mbar_wait(&empty[st], ((i >> 1) + 1) & 1);  // tile i - 2 read from this buffer
             u8* kt = tiles + st * (2 * TILE_BYTES);
             const float* bc = HAS_ROPE ? cos_sin + (i64)t0 * stride_cs + sq * PPT : nullptr;
-            stage_key_chunked(kt, kt + TILE_BYTES, kcb, vcb, tc, bc, rot, sj, sq, threadIdx.x);
+            stage_key_chunked(kt, kt + TILE_BYTES, kcb, vcb, tc, bc, rot, sj, sq);
             tc.fetch(t0 + BN, b.kv_hi, sj, sq, stride_cb, stride_co, block_size, v_offset);
             fence_proxy_async();  // the staged stores, visible to the consumers' wgmma reads
             mbar_arrive(&full[st]);
