@@ -895,6 +895,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results file (default OUT_DIR/attention-<device>-<date>.json)")
     p.add_argument("--seed-dir", default=None, help="if the results file is new, start from DIR/<same name> if there")
     p.add_argument("--write-block-t", type=int, default=None, help="cq write kernel: tokens per program of large steps")
+    p.add_argument("--write-precision", default=None, help="cq write kernel: x.c products of large steps (ieee, tf32x3)")
     args = p.parse_args(argv)
     if args.quick:
         args.contexts, args.batches, args.prefill_contexts, args.prefill_chunk = "1k,32k", "1,64", "2k", ""
@@ -916,6 +917,10 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_cq.kernels.cq import write
 
         write.LARGE_BLOCK_T = args.write_block_t
+    if args.write_precision:  # `write.DOT_PRECISION`, likewise
+        from vllm_cq.kernels.cq import write
+
+        write.DOT_PRECISION = args.write_precision
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     dname = device_name(dev)
@@ -965,6 +970,10 @@ def main(argv: list[str] | None = None) -> int:
                 "context": case.context,
                 "q_len": case.q_len,
             }
+            if case.kind == "write" and backend.startswith("cq"):  # the write kernel's settings of large steps
+                from vllm_cq.kernels.cq import write
+
+                row["write_block_t"], row["write_precision"] = write.LARGE_BLOCK_T, write.DOT_PRECISION
             try:
                 fn = make_fn(backend, kv, inp)
                 row.update(measure(fn, dev, timers, args.max_call_s))

@@ -479,6 +479,40 @@ case "${1:-tests}" in
     done
     pack s8a
     ;;
+  s9a)
+    # ninth session, no vLLM: the two-producer ws form's first run (prefill + decode kernel tests, the write
+    # kernel's tests), ws vs wgmma vs the one-producer ws (.gpu-stage/ab_old from a5c45e3, its
+    # prefill_cuda.py included: the old form launches 384 threads), then the write kernel's large-step
+    # settings at an 8K-token chunk, one process (write.LARGE_BLOCK_T x write.DOT_PRECISION)
+    mkdir -p "$OUT/w"
+    timeout 330 python3 -m pytest -q --tb=short -p timeout --timeout 60 tests/kernels/test_cq_prefill_cuda.py \
+      tests/kernels/test_cq_decode_cuda.py "tests/kernels/test_cq_triton.py::test_write_kernel_matches_reference" \
+      2>&1 | tee "$OUT/w/kernel-tests.log" | tail -25 | cut -c1-300
+    ab_rows() {  # ab_rows TAG PREFILL_BACKENDS
+      prefill_rows "$OUT/w/attention-s9-$1.json" "$2" 60
+    }
+    ab_rows new "${S9_PREFILL:-cq-wgmma:cq1,cq-ws:cq1,cq-wgmma:cq4,cq-ws:cq4}"
+    if [ -d .gpu-stage/ab_old ]; then
+      mkdir -p /tmp/ab_new && cp kernels/cq/*.cu kernels/cq/*.cuh kernels/cq/prefill_cuda.py /tmp/ab_new/
+      cp .gpu-stage/ab_old/* kernels/cq/
+      ab_rows old "${S9_OLD_PREFILL:-cq-wgmma:cq1,cq-ws:cq1,cq-ws:cq4}"
+      cp /tmp/ab_new/* kernels/cq/
+    fi
+    timeout 150 python3 - "$OUT/w" > "$OUT/w/write-sweep.log" 2>&1 <<'PY'
+import sys
+sys.path.insert(0, "benchmarks")
+import attention_bench as ab
+for fmt, precs in (("cq1", ("ieee", "tf32x3")), ("cq4", ("ieee",))):
+    for bt in (16, 32, 64, 128):
+        for prec in precs:
+            print(f"== {fmt} block_t {bt} {prec}", flush=True)
+            ab.main(["--out", f"{sys.argv[1]}/attention-s9-write-{fmt}-{bt}-{prec}.json", "--backends", f"cq:{fmt}",
+                     "--kinds", "write", "--write-batch", "0", "--write-block-t", str(bt), "--write-precision", prec,
+                     "--budget-s", "30"])
+PY
+    echo "write sweep rc=$?"; grep -E "^==|^\| write|Error|error" "$OUT/w/write-sweep.log" | cut -c1-200
+    pack s9a
+    ;;
   s7a)
     mkdir -p "$OUT/w"
     timeout 400 python3 -m pytest -q --tb=short -rA tests/integration/test_vllm_generate.py -k "${S7A_K:-full_cuda_graph}" \

@@ -25,6 +25,10 @@ import triton.language as tl
 # H200, against 2.5 ms for its prefill attention (2026-12-02). LARGE_BLOCK_T > 16 is untimed: it stays
 # 16 until `benchmarks/attention_bench.py --write-block-t` has measured it.
 BLOCK_T, LARGE_STEP, LARGE_BLOCK_T = 16, 256, 16
+# Precision of the x.c products of 8-channel groups: "ieee" (float32 FMAs) or "tf32x3" (tensor cores,
+# three TF32 products, float32-level error; argmin differs only at near-ties). Untimed: "ieee" until
+# `attention_bench --write-precision` has measured it.
+DOT_PRECISION = "ieee"
 
 
 @triton.jit
@@ -59,6 +63,7 @@ def _encode_group(
     ROTATE: tl.constexpr,
     IS_NEOX: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr,
     inv_norm=None,  # [BLOCK_T] float32: code x * inv_norm (the direction of a key with a stored norm)
 ):
     """Nearest of the group's 256 centroids for BLOCK_T tokens (the codebook is read once per BLOCK_T
@@ -80,7 +85,7 @@ def _encode_group(
             b_x = b_x * inv_norm[:, None]
         b_cb = tl.load(cb_ptr + (g * 256 + o_k[:, None]) * C + o_c[None, :], mask=m_c[None, :], other=0.0)
         b_norm = tl.sum(b_cb * b_cb, axis=1)  # [256]
-        b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision="ieee")  # [BLOCK_T, 256]
+        b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision=PRECISION)  # [BLOCK_T, 256]
         code = tl.argmin(b_norm[None, :] - 2.0 * b_xc, axis=1)
     else:
         b_d = tl.zeros([BLOCK_T, 256], tl.float32)
@@ -149,6 +154,7 @@ def _write_kv_kernel(
     BLOCK_T: tl.constexpr,
     KEY_NORM: tl.constexpr,
     D_P2: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     i_h = tl.program_id(1)
     i_g = tl.program_id(2)  # key groups 0 .. GK-1, then value groups
@@ -178,14 +184,19 @@ def _write_kv_kernel(
         if KEY_NORM:
             inv_norm = _key_norm(x_rows, m_t, dst, norm_offset, i_g == 0, 2 * HALF, D_P2)
             _encode_group(
-                x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, inv_norm
+                x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION,
+                inv_norm,
             )
         else:
-            _encode_group(x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T)
+            _encode_group(
+                x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION
+            )
     else:
         x_rows = v_ptr + o_t64 * stride_vn + i_h * stride_vh
         cb = vcb_ptr + i_h * GV * 256 * CV
-        _encode_group(x_rows, m_t, cb, i_g - GK, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T)
+        _encode_group(
+            x_rows, m_t, cb, i_g - GK, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T, PRECISION
+        )
 
 
 def write_kv_cache(
@@ -255,5 +266,6 @@ def write_kv_cache(
         BLOCK_T=block_t,
         KEY_NORM=key_norm_offset >= 0,
         D_P2=triton.next_power_of_2(d),
+        PRECISION=DOT_PRECISION if n >= LARGE_STEP else "ieee",
         num_warps=4 if block_t <= 16 else 8,
     )
