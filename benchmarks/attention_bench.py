@@ -895,7 +895,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="results file (default OUT_DIR/attention-<device>-<date>.json)")
     p.add_argument("--seed-dir", default=None, help="if the results file is new, start from DIR/<same name> if there")
     p.add_argument("--write-block-t", type=int, default=None, help="cq write kernel: tokens per program of large steps")
-    p.add_argument("--write-precision", default=None, help="cq write kernel: x.c products of large steps (ieee, tf32x3)")
+    p.add_argument("--write-precision", default=None, help="cq write kernel: large steps x.c (ieee, tf32x3)")
     args = p.parse_args(argv)
     if args.quick:
         args.contexts, args.batches, args.prefill_contexts, args.prefill_chunk = "1k,32k", "1,64", "2k", ""

@@ -184,7 +184,19 @@ def _write_kv_kernel(
         if KEY_NORM:
             inv_norm = _key_norm(x_rows, m_t, dst, norm_offset, i_g == 0, 2 * HALF, D_P2)
             _encode_group(
-                x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION,
+                x_rows,
+                m_t,
+                cb,
+                i_g,
+                dst,
+                cos_rows,
+                CK,
+                max(16, CK),
+                HALF,
+                HAS_ROPE,
+                IS_NEOX,
+                BLOCK_T,
+                PRECISION,
                 inv_norm,
             )
         else:
