@@ -872,6 +872,9 @@ def build_cases(args) -> list[Case]:
     return first + [c for c in cases if c not in first]
 
 
+WRITE_SETTINGS = ("LARGE_BLOCK_T", "LARGE_NUM_WARPS", "DOT_PRECISION", "MATMUL_MIN_C")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
@@ -894,8 +897,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--out", default=None, help="results file (default OUT_DIR/attention-<device>-<date>.json)")
     p.add_argument("--seed-dir", default=None, help="if the results file is new, start from DIR/<same name> if there")
-    p.add_argument("--write-block-t", type=int, default=None, help="cq write kernel: tokens per program of large steps")
-    p.add_argument("--write-precision", default=None, help="cq write kernel: large steps x.c (ieee, tf32x3)")
+    p.add_argument(
+        "--write-set",
+        default="",
+        help="cq write kernel's large-step settings, e.g. LARGE_BLOCK_T=64,LARGE_NUM_WARPS=4,DOT_PRECISION=ieee",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.contexts, args.batches, args.prefill_contexts, args.prefill_chunk = "1k,32k", "1,64", "2k", ""
@@ -913,14 +919,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.write_block_t:  # `write.LARGE_BLOCK_T`: one value per run (give each its own --out)
+    for item in filter(None, args.write_set.split(",")):  # `write.py`'s module settings, one set per run
         from vllm_cq.kernels.cq import write
 
-        write.LARGE_BLOCK_T = args.write_block_t
-    if args.write_precision:  # `write.DOT_PRECISION`, likewise
-        from vllm_cq.kernels.cq import write
-
-        write.DOT_PRECISION = args.write_precision
+        name, _, value = item.partition("=")
+        if name not in WRITE_SETTINGS:
+            raise SystemExit(f"--write-set: {name!r} is not one of {WRITE_SETTINGS}")
+        setattr(write, name, type(getattr(write, name))(value))
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     dname = device_name(dev)
@@ -973,7 +978,7 @@ def main(argv: list[str] | None = None) -> int:
             if case.kind == "write" and backend.startswith("cq"):  # the write kernel's settings of large steps
                 from vllm_cq.kernels.cq import write
 
-                row["write_block_t"], row["write_precision"] = write.LARGE_BLOCK_T, write.DOT_PRECISION
+                row["write_large_step"] = {k: getattr(write, k) for k in WRITE_SETTINGS}
             try:
                 fn = make_fn(backend, kv, inp)
                 row.update(measure(fn, dev, timers, args.max_call_s))

@@ -231,23 +231,33 @@ def kernels_of(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     if get_format(name.partition(":")[0]).family == "tq":
         rows = [tq_attention_kernel(name, True, args), tq_attention_kernel(name, False, args)]
         return rows + ([] if ":" in name else [tq_write_kernel(name, args)])
-    return [attention_kernel(name, True, args), attention_kernel(name, False, args), write_kernel(name, args)]
+    return [attention_kernel(name, True, args), attention_kernel(name, False, args), *write_kernels(name, args)]
 
 
-def write_kernel(fmt_name: str, args: argparse.Namespace) -> dict[str, Any]:
+def write_kernels(fmt_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The write kernel as a decode step launches it and as a prefill-sized step does (`write.py`'s
+    LARGE_* settings where every group is a matmul)."""
     fmt, d = get_format(fmt_name), args.head_dim
-    c = dict(
-        GK=d // fmt.key.channels, CK=fmt.key.channels, GV=d // fmt.value.channels, CV=fmt.value.channels,
-        HALF=d // 2, HAS_ROPE=True, IS_NEOX=True, BLOCK_T=16, KEY_NORM=fmt.key.norm_offset(d) >= 0,
-        D_P2=triton.next_power_of_2(d),
-    )  # fmt: skip
+    ck, cv = fmt.key.channels, fmt.value.channels
     ptr = dict(
         k_ptr="*bf16", v_ptr="*bf16", kcb_ptr="*fp32", vcb_ptr="*fp32", cache_ptr="*u8", slot_ptr="*i64",
         qsl_ptr="*i32", seq_lens_ptr="*i32", cos_sin_ptr="*fp32",
     )  # fmt: skip
     ints = launch_ints(fmt_name, True, args)
-    k = compile_aot(write._write_kv_kernel, ptr, c, set(), args.arch, ints=ints, num_warps=4)
-    return dict(kernel="write", kind="", block_n=None, **resources(k))
+    large_block = write.LARGE_BLOCK_T if min(ck, cv) >= write.MATMUL_MIN_C else write.BLOCK_T
+    rows = []
+    for kind, block_t, prec, matmul_c in (
+        ("decode", write.BLOCK_T, "ieee", 8),
+        ("prefill", large_block, write.DOT_PRECISION, write.MATMUL_MIN_C),
+    ):
+        c = dict(
+            GK=d // ck, CK=ck, GV=d // cv, CV=cv, HALF=d // 2, HAS_ROPE=True, IS_NEOX=True, BLOCK_T=block_t,
+            KEY_NORM=fmt.key.norm_offset(d) >= 0, D_P2=triton.next_power_of_2(d), PRECISION=prec, MATMUL_C=matmul_c,
+        )  # fmt: skip
+        warps = 4 if block_t <= 16 else write.LARGE_NUM_WARPS
+        k = compile_aot(write._write_kv_kernel, ptr, c, set(), args.arch, ints=ints, num_warps=warps)
+        rows.append(dict(kernel=f"write {block_t} {prec}", kind=kind, block_n=None, num_warps=warps, **resources(k)))
+    return rows
 
 
 def cuda_kernels_of(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:

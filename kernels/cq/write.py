@@ -19,16 +19,17 @@ import triton
 import triton.language as tl
 
 # Tokens per program: BLOCK_T for decode-sized steps (many small programs spread a small step over the
-# GPU); steps of at least LARGE_STEP tokens take LARGE_BLOCK_T. Each program reads its group's whole
-# codebook (16 KB of float32 for cq1's 8-channel groups) once per block, so an 8K-token prefill chunk of
-# 8 KV heads at 16 tokens reads 2.1 GB of codebooks; cq1's write of such a chunk took 1.82 ms on the
-# H200, against 2.5 ms for its prefill attention (2026-12-02). LARGE_BLOCK_T > 16 is untimed: it stays
-# 16 until `benchmarks/attention_bench.py --write-block-t` has measured it.
-BLOCK_T, LARGE_STEP, LARGE_BLOCK_T = 16, 256, 16
-# Precision of the x.c products of 8-channel groups: "ieee" (float32 FMAs) or "tf32x3" (tensor cores,
-# three TF32 products, float32-level error; argmin differs only at near-ties). Untimed: "ieee" until
-# `attention_bench --write-precision` has measured it.
-DOT_PRECISION = "ieee"
+# GPU); steps of at least LARGE_STEP tokens take LARGE_BLOCK_T with LARGE_NUM_WARPS, and their x.c
+# products of groups of >= MATMUL_MIN_C channels run on tensor cores as three TF32 products ("tf32x3":
+# float32-level error, the argmin differs from float32 FMAs only at near-ties). Each program reads its
+# group's whole codebook, so 16-token programs re-read 2.1 GB of codebooks per 8K-token chunk of 8 KV
+# heads. An 8K-token cq1 chunk on the H200 (2026-12-03, ninth session; `attention_bench
+# --write-block-t/--write-precision`): 1.82 ms at 16 tokens with float32 FMAs, 0.83 as tf32x3, 0.55 at
+# 128 tokens as tf32x3 (1.25 with FMAs). Smaller groups accumulate squared distances per channel, whose
+# [tokens, 256] distances spill above 16 tokens (cq4 at 16 / 32 / 64 / 128 tokens: 4.8 / 12 / 36 / 154
+# ms), so a launch with such groups keeps BLOCK_T.
+BLOCK_T, LARGE_STEP, LARGE_BLOCK_T, LARGE_NUM_WARPS = 16, 256, 128, 8
+DOT_PRECISION, MATMUL_MIN_C = "tf32x3", 8
 
 
 @triton.jit
@@ -64,6 +65,7 @@ def _encode_group(
     IS_NEOX: tl.constexpr,
     BLOCK_T: tl.constexpr,
     PRECISION: tl.constexpr,
+    MATMUL_C: tl.constexpr,
     inv_norm=None,  # [BLOCK_T] float32: code x * inv_norm (the direction of a key with a stored norm)
 ):
     """Nearest of the group's 256 centroids for BLOCK_T tokens (the codebook is read once per BLOCK_T
@@ -73,7 +75,7 @@ def _encode_group(
     cq1's 8-channel groups, 8K-token chunk: 1.35 ms as a matmul (H100) vs 11.3 ms per channel (H200);
     cq4's 2-channel groups: 7.0 vs 6.7 ms (2026-11-23)."""
     o_k = tl.arange(0, 256)
-    if C >= 8:
+    if C >= MATMUL_C:
         o_c = tl.arange(0, C_DOT)
         m_c = o_c < C
         m_x = m_t[:, None] & m_c[None, :]
@@ -155,6 +157,7 @@ def _write_kv_kernel(
     KEY_NORM: tl.constexpr,
     D_P2: tl.constexpr,
     PRECISION: tl.constexpr,
+    MATMUL_C: tl.constexpr,
 ):
     i_h = tl.program_id(1)
     i_g = tl.program_id(2)  # key groups 0 .. GK-1, then value groups
@@ -197,17 +200,44 @@ def _write_kv_kernel(
                 IS_NEOX,
                 BLOCK_T,
                 PRECISION,
+                MATMUL_C,
                 inv_norm,
             )
         else:
             _encode_group(
-                x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION
+                x_rows,
+                m_t,
+                cb,
+                i_g,
+                dst,
+                cos_rows,
+                CK,
+                max(16, CK),
+                HALF,
+                HAS_ROPE,
+                IS_NEOX,
+                BLOCK_T,
+                PRECISION,
+                MATMUL_C,
             )
     else:
         x_rows = v_ptr + o_t64 * stride_vn + i_h * stride_vh
         cb = vcb_ptr + i_h * GV * 256 * CV
         _encode_group(
-            x_rows, m_t, cb, i_g - GK, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T, PRECISION
+            x_rows,
+            m_t,
+            cb,
+            i_g - GK,
+            dst + v_offset,
+            x_rows,
+            CV,
+            max(16, CV),
+            HALF,
+            False,
+            IS_NEOX,
+            BLOCK_T,
+            PRECISION,
+            MATMUL_C,
         )
 
 
@@ -242,7 +272,9 @@ def write_kv_cache(
         return
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    block_t = LARGE_BLOCK_T if n >= LARGE_STEP else BLOCK_T
+    large = n >= LARGE_STEP  # a prefill-sized step: LARGE_BLOCK_T where every group is a matmul
+    matmul_c = MATMUL_MIN_C if large else 8
+    block_t = LARGE_BLOCK_T if large and min(ck, cv) >= matmul_c else BLOCK_T
     num_seqs = seq_lens.shape[0] if has_rope else 1
     _write_kv_kernel[(triton.cdiv(n, block_t), h, d // ck + d // cv)](
         key,
@@ -278,6 +310,7 @@ def write_kv_cache(
         BLOCK_T=block_t,
         KEY_NORM=key_norm_offset >= 0,
         D_P2=triton.next_power_of_2(d),
-        PRECISION=DOT_PRECISION if n >= LARGE_STEP else "ieee",
-        num_warps=4 if block_t <= 16 else 8,
+        PRECISION=DOT_PRECISION if large else "ieee",
+        MATMUL_C=matmul_c,
+        num_warps=4 if block_t <= 16 else LARGE_NUM_WARPS,
     )

@@ -201,12 +201,13 @@ def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope
     """One launch writes K and V codes; post-RoPE keys are un-rotated at positions the kernel derives
     from the varlen batch (decode tokens and prefill chunks of several sequences). Both group forms:
     8-channel groups as a matmul (cq1, cq_k4v1's values), smaller ones per channel. cq1 and cq4 also
-    with 64 tokens per program (what large steps may take, `write.LARGE_BLOCK_T`), cq1 there with its
-    products on tensor cores (`write.DOT_PRECISION`)."""
+    as a prefill-sized step runs them (`write.LARGE_*`): 64 tokens per program, products on tensor cores
+    (`write.DOT_PRECISION`), cq4's 2-channel groups as a matmul too (`write.MATMUL_MIN_C`)."""
     if fmt_name in ("cq1", "cq4") and head_dim == 32:
         monkeypatch.setattr(write_mod, "LARGE_STEP", 1)
         monkeypatch.setattr(write_mod, "LARGE_BLOCK_T", 64)
         monkeypatch.setattr(write_mod, "DOT_PRECISION", "tf32x3")
+        monkeypatch.setattr(write_mod, "MATMUL_MIN_C", 2)
     fmt, bs = get_format(fmt_name), 16
     seqs = [(37, 37), (50, 1), (21, 5)]
     nblk, table, seq_lens, qsl = make_paged(seqs, bs)
