@@ -8,12 +8,14 @@ and the default for prefill steps on CUDA where it covers the shape (`supports`)
 kernel (`attention.py`) instead.
 
 Its Hopper forms (compiled for sm_90a, the same staging and softmax from `prefill_common.cuh`, products
-by wgmma): `prefill_wgmma.cu` (every warp stages, then computes) and the warp-specialized
-`prefill_ws.cu` (two producer warpgroups stage tiles behind mbarriers, two consumer warpgroups compute).
-Both passed every prefill kernel test on an H200; ws is 20-24% faster than wgmma at 8K causal (cq1 1.90
-vs 2.50 ms, cq4 2.40 vs 2.79; 2026-12-03, ninth session), so it is what "cuda" (and the default) runs
-on sm_90 where key centroids have at most 8 channels (else wgmma). `VLLM_CQ_PREFILL_KERNEL=wgmma` or
-`=mma` keep the other forms; every other CUDA GPU runs the `mma.sync` kernel.
+by wgmma): `prefill_wgmma.cu` (every warp stages, then computes; what "cuda" and the default run on
+sm_90) and the warp-specialized `prefill_ws.cu` (two producer warpgroups stage tiles behind mbarriers,
+two consumer warpgroups compute; `VLLM_CQ_PREFILL_KERNEL=ws`). Both passed every prefill kernel test on
+an H200 (2026-12-03, ninth session: 376 with the decode kernel's). ws is 20-24% faster per launch (8K
+causal cq1 1.90 vs 2.50 ms, cq4 2.40 vs 2.79) but not yet the default: end to end it measured 2,167
+output tok/s against wgmma's 2,244 (cq1, 128 x (4096+512), one run each in one window), and the
+full-CUDA-graph engine test did not complete with it (a per-test timeout, cause not captured).
+`VLLM_CQ_PREFILL_KERNEL=mma` keeps the `mma.sync` kernel, which every other CUDA GPU runs.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ SOURCE = "prefill_cuda.cu"
 LOG2E = 1.4426950408889634
 NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # prefill_common.cuh's NW, NW * 16, BN
 VERIFIED_ON_GPU = True
-# The Hopper forms, verified on an H200 (2026-12-03): ws is the default on sm_90 ("cuda" or no choice)
-# where it covers the key groups, else wgmma; "wgmma" / "mma" ask for those forms there.
-WGMMA_VERIFIED_ON_GPU = WS_VERIFIED_ON_GPU = True
+# The Hopper forms, verified on an H200 (2026-12-03): wgmma is the default on sm_90 ("cuda" or no choice);
+# ws (WS_DEFAULT) only when asked until it also wins end to end; "mma" asks for the mma.sync kernel there.
+WGMMA_VERIFIED_ON_GPU, WS_DEFAULT = True, False
 ENV = "VLLM_CQ_PREFILL_KERNEL"
 VARIANTS = ("wgmma", "mma", "ws")
 # form -> (source, kernel, arch suffix, threads per CTA)
@@ -106,13 +108,13 @@ def enabled(choice: str | None = None) -> bool:
 
 
 def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
-    """Which form of the kernel runs. On sm_90: "ws" by default and for "cuda" or "ws" where key
-    centroids have at most 8 channels (its staging's limit), else "wgmma"; "wgmma" and "mma" when asked.
-    Every other GPU: "mma"."""
+    """Which form of the kernel runs. On sm_90: "wgmma" by default and for "cuda" or "wgmma", "ws" when
+    asked (or WS_DEFAULT) where key centroids have at most 8 channels (its staging's limit, else wgmma),
+    "mma" when asked. Every other GPU: "mma"."""
     choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
     if torch.cuda.get_device_capability(device_index) != (9, 0) or choice == "mma":
         return "mma"
-    if choice != "wgmma" and ck <= 8 and (choice == "ws" or WS_VERIFIED_ON_GPU):
+    if choice != "wgmma" and ck <= 8 and (choice == "ws" or WS_DEFAULT):
         return "ws"
     return "wgmma" if choice in ("wgmma", "ws") or WGMMA_VERIFIED_ON_GPU else "mma"
 

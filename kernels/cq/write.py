@@ -1,6 +1,7 @@
 """Triton: encode a step's new keys and values into CQ codes and store them in vLLM's paged cache.
 
-One launch per layer for K and V together, one program per (16 tokens, kv head, code group): a decode
+One launch per layer for K and V together, one program per (16 tokens, kv head, code group; prefill-sized
+steps take more tokens per program, LARGE_BLOCK_T below): a decode
 step of 64 sequences is 4 x heads x (key + value groups) programs, not 2 x heads, so small decode-step
 writes spread over the GPU instead of running each head's groups one after another (2026-11-23, H200:
 0.33 ms for a 64-sequence cq1 step with one program per (32 tokens, head)). 16 tokens keep the widest
@@ -19,17 +20,21 @@ import triton
 import triton.language as tl
 
 # Tokens per program: BLOCK_T for decode-sized steps (many small programs spread a small step over the
-# GPU); steps of at least LARGE_STEP tokens take LARGE_BLOCK_T with LARGE_NUM_WARPS, and their x.c
-# products of groups of >= MATMUL_MIN_C channels run on tensor cores as three TF32 products ("tf32x3":
-# float32-level error, the argmin differs from float32 FMAs only at near-ties). Each program reads its
-# group's whole codebook, so 16-token programs re-read 2.1 GB of codebooks per 8K-token chunk of 8 KV
-# heads. An 8K-token cq1 chunk on the H200 (2026-12-03, ninth session; `attention_bench
-# --write-block-t/--write-precision`): 1.82 ms at 16 tokens with float32 FMAs, 0.83 as tf32x3, 0.55 at
-# 128 tokens as tf32x3 (1.25 with FMAs). Smaller groups accumulate squared distances per channel, whose
-# [tokens, 256] distances spill above 16 tokens (cq4 at 16 / 32 / 64 / 128 tokens: 4.8 / 12 / 36 / 154
-# ms), so a launch with such groups keeps BLOCK_T.
+# GPU). Steps of at least LARGE_STEP tokens take LARGE_BLOCK_T tokens with LARGE_NUM_WARPS, their groups
+# of >= MATMUL_MIN_C channels as a matmul whose products run on tensor cores as three TF32 products
+# ("tf32x3": float32-level error; the argmin differs from float32 FMAs only at near-ties). Each program
+# reads its group's whole codebook, so 16-token programs re-read 2.1 GB of codebooks per 8K-token chunk
+# of 8 KV heads. 8K-token chunk, 8 KV heads, H200, 2026-12-03 (ninth session, `attention_bench
+# --write-set`, benchmarks/results/attention-h200-2026-12-03-s9.json), ms:
+#   cq1:  16 tokens FMA 1.82 (before), 16 tf32x3 0.83, 64 tf32x3 1.05 (8 warps) / 0.48 (4 warps),
+#         128 tf32x3 0.54 (8 warps) / 1.53 (4 warps), 256 tf32x3 4.77
+#   cq4 (2-channel groups): per channel at 16 tokens 4.84 (before; 32 / 64 / 128 tokens spill: 12 / 36 /
+#         154), as tf32x3 matmuls (channels zero-padded to 16) at 16 / 64 / 128 tokens 3.68 / 1.97 / 1.97
+#   cq2 0.96 -> 0.95, cq_k4v1 1.14 -> 1.13 (per channel at 16 tokens -> matmuls at 128)
+# 128 tokens with 8 warps is the one setting measured for every format; cq1's 0.48 at 64 x 4 warps was
+# not measured for the others.
 BLOCK_T, LARGE_STEP, LARGE_BLOCK_T, LARGE_NUM_WARPS = 16, 256, 128, 8
-DOT_PRECISION, MATMUL_MIN_C = "tf32x3", 8
+DOT_PRECISION, MATMUL_MIN_C = "tf32x3", 2
 
 
 @triton.jit
@@ -69,11 +74,12 @@ def _encode_group(
     inv_norm=None,  # [BLOCK_T] float32: code x * inv_norm (the direction of a key with a stored norm)
 ):
     """Nearest of the group's 256 centroids for BLOCK_T tokens (the codebook is read once per BLOCK_T
-    tokens). Groups of >= 8 channels: argmin |c|^2 - 2 x.c with the products as one float32 matmul
-    (channels zero-padded to C_DOT = 16). Smaller groups, where that padding is 4-8x the work: squared
-    distances accumulated one channel at a time. Which form is faster per group size was measured:
-    cq1's 8-channel groups, 8K-token chunk: 1.35 ms as a matmul (H100) vs 11.3 ms per channel (H200);
-    cq4's 2-channel groups: 7.0 vs 6.7 ms (2026-11-23)."""
+    tokens). Groups of >= MATMUL_C channels: argmin |c|^2 - 2 x.c with the products as one matmul
+    (channels zero-padded to C_DOT = 16) in PRECISION. Smaller groups: squared distances accumulated one
+    channel at a time. Which form is faster was measured: in float32 FMAs, cq1's 8-channel groups took
+    1.35 ms per 8K-token chunk as a matmul (H100) vs 11.3 ms per channel (H200), cq4's 2-channel groups
+    7.0 vs 6.7 ms (2026-11-23), so decode steps keep 2- and 4-channel groups per channel; as tf32x3 on
+    tensor cores the padded matmul wins for 2-channel groups too (module note above)."""
     o_k = tl.arange(0, 256)
     if C >= MATMUL_C:
         o_c = tl.arange(0, C_DOT)

@@ -118,18 +118,21 @@ def test_window_merge_matches_reference(monkeypatch, W, kernel):
 
 
 def test_kernel_choice(monkeypatch):
-    """Which form runs: ws on sm_90 by default and for "cuda" where key centroids have at most 8 channels
-    (else wgmma), wgmma when asked there, mma.sync for "mma" and on every other GPU; "triton" none of
-    them; an unknown name is refused."""
+    """Which form runs: wgmma on sm_90 by default and for "cuda", ws when asked there (key centroids of at
+    most 8 channels, else wgmma) or by default with WS_DEFAULT, mma.sync for "mma" and on every other
+    GPU; "triton" none of them; an unknown name is refused."""
     monkeypatch.delenv(prefill_cuda.ENV, raising=False)
-    for cap in ((9, 0), (8, 0), (10, 0)):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: cap)
-        hopper = cap == (9, 0)
-        forms = {c: prefill_cuda.form_chosen(c, 0, 8) for c in (None, "cuda", "wgmma", "mma", "ws")}
-        ws, wgmma = ("ws", "wgmma") if hopper else ("mma", "mma")
-        assert forms == {None: ws, "cuda": ws, "wgmma": wgmma, "mma": "mma", "ws": ws}
-        wide = {c: prefill_cuda.form_chosen(c, 0, 16) for c in (None, "cuda", "wgmma", "ws")}
-        assert wide == dict.fromkeys((None, "cuda", "wgmma", "ws"), wgmma)
+    for ws_default in (False, True):
+        monkeypatch.setattr(prefill_cuda, "WS_DEFAULT", ws_default)
+        for cap in ((9, 0), (8, 0), (10, 0)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: cap)
+            ws, wgmma = ("ws", "wgmma") if cap == (9, 0) else ("mma", "mma")
+            default = ws if ws_default else wgmma
+            forms = {c: prefill_cuda.form_chosen(c, 0, 8) for c in (None, "cuda", "wgmma", "mma", "ws")}
+            assert forms == {None: default, "cuda": default, "wgmma": wgmma, "mma": "mma", "ws": ws}
+            wide = {c: prefill_cuda.form_chosen(c, 0, 16) for c in (None, "cuda", "wgmma", "ws")}
+            assert wide == dict.fromkeys((None, "cuda", "wgmma", "ws"), wgmma)
+    monkeypatch.setattr(prefill_cuda, "WS_DEFAULT", False)
     monkeypatch.setenv(prefill_cuda.ENV, "mma")
     assert prefill_cuda.enabled() and prefill_cuda.form_chosen(None, 0, 8) == "mma"
     assert not prefill_cuda.enabled("triton") and prefill_cuda.enabled("wgmma") and prefill_cuda.enabled("ws")

@@ -200,10 +200,11 @@ def test_attention_padded_batch_leaves_real_rows_exact():
 def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope, monkeypatch):
     """One launch writes K and V codes; post-RoPE keys are un-rotated at positions the kernel derives
     from the varlen batch (decode tokens and prefill chunks of several sequences). Both group forms:
-    8-channel groups as a matmul (cq1, cq_k4v1's values), smaller ones per channel. cq1 and cq4 also
-    as a prefill-sized step runs them (`write.LARGE_*`): 64 tokens per program, products on tensor cores
-    (`write.DOT_PRECISION`), cq4's 2-channel groups as a matmul too (`write.MATMUL_MIN_C`)."""
-    if fmt_name in ("cq1", "cq4") and head_dim == 32:
+    8-channel groups as a matmul (cq1, cq_k4v1's values), smaller ones per channel. cq1, cq4 and cq2n
+    (key norms) at head_dim 32 as a prefill-sized step runs them (`write.LARGE_*`): 64 tokens per
+    program, products on tensor cores (`write.DOT_PRECISION`), groups of 2+ channels as a matmul
+    (`write.MATMUL_MIN_C`)."""
+    if fmt_name in ("cq1", "cq4", "cq2n") and head_dim == 32:
         monkeypatch.setattr(write_mod, "LARGE_STEP", 1)
         monkeypatch.setattr(write_mod, "LARGE_BLOCK_T", 64)
         monkeypatch.setattr(write_mod, "DOT_PRECISION", "tf32x3")
