@@ -873,6 +873,7 @@ def build_cases(args) -> list[Case]:
 
 
 WRITE_SETTINGS = ("LARGE_BLOCK_T", "LARGE_NUM_WARPS", "DOT_PRECISION", "MATMUL_MIN_C")
+_WRITE_DEFAULTS: dict[str, Any] = {}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -919,9 +920,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for item in filter(None, args.write_set.split(",")):  # `write.py`'s module settings, one set per run
-        from vllm_cq.kernels.cq import write
+    from vllm_cq.kernels.cq import write
 
+    # `write.py`'s module settings, one set per run; back to the module's defaults first, so that runs in
+    # one process (a sweep calling main) do not inherit the previous run's settings
+    _WRITE_DEFAULTS.update({k: v for k, v in vars(write).items() if k in WRITE_SETTINGS and k not in _WRITE_DEFAULTS})
+    for name, value in _WRITE_DEFAULTS.items():
+        setattr(write, name, value)
+    for item in filter(None, args.write_set.split(",")):
         name, _, value = item.partition("=")
         if name not in WRITE_SETTINGS:
             raise SystemExit(f"--write-set: {name!r} is not one of {WRITE_SETTINGS}")

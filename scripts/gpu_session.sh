@@ -520,9 +520,9 @@ case "${1:-tests}" in
     # the write kernel's large-step settings at an 8K-token chunk, one process (`write.py`'s LARGE_*,
     # DOT_PRECISION, MATMUL_MIN_C; FORMAT:SETTINGS per row, `attention_bench --write-set`)
     mkdir -p "$OUT/w"
-    write_sweep "${S9W:-cq1: cq1:LARGE_NUM_WARPS=4 cq1:LARGE_BLOCK_T=256 cq1:LARGE_BLOCK_T=256,LARGE_NUM_WARPS=4
-      cq1:LARGE_BLOCK_T=64,LARGE_NUM_WARPS=4 cq4: cq4:MATMUL_MIN_C=2,LARGE_BLOCK_T=16
-      cq4:MATMUL_MIN_C=2,LARGE_BLOCK_T=64 cq4:MATMUL_MIN_C=2 cq_k4v1: cq_k4v1:MATMUL_MIN_C=2 cq2: cq2:MATMUL_MIN_C=2}"
+    # done 2026-12-03 (ninth): the defaults since (64 tokens, 4 warps, tf32x3, 2-channel matmuls) came from it
+    write_sweep "${S9W:-cq1: cq1:LARGE_BLOCK_T=32 cq1:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq4: cq4:LARGE_BLOCK_T=32
+      cq4:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq2: cq2:MATMUL_MIN_C=8 cq_k4v1: cq_k4v1:MATMUL_MIN_C=8}"
     pack s9w
     ;;
   s9e)

@@ -25,15 +25,14 @@ import triton.language as tl
 # ("tf32x3": float32-level error; the argmin differs from float32 FMAs only at near-ties). Each program
 # reads its group's whole codebook, so 16-token programs re-read 2.1 GB of codebooks per 8K-token chunk
 # of 8 KV heads. 8K-token chunk, 8 KV heads, H200, 2026-12-03 (ninth session, `attention_bench
-# --write-set`, benchmarks/results/attention-h200-2026-12-03-s9.json), ms:
-#   cq1:  16 tokens FMA 1.82 (before), 16 tf32x3 0.83, 64 tf32x3 1.05 (8 warps) / 0.48 (4 warps),
-#         128 tf32x3 0.54 (8 warps) / 1.53 (4 warps), 256 tf32x3 4.77
+# --write-set`, benchmarks/results/attention-h200-2026-12-03-s9.json; tokens per program / warps), ms:
+#   cq1:  16 / 4 FMA 1.82 (before), 16 / 4 tf32x3 0.83, 64 / 8 tf32x3 1.05, 64 / 4 tf32x3 0.48,
+#         128 / 8 tf32x3 0.54, 128 / 4 tf32x3 1.53, 256 / 4 tf32x3 4.77
 #   cq4 (2-channel groups): per channel at 16 tokens 4.84 (before; 32 / 64 / 128 tokens spill: 12 / 36 /
-#         154), as tf32x3 matmuls (channels zero-padded to 16) at 16 / 64 / 128 tokens 3.68 / 1.97 / 1.97
-#   cq2 0.96 -> 0.95, cq_k4v1 1.14 -> 1.13 (per channel at 16 tokens -> matmuls at 128)
-# 128 tokens with 8 warps is the one setting measured for every format; cq1's 0.48 at 64 x 4 warps was
-# not measured for the others.
-BLOCK_T, LARGE_STEP, LARGE_BLOCK_T, LARGE_NUM_WARPS = 16, 256, 128, 8
+#         154), as tf32x3 matmuls (channels zero-padded to 16) at 16 / 4: 3.68, 64 / 4: 1.97
+#   cq2 0.95-0.96, cq_k4v1 1.13-1.14 at 64 / 4 as matmuls (their per-channel rows were not re-measured)
+# 64 tokens with 4 warps is the setting measured for every format.
+BLOCK_T, LARGE_STEP, LARGE_BLOCK_T, LARGE_NUM_WARPS = 16, 256, 64, 4
 DOT_PRECISION, MATMUL_MIN_C = "tf32x3", 2
 
 
