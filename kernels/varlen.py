@@ -30,7 +30,7 @@ def find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr, PER_BLOCK: tl.con
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _merge_segments_kernel(
     part_ptr,  # float32 [T, Hq, NUM_SEGMENTS, D]
     ml_ptr,  # float32 [T, Hq, NUM_SEGMENTS, 2]

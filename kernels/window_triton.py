@@ -25,7 +25,7 @@ from vllm_cq.kernels.window import WindowCache
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _window_merge_kernel(
     q_ptr,  # [T, Hq, D] post-RoPE queries
     out_ptr,  # [T, Hq, D]

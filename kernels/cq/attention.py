@@ -132,7 +132,7 @@ def _qk_part(
     return b_s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _cq_attention_kernel(
     q_ptr,  # [T, Hq, D]
     out_ptr,  # [T, Hq, D] (NUM_SEGMENTS == 1) or float32 [T, Hq, NUM_SEGMENTS, D] partials

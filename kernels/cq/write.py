@@ -34,6 +34,10 @@ import triton.language as tl
 # 64 tokens with 4 warps is the setting measured for every format.
 BLOCK_T, LARGE_STEP, LARGE_BLOCK_T, LARGE_NUM_WARPS = 16, 256, 64, 4
 DOT_PRECISION, MATMUL_MIN_C = "tf32x3", 2
+# Integers that change from step to step. Triton specializes integer arguments on == 1 and divisibility
+# by 16 unless told not to, so each new combination of them compiled another copy of the kernel while
+# serving (vLLM 0.26's JIT monitor warned of it on the H200). Every per-step kernel leaves them generic.
+PER_STEP_ARGS = ["num_tokens", "num_seqs", "search_steps"]
 
 
 @triton.jit
@@ -126,7 +130,7 @@ def _key_norm(x_rows, m_t, dst, norm_offset, is_first, D: tl.constexpr, D_P2: tl
     return 1.0 / tl.maximum(norm, 1e-6)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_ARGS)
 def _write_kv_kernel(
     k_ptr,  # [N, H, D]
     v_ptr,  # [N, H, D]

@@ -222,7 +222,7 @@ def _level_digits(
     return tl.floor(b_f * inv_p3) - 3.0 * tl.floor(b_f * (inv_p3 * (1.0 / 3.0))) - 1.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _tq_attention_kernel(
     q_ptr,
     out_ptr,
