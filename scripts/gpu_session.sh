@@ -45,7 +45,15 @@
 #                                          # .gpu-stage/ab_old (carry it), back to back (~4 min). Make ab_old here:
 #                                          # mkdir -p .gpu-stage/ab_old && for f in $(git ls-files kernels/cq | grep -E 'cuh?$');
 #                                          # do git show REV:$f > .gpu-stage/ab_old/${f##*/}; done
-# Next window (ninth session), FIRST: s8a with ab_old from a5c45e3 (the one-producer ws form): the two-producer
+# Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
+# per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
+#   s10a (no vLLM) -> q1 -> q2 + install + s10b -> s9e with S9E="cq1:wgmma cq1:ws cq1:wgmma" (warm caches:
+#   alternate forms, the first engine of a window compiles everything) -> S9E="cq1:ws auto fp8".
+#   bash scripts/gpu_session.sh s10a       # kernel tests (specialization, prefill, decode, Triton) + write sweep
+#   bash scripts/gpu_session.sh s10b       # tiny-model vLLM tests through the ws prefill form (S10B_FORM)
+#   bash scripts/gpu_session.sh s9e        # e2e, one engine per S9E entry (FORMAT[:TAG]; TAG ws/wgmma/mma sets the form)
+#   bash scripts/gpu_session.sh s9w        # write kernel settings sweep (S9W)
+# Earlier: next window (ninth session), FIRST: s8a with ab_old from a5c45e3 (the one-producer ws form): the two-producer
 # ws form's first run (its tests, then ws vs wgmma vs the old ws). Then, after gpu_stage_two.sh's two calls,
 # `tests` (the tiny-model vLLM tests with full decode graphs now the default).
 #   bash scripts/gpu_session.sh s7a        # full-graph decode test, codes and a 16-token window (~5 min)
@@ -492,6 +500,29 @@ case "${1:-tests}" in
     done
     pack s8a
     ;;
+  s10a)
+    # tenth session, FIRST (no vLLM): the kernel tests with today's defaults (the write's prefill-step
+    # settings, unspecialized step counts: tests/kernels/test_specialization.py), then the write sweep's
+    # remaining settings (S9W's default list) (~5 min)
+    mkdir -p "$OUT/w"
+    timeout 240 python3 -m pytest -q --tb=short tests/kernels/test_specialization.py tests/kernels/test_cq_prefill_cuda.py \
+      tests/kernels/test_cq_decode_cuda.py 2>&1 | tee "$OUT/w/kernel-tests.log" | tail -15 | cut -c1-300
+    timeout 150 python3 -m pytest -q --tb=short tests/kernels/test_cq_triton.py -k "write or full_size" 2>&1 \
+      | tee "$OUT/w/triton-tests.log" | tail -15 | cut -c1-300
+    write_sweep "${S9W:-cq1: cq1:LARGE_BLOCK_T=32 cq1:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq4: cq4:LARGE_BLOCK_T=32
+      cq4:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq2: cq2:MATMUL_MIN_C=8 cq_k4v1: cq_k4v1:MATMUL_MIN_C=8}"
+    pack s10a
+    ;;
+  s10b)
+    # after the two staging calls: the tiny-model vLLM tests through the ws prefill form (S10B_FORM),
+    # no per-test timeout (the ninth session's 150 s cut the full-graph test: setup ~100 s + call ~120 s)
+    mkdir -p "$OUT/w"
+    VLLM_CQ_PREFILL_KERNEL=${S10B_FORM:-ws} timeout 560 python3 -m pytest -q --tb=short -rA \
+      tests/integration/test_vllm_generate.py --durations=8 > "$OUT/w/vllm-generate.log" 2>&1
+    echo "pytest rc=$?"
+    grep -E "passed|failed|PASSED|FAILED|^E |s call|s setup" "$OUT/w/vllm-generate.log" | tail -24 | cut -c1-300
+    pack s10b
+    ;;
   s9a)
     # ninth session, no vLLM: the two-producer ws form's first run (prefill + decode kernel tests, the write
     # kernel's tests), ws vs wgmma vs the one-producer ws (.gpu-stage/ab_old from a5c45e3, its
@@ -527,16 +558,21 @@ case "${1:-tests}" in
     ;;
   s9e)
     # end to end, one engine per entry, back to back, rows keyed by tag in one file: FORMAT or FORMAT:TAG
-    # (S9E, default "auto fp8 cq1"), the H100's KV budget, E2E_WORKLOADS (default 128x4096+512)
+    # (S9E, default "auto fp8 cq1"), the H100's KV budget, E2E_WORKLOADS (default 128x4096+512). A TAG
+    # that names a prefill form (ws, wgmma, mma) runs with VLLM_CQ_PREFILL_KERNEL set to it; a repeated
+    # entry gets its own tag (-2, -3), so an A/B can alternate (cq1:wgmma cq1:ws cq1:wgmma cq1:ws)
     mkdir -p "$OUT/w"
     python3 benchmarks/dummy_codebooks.py $M8B --formats cq1,cq4,cq2,cq_k4v1 > /dev/null
+    declare -A seen=()
     for entry in ${S9E:-auto fp8 cq1}; do
-      fmt=${entry%%:*}; tag=kv-h100${entry#"$fmt"}; tag=${tag/:/-}
+      fmt=${entry%%:*}; form=${entry#"$fmt"}; form=${form#:}; tag=kv-h100${form:+-$form}
+      seen[$entry]=$(( ${seen[$entry]:-0} + 1 )); [ "${seen[$entry]}" -gt 1 ] && tag=$tag-${seen[$entry]}
+      case "$form" in ws|wgmma|mma) export VLLM_CQ_PREFILL_KERNEL=$form ;; *) unset VLLM_CQ_PREFILL_KERNEL ;; esac
       VLLM_CQ_STACK_DUMP_S=150 timeout "${S9E_TIMEOUT:-200}" python3 benchmarks/e2e_throughput.py $M8B --formats "$fmt" \
         --workloads "${E2E_WORKLOADS:-128x4096+512}" --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag "$tag" \
         --out "$OUT/w/e2e-h200-s9.json" --timeout $(( ${S9E_TIMEOUT:-200} - 10 )) --budget-s $(( ${S9E_TIMEOUT:-200} - 5 )) \
-        > "$OUT/w/e2e-$fmt.log" 2>&1
-      echo "$entry rc=$?"; grep -E "^\s+\[$fmt\]" "$OUT/w/e2e-$fmt.log" | tail -4 | cut -c1-200
+        > "$OUT/w/e2e-$tag-$fmt.log" 2>&1
+      echo "$entry ($tag) rc=$?"; grep -E "^\s+\[$fmt\]" "$OUT/w/e2e-$tag-$fmt.log" | tail -4 | cut -c1-200
     done
     pack s9e
     ;;
