@@ -14,6 +14,10 @@ are made with benchmarks/dummy_codebooks.py (random: for speed, never for qualit
         --workloads 128x4096+512
     python benchmarks/e2e_throughput.py benchmarks/configs/llama-3.1-8b --formats fp8 \\
         --engine '{"enforce_eager": true}' --tag eager
+
+With --profile-dir DIR the timed workloads run under vLLM's torch profiler (traces in DIR/<dtype>, rows
+tagged "profiled": the profiler slows the run); `benchmarks/kernel_breakdown.py DIR/<dtype>` sums the
+GPU time per kernel class (matmuls, attention, cq write, ...).
 """
 
 from __future__ import annotations
@@ -187,6 +191,9 @@ def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, 
     base = {"kv_cache_dtype": fmt, "tag": args.tag, "engine": engine}
     t0 = time.perf_counter()
     kw = label_engine_kwargs(fmt, engine)  # `cq1` serves the default window, `cq1+w0` codes only
+    if args.profile_dir:  # vLLM's torch profiler in the worker: GPU kernels only, no stacks or shapes
+        trace_dir = os.path.abspath(os.path.join(args.profile_dir, fmt))
+        kw["profiler_config"] = dict(profiler="torch", torch_profiler_dir=trace_dir, torch_profiler_with_stack=False)
     llm = LLM(args.model, **kw)
     start_s = time.perf_counter() - t0
     vc = llm.llm_engine.vllm_config
@@ -220,9 +227,13 @@ def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, 
     for k, (n, i, o) in enumerate(workloads):
         prompts = random_prompts(n, i, vocab, seed=1000 + k)
         sp = SamplingParams(max_tokens=o, ignore_eos=True, temperature=0, detokenize=False)
+        if args.profile_dir:
+            llm.start_profile()
         t1 = time.perf_counter()
         outs = llm.generate(prompts, sp, use_tqdm=False)
         el = time.perf_counter() - t1
+        if args.profile_dir:
+            llm.stop_profile()
         out_tok = sum(len(x.outputs[0].token_ids) for x in outs)
         row = dict(
             base,
@@ -278,6 +289,8 @@ def run_child(args: argparse.Namespace, fmt: str, log_path: str, timeout: float)
     cmd = [sys.executable, os.path.abspath(__file__), args.model, "--one", fmt, "--out", args.out]
     cmd += ["--workloads", ",".join(args.workload_names), "--engine", json.dumps(args.engine_user)]
     cmd += ["--tag", args.tag or "", "--warmup", args.warmup_str]
+    if args.profile_dir:
+        cmd += ["--profile-dir", args.profile_dir]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
     tail: list[str] = []
@@ -325,8 +338,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--out", default=None, help="results file (default OUT_DIR/e2e-<device>-<date>.json)")
     p.add_argument("--log-dir", default=None, help="engine logs (default: next to the results file)")
+    p.add_argument("--profile-dir", default=None, help="torch-profile the timed workloads into DIR/<dtype>")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.profile_dir and not args.one:  # profiled rows never replace plain ones (rows key on the tag)
+        args.tag = f"{args.tag}-profiled" if args.tag else "profiled"
+        args.profile_dir = os.path.abspath(args.profile_dir)
     args.workload_list = [parse_workload(w) for w in args.workloads.split(",") if w.strip()]
     args.workload_names = [workload_name(*w) for w in args.workload_list]
     args.warmup_str = args.warmup
