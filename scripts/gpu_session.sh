@@ -48,11 +48,13 @@
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> q1 -> q2 + install + s10b -> s9e with S9E="cq1:wgmma cq1:ws cq1:wgmma" (warm caches:
-#   alternate forms, the first engine of a window compiles everything) -> S9E="cq1:ws auto fp8".
+#   alternate forms, the first engine of a window compiles everything) -> s10p (where cq1's time goes vs
+#   auto: the ninth session's faster write barely moved e2e) -> S9E="cq1:ws auto fp8".
 #   bash scripts/gpu_session.sh s10a       # kernel tests (specialization, prefill, decode, Triton) + write sweep
 #   bash scripts/gpu_session.sh s10b       # tiny-model vLLM tests through the ws prefill form (S10B_FORM)
 #   bash scripts/gpu_session.sh s9e        # e2e, one engine per S9E entry (FORMAT[:TAG]; TAG ws/wgmma/mma sets the form)
 #   bash scripts/gpu_session.sh s9w        # write kernel settings sweep (S9W)
+#   bash scripts/gpu_session.sh s10p       # GPU seconds per kernel class of an e2e run, cq1 vs auto (torch profiler)
 # Earlier: next window (ninth session), FIRST: s8a with ab_old from a5c45e3 (the one-producer ws form): the two-producer
 # ws form's first run (its tests, then ws vs wgmma vs the old ws). Then, after gpu_stage_two.sh's two calls,
 # `tests` (the tiny-model vLLM tests with full decode graphs now the default).
@@ -522,6 +524,23 @@ case "${1:-tests}" in
     echo "pytest rc=$?"
     grep -E "passed|failed|PASSED|FAILED|^E |s call|s setup" "$OUT/w/vllm-generate.log" | tail -24 | cut -c1-300
     pack s10b
+    ;;
+  s10p)
+    # where an e2e run's GPU time goes: the timed workload under vLLM's torch profiler per dtype (S10P,
+    # default "cq1 auto"), then GPU seconds per kernel class (benchmarks/kernel_breakdown.py); the
+    # traces stay on the machine, the breakdown comes back (~6 min)
+    mkdir -p "$OUT/w"
+    python3 benchmarks/dummy_codebooks.py $M8B --formats cq1 > /dev/null
+    for fmt in ${S10P:-cq1 auto}; do
+      timeout 250 python3 benchmarks/e2e_throughput.py $M8B --formats "$fmt" --workloads "${E2E_WORKLOADS:-128x4096+512}" \
+        --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag kv-h100 --out "$OUT/w/e2e-h200-profiled.json" \
+        --profile-dir /tmp/prof --timeout 240 > "$OUT/w/e2e-profiled-$fmt.log" 2>&1
+      echo "$fmt rc=$?"; grep -E "^\s+\[$fmt\]" "$OUT/w/e2e-profiled-$fmt.log" | tail -3 | cut -c1-200
+    done
+    du -sh /tmp/prof/* 2>/dev/null
+    python3 benchmarks/kernel_breakdown.py $(for f in ${S10P:-cq1 auto}; do echo /tmp/prof/$f; done) --top 25 \
+      --out "$OUT/w/kernel-breakdown.json" 2>&1 | tee "$OUT/w/kernel-breakdown.log" | head -60 | cut -c1-200
+    pack s10p
     ;;
   s9a)
     # ninth session, no vLLM: the two-producer ws form's first run (prefill + decode kernel tests, the write
