@@ -193,42 +193,13 @@ def _write_kv_kernel(
             cos_rows = cos_sin_ptr + pos.to(tl.int64) * stride_cs
         x_rows = k_ptr + o_t64 * stride_kn + i_h * stride_kh
         cb = kcb_ptr + i_h * GK * 256 * CK
+        inv_norm = None  # keys coded as directions (KEY_NORM): 1/|x| of each token's key
         if KEY_NORM:
             inv_norm = _key_norm(x_rows, m_t, dst, norm_offset, i_g == 0, 2 * HALF, D_P2)
-            _encode_group(
-                x_rows,
-                m_t,
-                cb,
-                i_g,
-                dst,
-                cos_rows,
-                CK,
-                max(16, CK),
-                HALF,
-                HAS_ROPE,
-                IS_NEOX,
-                BLOCK_T,
-                PRECISION,
-                MATMUL_C,
-                inv_norm,
-            )
-        else:
-            _encode_group(
-                x_rows,
-                m_t,
-                cb,
-                i_g,
-                dst,
-                cos_rows,
-                CK,
-                max(16, CK),
-                HALF,
-                HAS_ROPE,
-                IS_NEOX,
-                BLOCK_T,
-                PRECISION,
-                MATMUL_C,
-            )
+        _encode_group(
+            x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION, MATMUL_C,
+            inv_norm,
+        )  # fmt: skip
     else:
         x_rows = v_ptr + o_t64 * stride_vn + i_h * stride_vh
         cb = vcb_ptr + i_h * GV * 256 * CV
