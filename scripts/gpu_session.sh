@@ -47,11 +47,11 @@
 #                                          # do git show REV:$f > .gpu-stage/ab_old/${f##*/}; done
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
-#   s10a (no vLLM) -> q1 -> q2 + install + s10b -> s9e with S9E="cq1:wgmma cq1:ws cq1:wgmma" (warm caches:
+#   s10a (no vLLM) -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
+#   VLLM_CQ_PREFILL_KERNEL=ws S7A_K= S7A_TIMEOUT=560 bash scripts/gpu_session.sh s7a) -> s9e with S9E="cq1:wgmma cq1:ws cq1:wgmma" (warm caches:
 #   alternate forms, the first engine of a window compiles everything) -> s10p (where cq1's time goes vs
 #   auto: the ninth session's faster write barely moved e2e) -> S9E="cq1:ws auto fp8".
 #   bash scripts/gpu_session.sh s10a       # kernel tests (specialization, prefill, decode, Triton) + write sweep
-#   bash scripts/gpu_session.sh s10b       # tiny-model vLLM tests through the ws prefill form (S10B_FORM)
 #   bash scripts/gpu_session.sh s9e        # e2e, one engine per S9E entry (FORMAT[:TAG]; TAG ws/wgmma/mma sets the form)
 #   bash scripts/gpu_session.sh s9w        # write kernel settings sweep (S9W)
 #   bash scripts/gpu_session.sh s10p       # GPU seconds per kernel class of an e2e run, cq1 vs auto (torch profiler)
@@ -515,16 +515,6 @@ case "${1:-tests}" in
       cq4:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq2: cq2:MATMUL_MIN_C=8 cq_k4v1: cq_k4v1:MATMUL_MIN_C=8}"
     pack s10a
     ;;
-  s10b)
-    # after the two staging calls: the tiny-model vLLM tests through the ws prefill form (S10B_FORM),
-    # no per-test timeout (the ninth session's 150 s cut the full-graph test: setup ~100 s + call ~120 s)
-    mkdir -p "$OUT/w"
-    VLLM_CQ_PREFILL_KERNEL=${S10B_FORM:-ws} timeout 560 python3 -m pytest -q --tb=short -rA \
-      tests/integration/test_vllm_generate.py --durations=8 > "$OUT/w/vllm-generate.log" 2>&1
-    echo "pytest rc=$?"
-    grep -E "passed|failed|PASSED|FAILED|^E |s call|s setup" "$OUT/w/vllm-generate.log" | tail -24 | cut -c1-300
-    pack s10b
-    ;;
   s10p)
     # where an e2e run's GPU time goes: the timed workload under vLLM's torch profiler per dtype (S10P,
     # default "cq1 auto"), then GPU seconds per kernel class (benchmarks/kernel_breakdown.py); the
@@ -596,9 +586,11 @@ case "${1:-tests}" in
     pack s9e
     ;;
   s7a)
+    # tiny-model vLLM tests (S7A_K selects, default the full-graph ones; S7A_K= runs the whole file), no
+    # per-test timeout: the full-graph test takes ~100 s setup + ~120 s on the H200
     mkdir -p "$OUT/w"
-    timeout 400 python3 -m pytest -q --tb=short -rA tests/integration/test_vllm_generate.py -k "${S7A_K:-full_cuda_graph}" \
-      --durations=4 > "$OUT/w/vllm-full-graphs.log" 2>&1
+    timeout "${S7A_TIMEOUT:-400}" python3 -m pytest -q --tb=short -rA tests/integration/test_vllm_generate.py \
+      -k "${S7A_K-full_cuda_graph}" --durations=8 > "$OUT/w/vllm-full-graphs.log" 2>&1
     echo "pytest rc=$?"
     grep -E "passed|failed|PASSED|FAILED|^E |s call|s setup" "$OUT/w/vllm-full-graphs.log" | tail -16 | cut -c1-300
     pack s7a
