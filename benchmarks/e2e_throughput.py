@@ -172,7 +172,8 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
     import random
 
     rng = random.Random(seed)
-    lo, hi = 1000, vocab - 1000  # clear of special ids; distinct random prompts: no prefix-cache hits
+    lo = min(1000, vocab // 4)  # clear of special ids (tiny test vocabularies too)
+    hi = vocab - lo  # distinct random prompts: no prefix-cache hits
     return [{"prompt_token_ids": [rng.randrange(lo, hi) for _ in range(length)]} for _ in range(n)]
 
 
