@@ -204,21 +204,9 @@ def _write_kv_kernel(
         x_rows = v_ptr + o_t64 * stride_vn + i_h * stride_vh
         cb = vcb_ptr + i_h * GV * 256 * CV
         _encode_group(
-            x_rows,
-            m_t,
-            cb,
-            i_g - GK,
-            dst + v_offset,
-            x_rows,
-            CV,
-            max(16, CV),
-            HALF,
-            False,
-            IS_NEOX,
-            BLOCK_T,
-            PRECISION,
-            MATMUL_C,
-        )
+            x_rows, m_t, cb, i_g - GK, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T,
+            PRECISION, MATMUL_C,
+        )  # fmt: skip
 
 
 def write_kv_cache(
