@@ -244,17 +244,13 @@ def write_kernels(fmt_name: str, args: argparse.Namespace) -> list[dict[str, Any
         qsl_ptr="*i32", seq_lens_ptr="*i32", cos_sin_ptr="*fp32",
     )  # fmt: skip
     ints = launch_ints(fmt_name, True, args)
-    large_block = write.LARGE_BLOCK_T if min(ck, cv) >= write.MATMUL_MIN_C else write.BLOCK_T
     rows = []
-    for kind, block_t, prec, matmul_c in (
-        ("decode", write.BLOCK_T, "ieee", 8),
-        ("prefill", large_block, write.DOT_PRECISION, write.MATMUL_MIN_C),
-    ):
+    for kind, n in (("decode", 1), ("prefill", write.LARGE_STEP)):
+        block_t, warps, prec, matmul_c = write.launch_settings(n, ck, cv)
         c = dict(
             GK=d // ck, CK=ck, GV=d // cv, CV=cv, HALF=d // 2, HAS_ROPE=True, IS_NEOX=True, BLOCK_T=block_t,
             KEY_NORM=fmt.key.norm_offset(d) >= 0, D_P2=triton.next_power_of_2(d), PRECISION=prec, MATMUL_C=matmul_c,
         )  # fmt: skip
-        warps = 4 if block_t <= 16 else write.LARGE_NUM_WARPS
         k = compile_aot(write._write_kv_kernel, ptr, c, set(), args.arch, ints=ints, num_warps=warps)
         rows.append(dict(kernel=f"write {block_t} {prec}", kind=kind, block_n=None, num_warps=warps, **resources(k)))
     return rows

@@ -141,7 +141,7 @@ def cubin_key(source: str, defines: Sequence[str], arch: str) -> str:
     from cuda.bindings import nvrtc
 
     h = hashlib.sha256()
-    for part in (source, *(HEADERS), arch, *defines, repr(check(nvrtc.nvrtcVersion(), "nvrtcVersion"))):
+    for part in (source, *HEADERS, arch, *defines, repr(check(nvrtc.nvrtcVersion(), "nvrtcVersion"))):
         h.update(part.encode() + b"\0")
     for name in (source, *HEADERS):
         h.update((HERE / name).read_bytes() + b"\0")

@@ -209,6 +209,16 @@ def _write_kv_kernel(
         )  # fmt: skip
 
 
+def launch_settings(n: int, ck: int, cv: int) -> tuple[int, int, str, int]:
+    """(tokens per program, warps, x.c precision, least channels of a matmul group) for a step of n tokens
+    with ck / cv channels per key / value centroid: prefill-sized steps take the LARGE_* settings, with
+    LARGE_BLOCK_T only where every group is a matmul (per-channel distances spill above 16 tokens)."""
+    if n < LARGE_STEP:
+        return BLOCK_T, 4, "ieee", 8
+    block_t = LARGE_BLOCK_T if min(ck, cv) >= MATMUL_MIN_C else BLOCK_T
+    return block_t, 4 if block_t <= 16 else LARGE_NUM_WARPS, DOT_PRECISION, MATMUL_MIN_C
+
+
 def write_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -240,9 +250,7 @@ def write_kv_cache(
         return
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    large = n >= LARGE_STEP  # a prefill-sized step: LARGE_BLOCK_T where every group is a matmul
-    matmul_c = MATMUL_MIN_C if large else 8
-    block_t = LARGE_BLOCK_T if large and min(ck, cv) >= matmul_c else BLOCK_T
+    block_t, num_warps, precision, matmul_c = launch_settings(n, ck, cv)
     num_seqs = seq_lens.shape[0] if has_rope else 1
     _write_kv_kernel[(triton.cdiv(n, block_t), h, d // ck + d // cv)](
         key,
@@ -278,7 +286,7 @@ def write_kv_cache(
         BLOCK_T=block_t,
         KEY_NORM=key_norm_offset >= 0,
         D_P2=triton.next_power_of_2(d),
-        PRECISION=DOT_PRECISION if large else "ieee",
+        PRECISION=precision,
         MATMUL_C=matmul_c,
-        num_warps=4 if block_t <= 16 else LARGE_NUM_WARPS,
+        num_warps=num_warps,
     )
