@@ -13,8 +13,9 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
           the dispatch's choice (the CUDA decode / prefill kernel where it covers the shape, else Triton)
   cq-triton / cq-cuda  the same call with decode_kernel and prefill_kernel "triton" / "cuda" (the CUDA
           prefill kernel: its wgmma form on sm_90, else mma.sync)
-  cq-wgmma / cq-mma / cq-ws  prefill rows with prefill_kernel "wgmma" / "mma" / "ws" (a form of the CUDA
-          prefill kernel; wgmma and the warp-specialized ws on sm_90 only; opt-in: "prefill-variants")
+  cq-wgmma / cq-mma / cq-ws / cq-wso  prefill rows with prefill_kernel "wgmma" / "mma" / "ws" / "wso" (a
+          form of the CUDA prefill kernel; wgmma and the warp-specialized ws / wso (ws with the next tile's
+          scores during P V) on sm_90 only; opt-in: "prefill-variants")
   cq-cuda-rec, cq-cuda-r{1,2}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
           directly (RoPE rows read per step (1) or advanced by rotation (2), warps, unroll)
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
@@ -95,7 +96,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq-cuda:cq_k4v1": ("cq-cuda", "cq_k4v1"),
     "cq-cuda:cq_k4v05": ("cq-cuda", "cq_k4v05"),
     # the two forms of the CUDA prefill kernel (prefill rows only; opt-in, "prefill-variants")
-    **{f"cq-{v}:{f}": (f"cq-{v}", f) for v in ("wgmma", "mma", "ws") for f in ("cq4", "cq2", "cq1", "cq_k4v1")},
+    **{f"cq-{v}:{f}": (f"cq-{v}", f) for v in ("wgmma", "mma", "ws", "wso") for f in ("cq4", "cq2", "cq1", "cq_k4v1")},
     # the CUDA decode kernel with its RoPE rows advanced by rotation instead of read per key (opt-in)
     "cq-cuda-rec:cq1": ("cq-cuda-rec", "cq1"),
     "cq-cuda-rec:cq_k4v1": ("cq-cuda-rec", "cq_k4v1"),
@@ -130,6 +131,7 @@ OPT_IN = {
     "cq-wgmma": "prefill-variants",
     "cq-mma": "prefill-variants",
     "cq-ws": "prefill-variants",
+    "cq-wso": "prefill-variants",
     **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
@@ -551,7 +553,7 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _cq_fn(inp, kv, kind, window=128)
     if backend in ("cq-triton", "cq-cuda"):
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
-    if backend in ("cq-wgmma", "cq-mma", "cq-ws"):
+    if backend in ("cq-wgmma", "cq-mma", "cq-ws", "cq-wso"):
         if kind != "prefill":
             raise Unsupported(f"{backend}: a form of the prefill kernel")
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])

@@ -47,11 +47,12 @@
 #                                          # do git show REV:$f > .gpu-stage/ab_old/${f##*/}; done
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
-#   s10a (no vLLM) -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
+#   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
 #   VLLM_CQ_PREFILL_KERNEL=ws S7A_K= S7A_TIMEOUT=560 bash scripts/gpu_session.sh s7a) -> s9e with S9E="cq1:wgmma cq1:ws cq1:wgmma" (warm caches:
 #   alternate forms, the first engine of a window compiles everything) -> s10p (where cq1's time goes vs
 #   auto: the ninth session's faster write barely moved e2e) -> S9E="cq1:ws auto fp8".
-#   bash scripts/gpu_session.sh s10a       # kernel tests (specialization, prefill, decode, Triton) + write sweep
+#   bash scripts/gpu_session.sh s10a       # kernel tests (specialization, prefill incl. wso, decode, Triton write)
+#                                          # + prefill rows wgmma / ws / wso; then s9w (the write sweep's rest)
 #   bash scripts/gpu_session.sh s9e        # e2e, one engine per S9E entry (FORMAT[:TAG]; TAG ws/wgmma/mma sets the form)
 #   bash scripts/gpu_session.sh s9w        # write kernel settings sweep (S9W)
 #   bash scripts/gpu_session.sh s10p       # GPU seconds per kernel class of an e2e run, cq1 vs auto (torch profiler)
@@ -503,16 +504,15 @@ case "${1:-tests}" in
     pack s8a
     ;;
   s10a)
-    # tenth session, FIRST (no vLLM): the kernel tests with today's defaults (the write's prefill-step
-    # settings, unspecialized step counts: tests/kernels/test_specialization.py), then the write sweep's
-    # remaining settings (S9W's default list) (~5 min)
+    # tenth session, FIRST (no vLLM): the kernel tests with today's defaults and forms (the write's
+    # prefill-step settings, unspecialized step counts, the wso prefill form's first run), then prefill
+    # rows of wgmma / ws / wso back to back (~7 min); the write sweep's rest is s9w (its default list)
     mkdir -p "$OUT/w"
-    timeout 240 python3 -m pytest -q --tb=short tests/kernels/test_specialization.py tests/kernels/test_cq_prefill_cuda.py \
+    timeout 330 python3 -m pytest -q --tb=short tests/kernels/test_specialization.py tests/kernels/test_cq_prefill_cuda.py \
       tests/kernels/test_cq_decode_cuda.py 2>&1 | tee "$OUT/w/kernel-tests.log" | tail -15 | cut -c1-300
     timeout 150 python3 -m pytest -q --tb=short tests/kernels/test_cq_triton.py -k "write or full_size" 2>&1 \
       | tee "$OUT/w/triton-tests.log" | tail -15 | cut -c1-300
-    write_sweep "${S9W:-cq1: cq1:LARGE_BLOCK_T=32 cq1:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq4: cq4:LARGE_BLOCK_T=32
-      cq4:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq2: cq2:MATMUL_MIN_C=8 cq_k4v1: cq_k4v1:MATMUL_MIN_C=8}"
+    prefill_rows "$OUT/w/attention-s10.json" "${S10_PREFILL:-cq-wgmma:cq1,cq-ws:cq1,cq-wso:cq1,cq-ws:cq4,cq-wso:cq4}" 60
     pack s10a
     ;;
   s10p)

@@ -245,9 +245,13 @@ __device__ __forceinline__ void stage_key(u8* ks, u8* vs, const u16* kcb, const 
 // One tile's raw scores s (rows gid: s[..][0..1], gid + 8: s[..][2..3]) -> the causal / window mask
 // (diagonal tiles only), the online softmax with a lazily rescaled max (m_run in scaled log2 units;
 // rescaling o when it moves), P packed as 16-bit A fragments for P V.
+// With `alpha` (the overlapped ws form, whose P V of the previous tile is still accumulating into o):
+// o is left alone and each row's rescale factor is returned there (1 when the max stays), for the
+// caller to apply once that product is done.
 __device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], u32 (&pa)[BN / 8][2], float (&m_run)[2],
                                                float (&l_run)[2], float (&o)[DT][4], const int (&pos)[2], int t0,
-                                               int diag0, int win, int tig, float qk_scale) {
+                                               int diag0, int win, int tig, float qk_scale,
+                                               float* alpha = nullptr) {
     if (t0 + BN - 1 > diag0) {  // a diagonal (or window-edge, or last) tile: causal mask
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt) {
@@ -269,11 +273,16 @@ __device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], u32 (&pa)[
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
         mx[r] *= qk_scale;
+        if (alpha != nullptr) alpha[r] = 1.f;
         if (mx[r] > m_run[r] + LAZY_MAX) {  // lazy: the max moves only past 2^LAZY_MAX (quad-uniform)
-            const float alpha = exp2f(m_run[r] - mx[r]);
-            l_run[r] *= alpha;
+            const float a = exp2f(m_run[r] - mx[r]);
+            l_run[r] *= a;
+            if (alpha != nullptr) {
+                alpha[r] = a;
+            } else {
 #pragma unroll
-            for (int n = 0; n < DT; ++n) { o[n][2 * r] *= alpha; o[n][2 * r + 1] *= alpha; }
+                for (int n = 0; n < DT; ++n) { o[n][2 * r] *= a; o[n][2 * r + 1] *= a; }
+            }
             m_run[r] = mx[r];
         }
     }

@@ -16,6 +16,9 @@ causal cq1 1.90 vs 2.50 ms, cq4 2.40 vs 2.79) but not yet the default: end to en
 output tok/s against wgmma's 2,244 (cq1, 128 x (4096+512), one run each in one window), and the
 full-CUDA-graph engine test did not complete with it (a per-test timeout, cause not captured).
 `VLLM_CQ_PREFILL_KERNEL=mma` keeps the `mma.sync` kernel, which every other CUDA GPU runs.
+`VLLM_CQ_PREFILL_KERNEL=wso` runs the ws form with FlashAttention-3's intra-warpgroup pipelining (the next
+tile's scores issued before the current P V, `WS_OVERLAP`): written 2026-12-03, it compiles for sm_90a
+without serialized wgmma, and has not run on a GPU.
 """
 
 from __future__ import annotations
@@ -37,13 +40,16 @@ VERIFIED_ON_GPU = True
 # ws (WS_DEFAULT) only when asked until it also wins end to end; "mma" asks for the mma.sync kernel there.
 WGMMA_VERIFIED_ON_GPU, WS_DEFAULT = True, False
 ENV = "VLLM_CQ_PREFILL_KERNEL"
-VARIANTS = ("wgmma", "mma", "ws")
-# form -> (source, kernel, arch suffix, threads per CTA)
+VARIANTS = ("wgmma", "mma", "ws", "wso")
+# form -> (source, kernel, arch suffix, threads per CTA, extra -D macros). "wso": the ws form with the
+# next tile's scores issued before the current P V (WS_OVERLAP); written 2026-12-03, not yet run on a GPU
 FORMS = {
-    "mma": (SOURCE, "cq_prefill_kernel", "", NUM_WARPS * 32),
-    "wgmma": ("prefill_wgmma.cu", "cq_prefill_wgmma_kernel", "a", NUM_WARPS * 32),
-    "ws": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", 2 * NUM_WARPS * 32),  # + two producer warpgroups
+    "mma": (SOURCE, "cq_prefill_kernel", "", NUM_WARPS * 32, ()),
+    "wgmma": ("prefill_wgmma.cu", "cq_prefill_wgmma_kernel", "a", NUM_WARPS * 32, ()),
+    "ws": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", 2 * NUM_WARPS * 32, ()),  # + two producer warpgroups
+    "wso": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", 2 * NUM_WARPS * 32, ("-DWS_OVERLAP=1",)),
 }
+WS_FORMS = ("ws", "wso")  # warp-specialized: key centroids of at most 8 channels
 
 
 @dataclass(frozen=True)
@@ -102,21 +108,23 @@ def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
 
 
 def enabled(choice: str | None = None) -> bool:
-    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda", a form ("wgmma", "mma", "ws") or "triton"; none: this
+    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda", a form ("wgmma", "mma", "ws", "wso") or "triton"; none: this
     kernel once verified."""
     return cuda_build.kernel_chosen(ENV, choice, VERIFIED_ON_GPU, VARIANTS)
 
 
 def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
-    """Which form of the kernel runs. On sm_90: "wgmma" by default and for "cuda" or "wgmma", "ws" when
-    asked (or WS_DEFAULT) where key centroids have at most 8 channels (its staging's limit, else wgmma),
-    "mma" when asked. Every other GPU: "mma"."""
+    """Which form of the kernel runs. On sm_90: "wgmma" by default and for "cuda" or "wgmma", "ws" / "wso"
+    when asked (ws also by default with WS_DEFAULT) where key centroids have at most 8 channels (their
+    staging's limit, else wgmma), "mma" when asked. Every other GPU: "mma"."""
     choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
     if torch.cuda.get_device_capability(device_index) != (9, 0) or choice == "mma":
         return "mma"
-    if choice != "wgmma" and ck <= 8 and (choice == "ws" or WS_DEFAULT):
+    if choice in WS_FORMS and ck <= 8:
+        return choice
+    if choice != "wgmma" and ck <= 8 and WS_DEFAULT:
         return "ws"
-    return "wgmma" if choice in ("wgmma", "ws") or WGMMA_VERIFIED_ON_GPU else "mma"
+    return "wgmma" if choice in ("wgmma", *WS_FORMS) or WGMMA_VERIFIED_ON_GPU else "mma"
 
 
 def supports(
@@ -144,15 +152,16 @@ def supports(
 
 
 def compile_cubin(inst: Instance, arch: str, verbose: bool = False, form: str = "mma") -> tuple[bytes, str]:
-    """NVRTC: one form's source (`FORMS`; "wgmma" and "ws" for sm_90a) for `inst` -> (cubin for `arch`, the
+    """NVRTC: one form's source (`FORMS`; the Hopper forms for sm_90a) for `inst` -> (cubin for `arch`, the
     log). No GPU needed."""
-    return cuda_build.compile_cubin(FORMS[form][0], inst.defines(), arch, verbose)
+    source, _, _, _, extra = FORMS[form]
+    return cuda_build.compile_cubin(source, [*inst.defines(), *extra], arch, verbose)
 
 
 def load(inst: Instance, device_index: int, form: str = "mma"):
     """The compiled, loaded kernel (module, CUfunction) of one form for `inst` on a device."""
-    source, kernel, suffix, _ = FORMS[form]
-    return cuda_build.load(source, tuple(inst.defines()), kernel, inst.smem_bytes(), device_index, suffix)
+    source, kernel, suffix, _, extra = FORMS[form]
+    return cuda_build.load(source, (*inst.defines(), *extra), kernel, inst.smem_bytes(), device_index, suffix)
 
 
 def paged_attention(
@@ -173,7 +182,7 @@ def paged_attention(
     """Causal attention of a varlen batch (sequence s owns queries query_start_loc[s]:[s+1], its last
     tokens) over its codes, into `out` [T, Hq, D] (new in query's dtype when None); with a recent
     `window`, the codes cover keys j <= i - W and `window_triton` merges the exact window in. `choice`
-    "wgmma", "mma" or "ws" picks a form (`form_chosen`)."""
+    "wgmma", "mma", "ws" or "wso" picks a form (`form_chosen`)."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]

@@ -36,6 +36,9 @@
 #if CK > 8
 #error "the producer stages key centroids of at most 8 channels"
 #endif
+#ifndef WS_OVERLAP
+#define WS_OVERLAP 0  // 1: the "wso" form (prefill_cuda.FORMS), scores of the next tile during P V
+#endif
 
 __device__ __forceinline__ void mbar_init(u64* bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
@@ -192,6 +195,52 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
     float s[BN / 8][4];
     zero_acc(s);
 
+#if WS_OVERLAP
+    // Tile i + 1's scores and tile i's P V in flight together (FlashAttention-3's intra-warpgroup
+    // pipelining): S(i + 1) is issued before P V(i), its softmax runs while P V(i) is still on the tensor
+    // cores, and o's rescale (rare: the lazy max) waits until P V(i) is done. Two tiles of P in registers.
+    // The last tile's P V is peeled off the loop: with S(i + 1) issued conditionally inside it, ptxas
+    // serialized every wgmma (C7514).
+    u32 pa[BN / 8][2], pn[BN / 8][2];
+    auto tile_base = [&](int i) { return smem_u32(tiles + (i & 1) * (2 * TILE_BYTES)); };
+    if (b.kv_hi > 0) {
+        mbar_wait(&full[0], 0);
+        issue_scores(s, qr.qa, tile_base(0));
+        wgmma_wait_all();
+        hold_regs<BN / 2>(&s[0][0]);
+        online_softmax(s, pa, m_run, l_run, o, qr.pos, 0, b.diag0, win, tig, qk_scale);  // o is still zero
+    }
+    int i = 0;
+    for (int t0 = 0; t0 + BN < b.kv_hi; ++i, t0 += BN) {
+        mbar_wait(&full[(i + 1) & 1], ((i + 1) >> 1) & 1);
+        issue_scores(s, qr.qa, tile_base(i + 1));
+        issue_pv(o, pa, tile_base(i) + TILE_BYTES);
+        wgmma_wait_one();  // S(i + 1) done; P V(i) may still run
+        hold_regs<BN / 2>(&s[0][0]);
+        float alpha[2];
+        online_softmax(s, pn, m_run, l_run, o, qr.pos, t0 + BN, b.diag0, win, tig, qk_scale, alpha);
+        wgmma_wait_all();
+        hold_regs<HEAD_DIM / 2>(&o[0][0]);
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) asm volatile("" : "+r"(pa[n][0]), "+r"(pa[n][1])::"memory");
+        // (pa read until here: its registers stay pa's, not pn's, while P V(i) reads them)
+        mbar_arrive(&empty[i & 1]);  // tile i read: the producer may restage its buffer
+        if (alpha[0] != 1.f || alpha[1] != 1.f) {
+#pragma unroll
+            for (int n = 0; n < DT; ++n) {
+                o[n][0] *= alpha[0]; o[n][1] *= alpha[0]; o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) { pa[n][0] = pn[n][0]; pa[n][1] = pn[n][1]; }
+    }
+    if (b.kv_hi > 0) {  // the last tile's P V
+        issue_pv(o, pa, tile_base(i) + TILE_BYTES);
+        wgmma_wait_all();
+        hold_regs<HEAD_DIM / 2>(&o[0][0]);
+        mbar_arrive(&empty[i & 1]);
+    }
+#else
     for (int i = 0, t0 = 0; t0 < b.kv_hi; ++i, t0 += BN) {
         const int st = i & 1;
         mbar_wait(&full[st], (i >> 1) & 1);
@@ -207,5 +256,6 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
         hold_regs<HEAD_DIM / 2>(&o[0][0]);
         mbar_arrive(&empty[st]);  // this buffer's tile read: the producer may restage it
     }
+#endif
     write_rows(b, qr, o, m_run, l_run, out, ml, stride_ot, stride_oh, hq, tig);
 }

@@ -1,7 +1,7 @@
 """The CUDA prefill kernel with shared-memory codebooks (`kernels/cq/prefill_cuda.cu`).
 
 On a CPU machine: every instance compiles with NVRTC for sm_90 without register spills, and so do the
-wgmma form (`prefill_wgmma.cu`) and the warp-specialized ws form (`prefill_ws.cu`, a few producer spills
+wgmma form (`prefill_wgmma.cu`) and the warp-specialized ws and wso forms (`prefill_ws.cu`, a few producer spills
 allowed) for sm_90a. On a GPU (the wgmma variant on sm_90 only): the
 kernel against the torch reference on randomized prefill and chunked-prefill batches (page
 boundaries, odd lengths, GQA ratios, several sequences, keys with and without RoPE, the recent window,
@@ -40,15 +40,15 @@ def instances() -> list[prefill_cuda.Instance]:
 
 SM90 = GPU and torch.cuda.get_device_capability(0) == (9, 0)
 # the mma.sync kernel everywhere; its wgmma form (sm_90a, what "cuda" runs there) and the warp-specialized
-# ws form (opt-in, not yet run on a GPU) on H100/H200 only
+# forms (opt-in: ws, and wso, which has not run on a GPU yet) on H100/H200 only
 SM90_ONLY = pytest.mark.skipif(not SM90, reason="needs an sm_90 GPU")
-KERNELS = ["mma", pytest.param("wgmma", marks=SM90_ONLY), pytest.param("ws", marks=SM90_ONLY)]
+KERNELS = ["mma", *(pytest.param(f, marks=SM90_ONLY) for f in ("wgmma", "ws", "wso"))]
 
 
-@pytest.mark.parametrize("form", ["mma", "wgmma", "ws"])
+@pytest.mark.parametrize("form", ["mma", "wgmma", "ws", "wso"])
 @pytest.mark.parametrize("inst", instances(), ids=str)
 def test_compiles_for_sm90_without_spills(inst, form):
-    if form == "ws" and inst.ck > 8:
+    if form in prefill_cuda.WS_FORMS and inst.ck > 8:
         pytest.skip("the ws form stages key centroids of at most 8 channels (form_chosen)")
     hopper = form != "mma"  # wgmma and setmaxnreg: sm_90a
     cubin, log = prefill_cuda.compile_cubin(inst, "sm_90a" if hopper else "sm_90", verbose=True, form=form)
@@ -60,7 +60,7 @@ def test_compiles_for_sm90_without_spills(inst, form):
         pytest.skip("no ptxas report and no sm_90 device to load a Hopper form on")
     # the ws form's producer (72 registers) spills a few values at head_dim 128 (cq1 8 bytes, cq4 92, at
     # most 132; its consumers none, read in the SASS on 2026-12-03); every other form none
-    spill_limit = 160 if form == "ws" else 0
+    spill_limit = 160 if form in prefill_cuda.WS_FORMS else 0
     assert 0 < rep["registers"] <= 255 and rep["spill_bytes"] <= spill_limit, (inst, rep, log)
     assert "serialized" not in log, log  # ptxas serializes wgmma it cannot overlap safely
     assert "ignored" not in log, log  # e.g. setmaxnreg ignored (C7508): the ws form's register split lost
@@ -128,10 +128,11 @@ def test_kernel_choice(monkeypatch):
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: cap)
             ws, wgmma = ("ws", "wgmma") if cap == (9, 0) else ("mma", "mma")
             default = ws if ws_default else wgmma
-            forms = {c: prefill_cuda.form_chosen(c, 0, 8) for c in (None, "cuda", "wgmma", "mma", "ws")}
-            assert forms == {None: default, "cuda": default, "wgmma": wgmma, "mma": "mma", "ws": ws}
-            wide = {c: prefill_cuda.form_chosen(c, 0, 16) for c in (None, "cuda", "wgmma", "ws")}
-            assert wide == dict.fromkeys((None, "cuda", "wgmma", "ws"), wgmma)
+            wso = "wso" if cap == (9, 0) else "mma"
+            forms = {c: prefill_cuda.form_chosen(c, 0, 8) for c in (None, "cuda", "wgmma", "mma", "ws", "wso")}
+            assert forms == {None: default, "cuda": default, "wgmma": wgmma, "mma": "mma", "ws": ws, "wso": wso}
+            wide = {c: prefill_cuda.form_chosen(c, 0, 16) for c in (None, "cuda", "wgmma", "ws", "wso")}
+            assert wide == dict.fromkeys((None, "cuda", "wgmma", "ws", "wso"), wgmma)
     monkeypatch.setattr(prefill_cuda, "WS_DEFAULT", False)
     monkeypatch.setenv(prefill_cuda.ENV, "mma")
     assert prefill_cuda.enabled() and prefill_cuda.form_chosen(None, 0, 8) == "mma"
