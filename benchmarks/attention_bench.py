@@ -70,6 +70,8 @@ ROPE_BASE = 500000.0
 FLUSH_BYTES = 256 << 20  # > H100 L2 (50 MiB); what triton's do_bench flushes too
 
 # name -> (backend, kv_dtype); --backends picks entries by name, backend or kv dtype
+# the forms of the CUDA prefill kernel (`prefill_cuda.VARIANTS`), each a prefill-only backend cq-<form>
+PREFILL_FORMS = ("wgmma", "mma", "ws", "wso")
 BACKENDS: dict[str, tuple[str, str]] = {
     "fa3:bf16": ("fa3", "bf16"),
     "fa3:fp8": ("fa3", "fp8"),
@@ -96,7 +98,7 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq-cuda:cq_k4v1": ("cq-cuda", "cq_k4v1"),
     "cq-cuda:cq_k4v05": ("cq-cuda", "cq_k4v05"),
     # the two forms of the CUDA prefill kernel (prefill rows only; opt-in, "prefill-variants")
-    **{f"cq-{v}:{f}": (f"cq-{v}", f) for v in ("wgmma", "mma", "ws", "wso") for f in ("cq4", "cq2", "cq1", "cq_k4v1")},
+    **{f"cq-{v}:{f}": (f"cq-{v}", f) for v in PREFILL_FORMS for f in ("cq4", "cq2", "cq1", "cq_k4v1")},
     # the CUDA decode kernel with its RoPE rows advanced by rotation instead of read per key (opt-in)
     "cq-cuda-rec:cq1": ("cq-cuda-rec", "cq1"),
     "cq-cuda-rec:cq_k4v1": ("cq-cuda-rec", "cq_k4v1"),
@@ -128,10 +130,7 @@ OPT_IN = {
     "tq-lw-v": "levelwise",
     "cq-w128": "window",
     "cq-cuda-rec": "rope-recurrence",
-    "cq-wgmma": "prefill-variants",
-    "cq-mma": "prefill-variants",
-    "cq-ws": "prefill-variants",
-    "cq-wso": "prefill-variants",
+    **{f"cq-{v}": "prefill-variants" for v in PREFILL_FORMS},
     **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
@@ -553,7 +552,7 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         return _cq_fn(inp, kv, kind, window=128)
     if backend in ("cq-triton", "cq-cuda"):
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
-    if backend in ("cq-wgmma", "cq-mma", "cq-ws", "cq-wso"):
+    if backend in (f"cq-{v}" for v in PREFILL_FORMS):
         if kind != "prefill":
             raise Unsupported(f"{backend}: a form of the prefill kernel")
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
@@ -984,8 +983,6 @@ def main(argv: list[str] | None = None) -> int:
                 "q_len": case.q_len,
             }
             if case.kind == "write" and backend.startswith("cq"):  # the write kernel's settings of large steps
-                from vllm_cq.kernels.cq import write
-
                 row["write_large_step"] = {k: getattr(write, k) for k in WRITE_SETTINGS}
             try:
                 fn = make_fn(backend, kv, inp)
