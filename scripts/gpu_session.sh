@@ -568,7 +568,7 @@ case "${1:-tests}" in
   s9e)
     # end to end, one engine per entry, back to back, rows keyed by tag in one file: FORMAT or FORMAT:TAG
     # (S9E, default "auto fp8 cq1"), the H100's KV budget, E2E_WORKLOADS (default 128x4096+512). A TAG
-    # that names a prefill form (ws, wgmma, mma) runs with VLLM_CQ_PREFILL_KERNEL set to it; a repeated
+    # that names a prefill form (ws, wso, wgmma, mma) runs with VLLM_CQ_PREFILL_KERNEL set to it; a repeated
     # entry gets its own tag (-2, -3), so an A/B can alternate (cq1:wgmma cq1:ws cq1:wgmma cq1:ws)
     mkdir -p "$OUT/w"
     python3 benchmarks/dummy_codebooks.py $M8B --formats cq1,cq4,cq2,cq_k4v1 > /dev/null
@@ -576,7 +576,7 @@ case "${1:-tests}" in
     for entry in ${S9E:-auto fp8 cq1}; do
       fmt=${entry%%:*}; form=${entry#"$fmt"}; form=${form#:}; tag=kv-h100${form:+-$form}
       seen[$entry]=$(( ${seen[$entry]:-0} + 1 )); [ "${seen[$entry]}" -gt 1 ] && tag=$tag-${seen[$entry]}
-      case "$form" in ws|wgmma|mma) export VLLM_CQ_PREFILL_KERNEL=$form ;; *) unset VLLM_CQ_PREFILL_KERNEL ;; esac
+      case "$form" in ws|wso|wgmma|mma) export VLLM_CQ_PREFILL_KERNEL=$form ;; *) unset VLLM_CQ_PREFILL_KERNEL ;; esac
       VLLM_CQ_STACK_DUMP_S=150 timeout "${S9E_TIMEOUT:-200}" python3 benchmarks/e2e_throughput.py $M8B --formats "$fmt" \
         --workloads "${E2E_WORKLOADS:-128x4096+512}" --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag "$tag" \
         --out "$OUT/w/e2e-h200-s9.json" --timeout $(( ${S9E_TIMEOUT:-200} - 10 )) --budget-s $(( ${S9E_TIMEOUT:-200} - 5 )) \
