@@ -12,7 +12,7 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
   cq      vllm_cq.kernels.cq.ops.paged_attention / write_kv_cache per format (cq4, cq2, cq1, cq_k4v1):
           the dispatch's choice (the CUDA decode / prefill kernel where it covers the shape, else Triton)
   cq-triton / cq-cuda  the same call with decode_kernel and prefill_kernel "triton" / "cuda" (the CUDA
-          prefill kernel: its wgmma form on sm_90, else mma.sync)
+          prefill kernel: its ws form on sm_90 where it applies, else wgmma there, else mma.sync)
   cq-wgmma / cq-mma / cq-ws / cq-wso  prefill rows with prefill_kernel "wgmma" / "mma" / "ws" / "wso" (a
           form of the CUDA prefill kernel; wgmma and the warp-specialized ws / wso (ws with the next tile's
           scores during P V) on sm_90 only; opt-in: "prefill-variants")

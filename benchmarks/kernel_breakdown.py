@@ -46,7 +46,8 @@ def trace_files(root: str) -> list[str]:
 def gpu_events(path: str) -> list[dict[str, Any]]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as fh:
-        data = json.load(fh)
+        # torch 2.11's traces can hold stray NUL characters between tokens (seen on the H200, 2026-12-03)
+        data = json.loads(fh.read().replace("\x00", ""))
     events = data.get("traceEvents", data) if isinstance(data, dict) else data
     return [e for e in events if isinstance(e, dict) and e.get("cat") in GPU_CATS and "dur" in e]
 

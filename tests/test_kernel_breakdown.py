@@ -1,5 +1,5 @@
 """benchmarks/kernel_breakdown.py on a synthetic torch-profiler trace: GPU events summed per class, CPU
-events ignored, gzipped and plain traces both read, every trace under the directory counted."""
+events ignored, gzipped and plain traces both read (stray NULs skipped), every trace under the directory counted."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def test_gpu_time_per_class(tmp_path, capsys):
     (tmp_path / "cq1" / "rank0").mkdir(parents=True)
     with gzip.open(tmp_path / "cq1" / "rank0" / "w.pt.trace.json.gz", "wt") as fh:
         json.dump({"traceEvents": rank0}, fh)
-    (tmp_path / "cq1" / "front.pt.trace.json").write_text(
-        json.dumps({"traceEvents": [{"cat": "kernel", "name": "cq_decode_kernel", "dur": 500.0}]})
-    )
+    # with a stray NUL between two tokens, as torch 2.11 wrote into an H200 trace
+    front = json.dumps({"traceEvents": [{"cat": "kernel", "name": "cq_decode_kernel", "dur": 500.0}]})
+    (tmp_path / "cq1" / "front.pt.trace.json").write_text(front.replace(', "dur"', ',\n\x00 "dur"'))
     out = tmp_path / "b.json"
     assert kb.main([str(tmp_path / "cq1"), "--out", str(out)]) == 0
     (res,) = json.loads(out.read_text())

@@ -8,17 +8,20 @@ and the default for prefill steps on CUDA where it covers the shape (`supports`)
 kernel (`attention.py`) instead.
 
 Its Hopper forms (compiled for sm_90a, the same staging and softmax from `prefill_common.cuh`, products
-by wgmma): `prefill_wgmma.cu` (every warp stages, then computes; what "cuda" and the default run on
-sm_90) and the warp-specialized `prefill_ws.cu` (two producer warpgroups stage tiles behind mbarriers,
-two consumer warpgroups compute; `VLLM_CQ_PREFILL_KERNEL=ws`). Both passed every prefill kernel test on
-an H200 (2026-12-03, ninth session: 376 with the decode kernel's). ws is 20-24% faster per launch (8K
-causal cq1 1.90 vs 2.50 ms, cq4 2.40 vs 2.79) but not yet the default: end to end it measured 2,167
-output tok/s against wgmma's 2,244 (cq1, 128 x (4096+512), one run each in one window), and the
-full-CUDA-graph engine test did not complete with it (a per-test timeout, cause not captured).
-`VLLM_CQ_PREFILL_KERNEL=mma` keeps the `mma.sync` kernel, which every other CUDA GPU runs.
+by wgmma): `prefill_wgmma.cu` (every warp stages, then computes) and the warp-specialized `prefill_ws.cu`
+(two producer warpgroups stage tiles behind mbarriers, two consumer warpgroups compute). Both passed every
+prefill kernel test on an H200 (2026-12-03: 376 with the decode kernel's in the ninth session, 458 in the
+tenth). ws is the default on sm_90 since the tenth session (where key centroids have at most 8 channels,
+else wgmma): 20-24% faster per launch (8K causal cq1 1.90 vs 2.51 ms, cq4 2.41 vs 2.79), and end to end
+cq1 128 x (4096+512) 2,711 output tok/s against wgmma's 2,671 in one window (ws's engine the window's
+first, so its run paid the cold compiles). The ninth session's e2e had ws behind (2,167 vs 2,244) with ws
+as that window's first engine too, and its full-CUDA-graph test failure was the test's float32 model,
+which the CUDA decode kernel does not take (not the prefill form). `VLLM_CQ_PREFILL_KERNEL=wgmma` keeps
+the wgmma form, `=mma` the `mma.sync` kernel, which every other CUDA GPU runs.
 `VLLM_CQ_PREFILL_KERNEL=wso` runs the ws form with FlashAttention-3's intra-warpgroup pipelining (the next
-tile's scores issued before the current P V, `WS_OVERLAP`): written 2026-12-03, it compiles for sm_90a
-without serialized wgmma, and has not run on a GPU.
+tile's scores issued before the current P V, `WS_OVERLAP`): it passes the same tests on the H200 but is
+slower than ws (8K causal cq1 2.28 vs 1.90 ms, cq4 2.74 vs 2.41; 2026-12-03, tenth session), so it stays
+opt-in for experiments.
 """
 
 from __future__ import annotations
@@ -36,13 +39,13 @@ SOURCE = "prefill_cuda.cu"
 LOG2E = 1.4426950408889634
 NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # prefill_common.cuh's NW, NW * 16, BN
 VERIFIED_ON_GPU = True
-# The Hopper forms, verified on an H200 (2026-12-03): wgmma is the default on sm_90 ("cuda" or no choice);
-# ws (WS_DEFAULT) only when asked until it also wins end to end; "mma" asks for the mma.sync kernel there.
-WGMMA_VERIFIED_ON_GPU, WS_DEFAULT = True, False
+# The Hopper forms, verified on an H200 (2026-12-03): ws (WS_DEFAULT) is the default on sm_90 ("cuda" or no
+# choice) where it applies, else wgmma; "wgmma" / "mma" ask for those kernels there.
+WGMMA_VERIFIED_ON_GPU, WS_DEFAULT = True, True
 ENV = "VLLM_CQ_PREFILL_KERNEL"
 VARIANTS = ("wgmma", "mma", "ws", "wso")
 # form -> (source, kernel, arch suffix, threads per CTA, extra -D macros). "wso": the ws form with the
-# next tile's scores issued before the current P V (WS_OVERLAP); written 2026-12-03, not yet run on a GPU
+# next tile's scores issued before the current P V (WS_OVERLAP); verified, slower than ws (module note)
 FORMS = {
     "mma": (SOURCE, "cq_prefill_kernel", "", NUM_WARPS * 32, ()),
     "wgmma": ("prefill_wgmma.cu", "cq_prefill_wgmma_kernel", "a", NUM_WARPS * 32, ()),
@@ -114,9 +117,9 @@ def enabled(choice: str | None = None) -> bool:
 
 
 def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
-    """Which form of the kernel runs. On sm_90: "wgmma" by default and for "cuda" or "wgmma", "ws" / "wso"
-    when asked (ws also by default with WS_DEFAULT) where key centroids have at most 8 channels (their
-    staging's limit, else wgmma), "mma" when asked. Every other GPU: "mma"."""
+    """Which form of the kernel runs. On sm_90: "ws" by default and for "cuda" (with WS_DEFAULT, else
+    "wgmma"), "ws" / "wso" when asked, each where key centroids have at most 8 channels (their staging's
+    limit, else wgmma); "wgmma" and "mma" when asked. Every other GPU: "mma"."""
     choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
     if torch.cuda.get_device_capability(device_index) != (9, 0) or choice == "mma":
         return "mma"

@@ -39,8 +39,8 @@ def instances() -> list[prefill_cuda.Instance]:
 
 
 SM90 = GPU and torch.cuda.get_device_capability(0) == (9, 0)
-# the mma.sync kernel everywhere; its wgmma form (sm_90a, what "cuda" runs there) and the warp-specialized
-# forms (opt-in: ws, and wso, which has not run on a GPU yet) on H100/H200 only
+# the mma.sync kernel everywhere; its wgmma form (sm_90a) and the warp-specialized forms (ws, what "cuda"
+# runs there, and the opt-in wso) on H100/H200 only
 SM90_ONLY = pytest.mark.skipif(not SM90, reason="needs an sm_90 GPU")
 KERNELS = ["mma", *(pytest.param(f, marks=SM90_ONLY) for f in ("wgmma", "ws", "wso"))]
 
@@ -118,9 +118,9 @@ def test_window_merge_matches_reference(monkeypatch, W, kernel):
 
 
 def test_kernel_choice(monkeypatch):
-    """Which form runs: wgmma on sm_90 by default and for "cuda", ws when asked there (key centroids of at
-    most 8 channels, else wgmma) or by default with WS_DEFAULT, mma.sync for "mma" and on every other
-    GPU; "triton" none of them; an unknown name is refused."""
+    """Which form runs: on sm_90 ws by default and for "cuda" with WS_DEFAULT (else wgmma) and when asked
+    (key centroids of at most 8 channels, else wgmma), mma.sync for "mma" and on every other GPU;
+    "triton" none of them; an unknown name is refused."""
     monkeypatch.delenv(prefill_cuda.ENV, raising=False)
     for ws_default in (False, True):
         monkeypatch.setattr(prefill_cuda, "WS_DEFAULT", ws_default)
