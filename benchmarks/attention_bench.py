@@ -873,7 +873,10 @@ def build_cases(args) -> list[Case]:
     return first + [c for c in cases if c not in first]
 
 
-WRITE_SETTINGS = ("LARGE_BLOCK_T", "LARGE_NUM_WARPS", "DOT_PRECISION", "MATMUL_MIN_C")
+WRITE_SETTINGS = (
+    "LARGE_STEP", "LARGE_BLOCK_T", "LARGE_NUM_WARPS", "DOT_PRECISION", "MATMUL_MIN_C",
+    "BLOCK_T", "SMALL_NUM_WARPS", "SMALL_PRECISION", "SMALL_MATMUL_MIN_C",
+)  # fmt: skip
 _WRITE_DEFAULTS: dict[str, Any] = {}
 
 
@@ -902,7 +905,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--write-set",
         default="",
-        help="cq write kernel's large-step settings, e.g. LARGE_BLOCK_T=64,LARGE_NUM_WARPS=4,DOT_PRECISION=ieee",
+        help="cq write kernel's settings (write.py), e.g. LARGE_BLOCK_T=64,LARGE_NUM_WARPS=4 or SMALL_PRECISION=tf32x3",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -983,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
                 "q_len": case.q_len,
             }
             if case.kind == "write" and backend.startswith("cq"):  # the write kernel's settings of large steps
-                row["write_large_step"] = {k: getattr(write, k) for k in WRITE_SETTINGS}
+                row["write_settings"] = {k: getattr(write, k) for k in WRITE_SETTINGS}  # "write_large_step" before
             try:
                 fn = make_fn(backend, kv, inp)
                 row.update(measure(fn, dev, timers, args.max_call_s))

@@ -110,16 +110,19 @@ prefill_rows() {  # prefill_rows OUT_JSON BACKENDS BUDGET_S: 2K/8K prefill rows 
   echo "attention_bench rc=$?"
   grep -E "^\| (kind|prefill)|budget|broken|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
 }
-write_sweep() {  # write_sweep "FMT:K=V,K=V ...": one 8K-token chunk write row per entry, one process
-  timeout 200 python3 - "$OUT/w" $1 > "$OUT/w/write-sweep.log" 2>&1 <<'PY'
+write_sweep() {  # write_sweep "FMT:K=V,K=V ..." [BATCH]: one write row per entry, one process: an 8K-token
+  # chunk, or with BATCH a decode step of BATCH sequences
+  timeout 200 python3 - "$OUT/w" "${2:-0}" $1 > "$OUT/w/write-sweep.log" 2>&1 <<'PY'
 import sys
 sys.path.insert(0, "benchmarks")
 import attention_bench as ab
-for i, entry in enumerate(sys.argv[2:]):
+batch = sys.argv[2]
+sizes = ["--write-batch", batch, "--write-prefill-tokens", "0"] if batch != "0" else ["--write-batch", "0"]
+for i, entry in enumerate(sys.argv[3:]):
     fmt, _, settings = entry.partition(":")
     print(f"== {fmt} {settings or 'defaults'}", flush=True)
     ab.main(["--out", f"{sys.argv[1]}/attention-write-{i:02d}.json", "--backends", f"cq:{fmt}", "--kinds", "write",
-             "--write-batch", "0", "--write-set", settings, "--budget-s", "30"])
+             *sizes, "--write-set", settings, "--budget-s", "30"])
 PY
   echo "write sweep rc=$?"; grep -E "^==|^\| write|Error|error" "$OUT/w/write-sweep.log" | cut -c1-200
 }
@@ -564,6 +567,16 @@ case "${1:-tests}" in
     write_sweep "${S9W:-cq1: cq1:LARGE_BLOCK_T=32 cq1:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq4: cq4:LARGE_BLOCK_T=32
       cq4:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq2: cq2:MATMUL_MIN_C=8 cq_k4v1: cq_k4v1:MATMUL_MIN_C=8}"
     pack s9w
+    ;;
+  s11w)
+    # decode-step writes (S11W_BATCH sequences, default 128: 40 us per layer in the tenth session's e2e
+    # profile) with the prefill-step forms: tf32x3 products, matmuls for 2-channel groups, more tokens
+    # per program (LARGE_STEP=64 sends a 128-token step down the large-step path)
+    mkdir -p "$OUT/w"
+    write_sweep "${S11W:-cq1: cq1:SMALL_PRECISION=tf32x3 cq1:SMALL_PRECISION=tf32x3,SMALL_NUM_WARPS=8 cq1:LARGE_STEP=64
+      cq1:LARGE_STEP=64,LARGE_BLOCK_T=32 cq4: cq4:SMALL_PRECISION=tf32x3,SMALL_MATMUL_MIN_C=2 cq4:LARGE_STEP=64
+      cq2: cq2:SMALL_PRECISION=tf32x3,SMALL_MATMUL_MIN_C=2 cq2:LARGE_STEP=64}" "${S11W_BATCH:-128}"
+    pack s11w
     ;;
   s9e)
     # end to end, one engine per entry, back to back, rows keyed by tag in one file: FORMAT or FORMAT:TAG

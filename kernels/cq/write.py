@@ -34,6 +34,11 @@ import triton.language as tl
 # 64 tokens with 4 warps is the setting measured for every format.
 BLOCK_T, LARGE_STEP, LARGE_BLOCK_T, LARGE_NUM_WARPS = 16, 256, 64, 4
 DOT_PRECISION, MATMUL_MIN_C = "tf32x3", 2
+# Decode-sized steps: float32 FMA products, 8-channel groups as matmuls, the rest per channel. In an e2e
+# profile (cq1, 128 x (4096+512), H200, 2026-12-03) a 128-token step took 40 us per layer (7% of a decode
+# step): 2048 programs of ~5 us at 2 per SM (208 registers). SMALL_* let `attention_bench --write-set`
+# time the prefill-step forms on decode steps before a default changes.
+SMALL_NUM_WARPS, SMALL_PRECISION, SMALL_MATMUL_MIN_C = 4, "ieee", 8
 # Integers that change from step to step. Triton specializes integer arguments on == 1 and divisibility
 # by 16 unless told not to, so each new combination of them compiled another copy of the kernel while
 # serving (vLLM 0.26's JIT monitor warned of it on the H200). Every per-step kernel leaves them generic.
@@ -214,7 +219,7 @@ def launch_settings(n: int, ck: int, cv: int) -> tuple[int, int, str, int]:
     with ck / cv channels per key / value centroid: prefill-sized steps take the LARGE_* settings, with
     LARGE_BLOCK_T only where every group is a matmul (per-channel distances spill above 16 tokens)."""
     if n < LARGE_STEP:
-        return BLOCK_T, 4, "ieee", 8
+        return BLOCK_T, SMALL_NUM_WARPS, SMALL_PRECISION, SMALL_MATMUL_MIN_C
     block_t = LARGE_BLOCK_T if min(ck, cv) >= MATMUL_MIN_C else BLOCK_T
     return block_t, 4 if block_t <= 16 else LARGE_NUM_WARPS, DOT_PRECISION, MATMUL_MIN_C
 
