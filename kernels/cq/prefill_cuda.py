@@ -13,11 +13,12 @@ by wgmma): `prefill_wgmma.cu` (every warp stages, then computes) and the warp-sp
 prefill kernel test on an H200 (2026-12-03: 376 with the decode kernel's in the ninth session, 458 in the
 tenth). ws is the default on sm_90 since the tenth session (where key centroids have at most 8 channels,
 else wgmma): 20-24% faster per launch (8K causal cq1 1.90 vs 2.51 ms, cq4 2.41 vs 2.79), and end to end
-cq1 128 x (4096+512) 2,711 output tok/s against wgmma's 2,671 in one window (ws's engine the window's
-first, so its run paid the cold compiles). The ninth session's e2e had ws behind (2,167 vs 2,244) with ws
-as that window's first engine too, and its full-CUDA-graph test failure was the test's float32 model,
-which the CUDA decode kernel does not take (not the prefill form). `VLLM_CQ_PREFILL_KERNEL=wgmma` keeps
-the wgmma form, `=mma` the `mma.sync` kernel, which every other CUDA GPU runs.
+cq1 128 x (4096+512) 2,711 output tok/s against wgmma's 2,671, back to back in one window after two
+profiled engines had compiled the Triton kernels. The ninth session's e2e had ws behind (2,167 vs 2,244),
+but there ws ran as the window's first engine (cold compiles), and its full-CUDA-graph test failure was
+the test's float32 model, which the CUDA decode kernel does not take (not the prefill form).
+`VLLM_CQ_PREFILL_KERNEL=wgmma` keeps the wgmma form, `=mma` the `mma.sync` kernel, which every other CUDA
+GPU runs.
 `VLLM_CQ_PREFILL_KERNEL=wso` runs the ws form with FlashAttention-3's intra-warpgroup pipelining (the next
 tile's scores issued before the current P V, `WS_OVERLAP`): it passes the same tests on the H200 but is
 slower than ws (8K causal cq1 2.28 vs 1.90 ms, cq4 2.74 vs 2.41; 2026-12-03, tenth session), so it stays
