@@ -12,18 +12,38 @@ import triton.language as tl
 
 
 @triton.jit
+def _seq_start(qsl_ptr, s, BLOCK_Q: tl.constexpr, PER_BLOCK: tl.constexpr):
+    v = tl.load(qsl_ptr + s)
+    if PER_BLOCK:
+        v = v // BLOCK_Q + s
+    return v
+
+
+@triton.jit
 def find_seq(qsl_ptr, target, num_seqs, BLOCK_Q: tl.constexpr, PER_BLOCK: tl.constexpr):
-    """Largest s in [0, num_seqs) with start(s) <= target, by binary search. start(s) = qsl[s] when
-    numbering tokens; with PER_BLOCK, query blocks of BLOCK_Q tokens, start(s) = qsl[s] // BLOCK_Q + s
-    (the + s gives every sequence at least one block, so a grid of T // BLOCK_Q + S blocks covers all)."""
-    lo = 0
-    hi = num_seqs - 1
+    """Largest s in [0, num_seqs) with start(s) <= target. start(s) = qsl[s] when numbering tokens; with
+    PER_BLOCK, query blocks of BLOCK_Q tokens, start(s) = qsl[s] // BLOCK_Q + s (the + s gives every
+    sequence at least one block, so a grid of T // BLOCK_Q + S blocks covers all).
+    vLLM puts one-token (decode) requests first, where qsl[s] = s: the s that such a prefix gives is
+    checked first, with two independent loads (start(s) <= target < start(s + 1); qsl has S + 1
+    entries), and only a miss runs the binary search, log2(S) loads that each wait for the last. A
+    decode step's programs all hit (an e2e profile on the H200 showed such latency-bound launches)."""
+    if PER_BLOCK:
+        guess = (target * BLOCK_Q) // (BLOCK_Q + 1)  # largest s with s + s // BLOCK_Q <= target
+    else:
+        guess = target
+    guess = tl.maximum(tl.minimum(guess, num_seqs - 1), 0)
+    lo = guess
+    hi = guess
+    hit = (_seq_start(qsl_ptr, guess, BLOCK_Q, PER_BLOCK) <= target) & (
+        target < _seq_start(qsl_ptr, guess + 1, BLOCK_Q, PER_BLOCK)
+    )
+    if not hit:
+        lo = 0
+        hi = num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        v = tl.load(qsl_ptr + mid)
-        if PER_BLOCK:
-            v = v // BLOCK_Q + mid
-        if v <= target:
+        if _seq_start(qsl_ptr, mid, BLOCK_Q, PER_BLOCK) <= target:
             lo = mid
         else:
             hi = mid - 1

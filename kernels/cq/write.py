@@ -183,10 +183,15 @@ def _write_kv_kernel(
     o_t64 = o_t.to(tl.int64)
     if i_g < GK:
         cos_rows = tl.zeros([BLOCK_T], tl.int64) + cos_sin_ptr
-        if HAS_ROPE:  # each token's sequence by a vectorized binary search over query_start_loc
-            lo = tl.zeros([BLOCK_T], tl.int32)
-            hi = tl.zeros([BLOCK_T], tl.int32) + (num_seqs - 1)
-            for _ in range(search_steps):
+        if HAS_ROPE:  # each token's sequence: decode tokens come first (token i = sequence i), checked
+            # with two independent loads; a block with any other token runs a vectorized binary search
+            # over query_start_loc (`varlen.find_seq` does the same per program)
+            guess = tl.minimum(o_t, num_seqs - 1)
+            hit = (tl.load(qsl_ptr + guess) <= o_t) & (tl.load(qsl_ptr + guess + 1) > o_t)
+            lo = tl.where(hit, guess, 0)
+            hi = tl.where(hit, guess, num_seqs - 1)
+            all_hit = tl.min((hit | (o_t >= num_tokens)).to(tl.int32), axis=0)
+            for _ in range(search_steps * (1 - all_hit)):
                 mid = (lo + hi + 1) // 2
                 ok = tl.load(qsl_ptr + mid) <= o_t
                 lo = tl.where(ok, mid, lo)

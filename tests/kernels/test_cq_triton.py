@@ -47,12 +47,15 @@ def to_dev(*ts):
 
 
 def random_batch(seed: int, decode_only: bool, max_len: int = 90) -> list[tuple[int, int]]:
-    """(seq_len, q_len) per sequence: odd lengths, page boundaries, decode and chunked prefill."""
+    """(seq_len, q_len) per sequence: odd lengths, page boundaries, decode and chunked prefill; odd seeds
+    put one-token sequences first, as vLLM orders a step (the kernels' sequence lookup guesses those)."""
     rng = random.Random(seed)
     seqs = []
     for _ in range(rng.randint(1, 5)):
         L = rng.choice([rng.randint(1, max_len), 16 * rng.randint(1, max_len // 16), 16 * rng.randint(1, 4) + 1])
-        seqs.append((L, 1 if decode_only else rng.randint(1, L)))
+        seqs.append((L, 1 if decode_only else rng.choice([1, rng.randint(1, L)])))
+    if seed % 2:
+        seqs.sort(key=lambda s: s[1] != 1)
     return seqs
 
 
@@ -184,6 +187,10 @@ def test_attention_padded_batch_leaves_real_rows_exact():
         assert bool((out_d[2:].cpu() == 7.0).all()), "padded rows were written"
 
 
+MIXED = [(37, 37), (50, 1), (21, 5)]
+DECODES_FIRST = [(9 + 3 * i, 1) for i in range(18)] + [(21, 5), (37, 37)]  # vLLM's order: decodes first
+
+
 @runs_kernels
 @pytest.mark.parametrize(
     "fmt_name, heads, head_dim, is_neox, rope",
@@ -197,20 +204,21 @@ def test_attention_padded_batch_leaves_real_rows_exact():
         ("cq2n", 1, 32, False, False),
     ],
 )
-def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope, monkeypatch):
+@pytest.mark.parametrize("seqs", [MIXED, DECODES_FIRST], ids=["mixed", "decodes-first"])
+def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope, seqs, monkeypatch):
     """One launch writes K and V codes; post-RoPE keys are un-rotated at positions the kernel derives
     from the varlen batch (decode tokens and prefill chunks of several sequences). Both group forms:
     8-channel groups as a matmul (cq1, cq_k4v1's values), smaller ones per channel. cq1, cq4 and cq2n
     (key norms) at head_dim 32 as a prefill-sized step runs them (`write.LARGE_*`): 64 tokens per
     program, products on tensor cores (`write.DOT_PRECISION`), groups of 2+ channels as a matmul
-    (`write.MATMUL_MIN_C`)."""
+    (`write.MATMUL_MIN_C`). Decode tokens first (vLLM's order) take the kernel's guessed sequence, the
+    rest its binary search: with 18 decodes first, the first 16-token block is all guesses."""
     if fmt_name in ("cq1", "cq4", "cq2n") and head_dim == 32:
         monkeypatch.setattr(write_mod, "LARGE_STEP", 1)
         monkeypatch.setattr(write_mod, "LARGE_BLOCK_T", 64)
         monkeypatch.setattr(write_mod, "DOT_PRECISION", "tf32x3")
         monkeypatch.setattr(write_mod, "MATMUL_MIN_C", 2)
     fmt, bs = get_format(fmt_name), 16
-    seqs = [(37, 37), (50, 1), (21, 5)]
     nblk, table, seq_lens, qsl = make_paged(seqs, bs)
     kcb, vcb = random_codebooks(fmt, heads, head_dim)
     n = int(qsl[-1])
