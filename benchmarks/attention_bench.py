@@ -16,8 +16,9 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
   cq-wgmma / cq-mma / cq-ws / cq-wso  prefill rows with prefill_kernel "wgmma" / "mma" / "ws" / "wso" (a
           form of the CUDA prefill kernel; wgmma and the warp-specialized ws / wso (ws with the next tile's
           scores during P V) on sm_90 only; opt-in: "prefill-variants")
-  cq-cuda-rec, cq-cuda-r{1,2}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
-          directly (RoPE rows read per step (1) or advanced by rotation (2), warps, unroll)
+  cq-cuda-rec, cq-cuda-r{1,2,3}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
+          directly (RoPE rows read per step (1), advanced by rotation (2) or read pre-packed a step
+          ahead (3), warps, unroll)
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
   tq-lw   the same KVTQ attention with levelwise="kv" (digits straight into the dots, scales once per
           level and group; `kernels/kvtq/triton_ops.py`), tq-lw-k / tq-lw-v one side only; opt-in:
@@ -107,6 +108,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq-cuda-r2w8u3:cq1": ("cq-cuda-r2w8u3", "cq1"),
     "cq-cuda-r2w10u1:cq1": ("cq-cuda-r2w10u1", "cq1"),
     "cq-cuda-r1w10u1:cq1": ("cq-cuda-r1w10u1", "cq1"),
+    "cq-cuda-r3w8u3:cq1": ("cq-cuda-r3w8u3", "cq1"),  # cos/sin words pre-packed (decode_cuda.ROPE_PACKED)
+    "cq-cuda-r3w8u3:cq4": ("cq-cuda-r3w8u3", "cq4"),
+    "cq-cuda-r2w8u3:cq4": ("cq-cuda-r2w8u3", "cq4"),
+    "cq-cuda-r3w8u3:cq_k4v1": ("cq-cuda-r3w8u3", "cq_k4v1"),
     # the default recent window (128 exact tokens beside the codes): window pages, the merge, the window write
     "cq-w128:cq4": ("cq-w128", "cq4"),
     "cq-w128:cq1": ("cq-w128", "cq1"),
@@ -131,7 +136,7 @@ OPT_IN = {
     "cq-w128": "window",
     "cq-cuda-rec": "rope-recurrence",
     **{f"cq-{v}": "prefill-variants" for v in PREFILL_FORMS},
-    **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2) for w in (8, 10, 12) for u in (1, 2, 3)},
+    **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2, 3) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
 

@@ -45,6 +45,12 @@
 #                                          # .gpu-stage/ab_old (carry it), back to back (~4 min). Make ab_old here:
 #                                          # mkdir -p .gpu-stage/ab_old && for f in $(git ls-files kernels/cq | grep -E 'cuh?$');
 #                                          # do git show REV:$f > .gpu-stage/ab_old/${f##*/}; done
+# Tenth session (2026-12-03 e) ran s10a (wso verified, slower), q1, q2 + s10p (profile), s7a (full-graph test:
+# failed on its float32 model, fixed to bf16 since), s9e (cq1 ws 2,711 / wgmma 2,671 / auto 2,320). Next
+# window (eleventh), in one warm window:
+#   s11a (no vLLM) -> s11w (decode-step write forms) -> q1 -> q2 + install + s7a (the full-graph test in bf16,
+#   ~5 min) -> S9E="cq1 cq1:r3 auto" s9e (the default ws prefill, the decode-first lookup; RoPE mode 3 if s11a
+#   shows it faster) -> s10p if time (the profile after these changes).
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
@@ -568,6 +574,23 @@ case "${1:-tests}" in
       cq4:LARGE_BLOCK_T=128,LARGE_NUM_WARPS=8 cq2: cq2:MATMUL_MIN_C=8 cq_k4v1: cq_k4v1:MATMUL_MIN_C=8}"
     pack s9w
     ;;
+  s11a)
+    # eleventh session, FIRST (no vLLM): the decode kernel's tests with ROPE_MODE 3 (cos/sin words
+    # pre-packed, read a step ahead; its first run), the Triton kernels compiled with the decode-first
+    # sequence lookup (write, window, cq and KVTQ attention), then decode rows RoPE mode 2 vs 3 at
+    # 64 x 32K and 128 x 4K (the e2e profile's regime), the window's, and a 128-sequence write (~8 min)
+    mkdir -p "$OUT/w"
+    timeout 200 python3 -m pytest -q --tb=short tests/kernels/test_cq_decode_cuda.py 2>&1 \
+      | tee "$OUT/w/decode-tests.log" | tail -8 | cut -c1-300
+    timeout 260 python3 -m pytest -q --tb=short tests/kernels/test_cq_triton.py tests/kernels/test_window.py \
+      tests/kernels/test_kvtq.py 2>&1 | tee "$OUT/w/triton-tests.log" | tail -8 | cut -c1-300
+    timeout 150 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-s11.json" --kinds decode,write \
+      --backends "${S11_DECODE:-cq-cuda-r2w8u3:cq1,cq-cuda-r3w8u3:cq1,cq-cuda-r2w8u3:cq4,cq-cuda-r3w8u3:cq4,cq-w128:cq1,cq:cq1}" \
+      --contexts 4k,32k --batches 64,128 --write-batch 128 --write-prefill-tokens 0 --budget-s 130 \
+      > "$OUT/w/kernels.log" 2>&1
+    echo "attention_bench rc=$?"; grep -E "^\| (kind|decode|write)|budget|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
+    pack s11a
+    ;;
   s11w)
     # decode-step writes (S11W_BATCH sequences, default 128: 40 us per layer in the tenth session's e2e
     # profile) with the prefill-step forms: tf32x3 products, matmuls for 2-channel groups, more tokens
@@ -581,7 +604,8 @@ case "${1:-tests}" in
   s9e)
     # end to end, one engine per entry, back to back, rows keyed by tag in one file: FORMAT or FORMAT:TAG
     # (S9E, default "auto fp8 cq1"), the H100's KV budget, E2E_WORKLOADS (default 128x4096+512). A TAG
-    # that names a prefill form (ws, wso, wgmma, mma) runs with VLLM_CQ_PREFILL_KERNEL set to it; a repeated
+    # that names a prefill form (ws, wso, wgmma, mma) runs with VLLM_CQ_PREFILL_KERNEL set to it, r1/r2/r3
+    # with VLLM_CQ_DECODE_ROPE_MODE (the decode kernel's RoPE mode); a repeated
     # entry gets its own tag (-2, -3), so an A/B can alternate (cq1:wgmma cq1:ws cq1:wgmma cq1:ws)
     mkdir -p "$OUT/w"
     python3 benchmarks/dummy_codebooks.py $M8B --formats cq1,cq4,cq2,cq_k4v1 > /dev/null
@@ -589,7 +613,8 @@ case "${1:-tests}" in
     for entry in ${S9E:-auto fp8 cq1}; do
       fmt=${entry%%:*}; form=${entry#"$fmt"}; form=${form#:}; tag=kv-h100${form:+-$form}
       seen[$entry]=$(( ${seen[$entry]:-0} + 1 )); [ "${seen[$entry]}" -gt 1 ] && tag=$tag-${seen[$entry]}
-      case "$form" in ws|wso|wgmma|mma) export VLLM_CQ_PREFILL_KERNEL=$form ;; *) unset VLLM_CQ_PREFILL_KERNEL ;; esac
+      unset VLLM_CQ_PREFILL_KERNEL VLLM_CQ_DECODE_ROPE_MODE
+      case "$form" in ws|wso|wgmma|mma) export VLLM_CQ_PREFILL_KERNEL=$form ;; r[123]) export VLLM_CQ_DECODE_ROPE_MODE=${form#r} ;; esac
       VLLM_CQ_STACK_DUMP_S=150 timeout "${S9E_TIMEOUT:-200}" python3 benchmarks/e2e_throughput.py $M8B --formats "$fmt" \
         --workloads "${E2E_WORKLOADS:-128x4096+512}" --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag "$tag" \
         --out "$OUT/w/e2e-h200-s9.json" --timeout $(( ${S9E_TIMEOUT:-200} - 10 )) --budget-s $(( ${S9E_TIMEOUT:-200} - 5 )) \

@@ -8,7 +8,9 @@
 //   NW         warps per CTA
 //   ROPE_MODE  0: keys stored post-RoPE / no RoPE, 1: cos/sin rows read per key from vLLM's
 //              cos_sin_cache, 2: the rows advanced by an 8-position rotation per key tile (re-read
-//              every RESEED steps)
+//              every RESEED steps), 3: each key's cos/sin words read ready-packed in the model dtype
+//              (`rope_packed`, decode_cuda.packed_rope: what mode 1 computes, half its bytes, no
+//              conversions) a step ahead, in place of mode 2's 64 FMAs and 8 shared loads per step
 //   IS_BF16    1: bfloat16 model, 0: float16
 //   UNROLL     steps per unrolled main-loop body (lets the compiler drop the code pipeline's copies)
 //
@@ -45,6 +47,9 @@
 #if (PPT % CK) != 0 || (HALF % 8) != 0 || G > 8 || (VDT % VLEN) != 0
 #error "unsupported CQ decode instance"
 #endif
+#if ROPE_MODE == 3 && (KSTEPS % 2) != 0
+#error "ROPE_MODE 3 reads each thread's 2 * KSTEPS words as 16-byte vectors"
+#endif
 
 typedef typename CodeWord<NGT>::T KCodes;
 typedef typename CodeWord<NGV>::T VCodes;
@@ -80,6 +85,20 @@ __device__ __forceinline__ void load_rope(
         float4 s = __ldg(reinterpret_cast<const float4*>(row + HALF + i));
         cs_c[i] = c.x; cs_c[i + 1] = c.y; cs_c[i + 2] = c.z; cs_c[i + 3] = c.w;
         cs_s[i] = s.x; cs_s[i + 1] = s.y; cs_s[i + 2] = s.z; cs_s[i + 3] = s.w;
+    }
+}
+
+// ROPE_MODE 3: this thread's packed words of position `pos`: KSTEPS cos words, then KSTEPS sin words
+// (row layout [4 quad members][cos | sin][KSTEPS], decode_cuda.packed_rope)
+__device__ __forceinline__ void load_rope_packed(u32* w, const u32* __restrict__ rp, i64 stride_rp, int pos, int tig) {
+    const uint4* row = reinterpret_cast<const uint4*>(rp + (i64)pos * stride_rp + tig * 2 * KSTEPS);
+#pragma unroll
+    for (int i = 0; i < KSTEPS / 2; ++i) {
+        const uint4 v = __ldg(row + i);
+        w[4 * i] = v.x;
+        w[4 * i + 1] = v.y;
+        w[4 * i + 2] = v.z;
+        w[4 * i + 3] = v.w;
     }
 }
 
@@ -156,7 +175,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
     const int* __restrict__ qsl,          // [num_seqs + 1]
     const float* __restrict__ cos_sin,    // [max_pos, D]: cos | sin
     i64 stride_qt, i64 stride_qh, i64 stride_cb, i64 stride_ch, i64 stride_co, i64 stride_bt,
-    i64 stride_cs, int rope_rows, float qk_scale, int block_size, int log2_block_size, int v_offset, int win) {
+    i64 stride_cs, int rope_rows, float qk_scale, int block_size, int log2_block_size, int v_offset, int win,
+    const u32* __restrict__ rope_packed,  // ROPE_MODE 3: [rope_rows, HALF] words (else unused)
+    i64 stride_rp) {
     extern __shared__ __align__(16) u8 smem[];
     u16* kcb = reinterpret_cast<u16*>(smem);
     u16* vcb = kcb + GK * 256 * CK;
@@ -245,8 +266,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
     for (int k = 0; k < KSTEPS; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.f;
     float m_run = NEG_INF, l_run = 0.f;
 
-    float cs_c[ROPE_MODE ? PPT : 1], cs_s[ROPE_MODE ? PPT : 1];  // cos/sin of position n0 + gid (fp32)
+    constexpr int CS_N = (ROPE_MODE == 1 || ROPE_MODE == 2) ? PPT : 1;
+    float cs_c[CS_N], cs_s[CS_N];  // cos/sin of position n0 + gid (fp32)
     u32 cw[KSTEPS], sw[KSTEPS], nsw[KSTEPS];
+#if ROPE_MODE == 3
+    u32 rp_next[2 * KSTEPS];  // the next step's packed words, loaded a step ahead like its codes
+    if (st_lo < st_hi) load_rope_packed(rp_next, rope_packed, stride_rp, min(st_lo * 16 + gid, rope_rows - 1), tig);
+#endif
 
     // Software pipeline over the steps: the page of step st + 3 and the codes of step st + 2 are in
     // flight while step st computes (page -> codes is a dependent pair of loads; one step ahead left
@@ -278,6 +304,14 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
         if ((st - st_lo) % RESEED == 0) load_rope(cos_sin, stride_cs, min(n0 + gid, rope_rows - 1), tig, cs_c, cs_s);
         pack_rope(cs_c, cs_s, cw, sw, nsw);
         rope_advance(cs_c, cs_s, rot16, tig);
+#elif ROPE_MODE == 3
+#pragma unroll
+        for (int k = 0; k < KSTEPS; ++k) {
+            cw[k] = rp_next[k];
+            sw[k] = rp_next[KSTEPS + k];
+            nsw[k] = sw[k] ^ 0x80008000u;
+        }
+        if (st + 1 < st_hi) load_rope_packed(rp_next, rope_packed, stride_rp, min(n0 + 16 + gid, rope_rows - 1), tig);
 #endif
         qk_tile(s0, qt, kcb, cur.k[0], tig, cw, sw, nsw);
         qk_tile(s1, qt, kcb, cur.k[1], tig, cw, sw, nsw);

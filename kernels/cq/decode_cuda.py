@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,27 @@ from vllm_cq.kernels.window import WindowCache
 SOURCE = "decode_cuda.cu"
 LOG2E = 1.4426950408889634
 NUM_WARPS = 8
-# 0: keys without RoPE; 1: cos/sin rows read per step; 2: rows advanced by a 16-position rotation.
-# H200, cq1 64 x 32K (2026-12-02): mode 2 1.45 ms, mode 1 1.54; with UNROLL 3 1.37 and 1.49.
-ROPE_TABLE, ROPE_RECURRENCE = 1, 2
+# 0: keys without RoPE; 1: cos/sin rows read per step; 2: rows advanced by a 16-position rotation;
+# 3: each key's cos/sin words read ready-packed in the model dtype a step ahead (`packed_rope`).
+# H200, cq1 64 x 32K (2026-12-02): mode 2 1.45 ms, mode 1 1.54; with UNROLL 3 1.37 and 1.49. Mode 3
+# (2026-12-03, tenth session) drops mode 2's 64 FMAs, 8 shared loads and 16 conversions per 16-key step
+# for 4 L2-resident 16-byte loads, against an issue-bound kernel (Nsight: ~29 warp instructions per key
+# and KV head); compiled and CPU-checked only, opt-in (`rope_mode=3`, attention_bench cq-cuda-r3w8u3).
+ROPE_TABLE, ROPE_RECURRENCE, ROPE_PACKED = 1, 2, 3
 DEFAULT_ROPE_MODE = ROPE_RECURRENCE
+ROPE_ENV = "VLLM_CQ_DECODE_ROPE_MODE"  # 1 / 2 / 3 overrides the default for keys with RoPE (an e2e A/B)
+
+
+def default_rope_mode(head_dim: int) -> int:
+    """The RoPE mode of keys with RoPE: DEFAULT_ROPE_MODE, or VLLM_CQ_DECODE_ROPE_MODE (mode 3 only where
+    each thread's words are whole 16-byte vectors, head_dim % 32 == 0; else the default)."""
+    choice = os.environ.get(ROPE_ENV, "")
+    if choice not in ("", "1", "2", "3"):
+        raise ValueError(f"{ROPE_ENV}={choice!r}: expected 1, 2 or 3")
+    mode = int(choice) if choice else DEFAULT_ROPE_MODE
+    return DEFAULT_ROPE_MODE if mode == ROPE_PACKED and head_dim % 32 else mode
+
+
 # Main-loop unroll: 3 drops the code pipeline's register copies; an instance that would spill with it
 # (cq4 at head_dim 128 and one query head per KV head, 12 bytes) takes 1 (`Instance.fallback`).
 DEFAULT_UNROLL = 3
@@ -233,7 +251,7 @@ def _instance(
     unroll: int = DEFAULT_UNROLL,
 ) -> Instance:
     if rope_mode is None:
-        rope_mode = DEFAULT_ROPE_MODE if cos_sin_cache is not None else 0
+        rope_mode = default_rope_mode(query.shape[2]) if cos_sin_cache is not None else 0
     g = query.shape[1] // kv_cache.shape[1]
     bf16 = query.dtype == torch.bfloat16
     return Instance(g, query.shape[2], k_codebook.shape[2], v_codebook.shape[2], bf16, rope_mode, num_warps, unroll)
@@ -250,7 +268,33 @@ def prepare(
     capture: vLLM captures decode graphs after its prefill-shaped profiling run, and loading a module
     while a stream captures is not allowed. `ops.paged_attention` calls this on prefill steps."""
     if not torch.cuda.is_current_stream_capturing():
-        _function(_instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache), cuda_build.device_index(query))
+        inst = _instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache)
+        _function(inst, cuda_build.device_index(query))
+        if inst.rope_mode == ROPE_PACKED:
+            packed_rope(cos_sin_cache, query.dtype)
+
+
+_PACKED_ROPE: dict[tuple, torch.Tensor] = {}
+
+
+def packed_rope(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ROPE_MODE 3's table: int32 [rows, D / 2], row n = for each lane-quad member t: KSTEPS words of
+    (cos, cos) pairs of its RoPE pairs [t * D / 8, (t + 1) * D / 8), then KSTEPS of (sin, sin), each
+    word two `dtype` values, the lower index in the low half: the words `pack_rope` makes from the
+    float32 rows (round to nearest), stored once. Built on first use per cache and dtype (vLLM's
+    cos_sin_cache is a persistent buffer), never while a stream captures a CUDA graph (`prepare` builds
+    it on prefill steps)."""
+    key = (cos_sin_cache.data_ptr(), tuple(cos_sin_cache.shape), cos_sin_cache.stride(0), dtype, cos_sin_cache.device)
+    table = _PACKED_ROPE.get(key)
+    if table is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_cuda.packed_rope: build the table before CUDA graph capture (prepare)")
+        rows, d = cos_sin_cache.shape
+        half = d // 2
+        pairs = [cos_sin_cache[:, i * half : (i + 1) * half].to(dtype).reshape(rows, 4, half // 8, 2) for i in (0, 1)]
+        table = torch.stack(pairs, dim=2).contiguous().view(torch.int32).reshape(rows, half)
+        _PACKED_ROPE[key] = table
+    return table
 
 
 def num_segments_for(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -297,6 +341,7 @@ def paged_attention_decode(
     cuda_build.check_index_dtypes(block_table, seq_lens, query_start_loc)
     assert cos_sin_cache is None or cos_sin_cache.shape[0] > 16, "rows 8 and 16 are the 8-/16-position rotations"
     cs = cos_sin_cache if cos_sin_cache is not None else query
+    rp = packed_rope(cos_sin_cache, query.dtype) if inst.rope_mode == ROPE_PACKED else query
     args = [
         *cuda_build.pointers(
             query, part, ml, kv_cache, k_codebook, v_codebook, block_table, seq_lens, query_start_loc, cs
@@ -314,6 +359,8 @@ def paged_attention_decode(
         ctypes.c_int32(kv_cache.shape[2].bit_length() - 1),
         ctypes.c_int32(key_bytes),
         ctypes.c_int32(win),
+        *cuda_build.pointers(rp),
+        ctypes.c_int64(rp.stride(0) if inst.rope_mode == ROPE_PACKED else 0),
     ]
     cuda_build.launch(func, (num_segments, num_seqs, hkv), num_warps * 32, inst.smem_bytes(), dev, args)
     return plan

@@ -39,8 +39,10 @@ def instances() -> list[decode_cuda.Instance]:
                 if decode_cuda.shape_ok(g, d, ck, cv):
                     out.append(decode_cuda.Instance(g, d, ck, cv, True, decode_cuda.DEFAULT_ROPE_MODE))
     ck, cv = centroid_dims("cq1")
-    out += [decode_cuda.Instance(4, 128, ck, cv, bf16, mode, unroll=u) for bf16 in (True, False) for mode in (0, 1, 2)
-            for u in (1, decode_cuda.DEFAULT_UNROLL)]  # fmt: skip
+    out += [decode_cuda.Instance(4, 128, ck, cv, bf16, mode, unroll=u) for bf16 in (True, False)
+            for mode in (0, 1, 2, 3) for u in (1, decode_cuda.DEFAULT_UNROLL)]  # fmt: skip
+    out += [decode_cuda.Instance(g, 64, ck, cv, True, 3) for g in (1, 8)]
+    out += [decode_cuda.Instance(4, 128, *centroid_dims(n), True, 3) for n in FORMATS]  # RoPE mode 3 per format
     return list(dict.fromkeys(out))
 
 
@@ -61,6 +63,41 @@ def test_compiles_for_sm90_without_spills(inst):
     if rep["spill_bytes"] and inst.fallback() is not None:
         rep = compiled_report(inst.fallback())
     assert rep["spill_bytes"] == 0, (inst, rep)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_rope_holds_the_words_mode_1_packs(dtype):
+    """ROPE_MODE 3's table (CPU): row n, quad member t, word k of the cos (then sin) half holds the model-dtype
+    values of pair columns t * D / 8 + 2k (low 16 bits) and + 1 (high), rounded to nearest as
+    `pack_rope` rounds the float32 row; one table per cache and dtype."""
+    rows, d = 37, 32
+    cs = torch.randn(rows, d)
+    table = decode_cuda.packed_rope(cs, dtype)
+    assert table.dtype == torch.int32 and table.shape == (rows, d // 2) and table.is_contiguous()
+    bits = cs.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF  # [rows, d]: cos columns, then sin
+    half, ppt, ksteps = d // 2, d // 8, d // 16
+    for t in range(4):
+        for part in (0, 1):  # cos, sin
+            for k in range(ksteps):
+                col = part * half + t * ppt + 2 * k
+                want = bits[:, col] | (bits[:, col + 1] << 16)
+                got = table[:, (t * 2 + part) * ksteps + k]
+                assert torch.equal(got, want), (t, part, k)  # int32 wraps: the same 32 bits
+    assert decode_cuda.packed_rope(cs, dtype) is table
+
+
+def test_rope_mode_from_the_environment(monkeypatch):
+    """VLLM_CQ_DECODE_ROPE_MODE picks the decode kernel's RoPE mode for an A/B; mode 3 needs head_dim % 32
+    == 0 (else the default); anything else is refused."""
+    monkeypatch.delenv(decode_cuda.ROPE_ENV, raising=False)
+    assert decode_cuda.default_rope_mode(128) == decode_cuda.DEFAULT_ROPE_MODE
+    for mode in ("1", "2", "3"):
+        monkeypatch.setenv(decode_cuda.ROPE_ENV, mode)
+        assert decode_cuda.default_rope_mode(128) == int(mode)
+    assert decode_cuda.default_rope_mode(80) == decode_cuda.DEFAULT_ROPE_MODE  # 5 k-steps: mode 3's vectors split
+    monkeypatch.setenv(decode_cuda.ROPE_ENV, "packed")
+    with pytest.raises(ValueError, match="VLLM_CQ_DECODE_ROPE_MODE='packed'"):
+        decode_cuda.default_rope_mode(128)
 
 
 def test_shape_coverage_matches_the_formats():
@@ -125,7 +162,7 @@ def run_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, num_segments=None, rope
     [("cq1", 2, 4, 128), ("cq1", 3, 1, 64), ("cq2", 1, 8, 128), ("cq_k4v1", 2, 3, 128), ("cq_k4v2", 2, 2, 64),
      ("cq_k4v05", 2, 4, 128), ("cq1", 1, 5, 128)],
 )  # fmt: skip
-@pytest.mark.parametrize("rope_mode", [1, 2])
+@pytest.mark.parametrize("rope_mode", [1, 2, 3])
 def test_decode_matches_reference(seed, fmt_name, hkv, ratio, d, rope_mode):
     seqs = random_decode_batch(seed, 300)
     segments = [1, 4, 16][seed]
@@ -148,7 +185,7 @@ def test_full_size_long_context(fmt_name):
     the recurrence re-reads its rows)."""
     rng = random.Random(11)
     seqs = [(rng.randint(1000, 5000), 1) for _ in range(4)]
-    for mode, unroll in [(1, 3), (2, 3), (2, 1)]:
+    for mode, unroll in [(1, 3), (2, 3), (2, 1), (3, 3)]:
         err = run_case(fmt_name, seqs, 8, 4, 128, torch.bfloat16, True, rope_mode=mode, unroll=unroll)
         assert err < 2e-2, (mode, unroll, err)
 
