@@ -245,3 +245,25 @@ def test_full_cuda_graph_decode_matches_eager(cq_model, monkeypatch, capfd, wind
     finally:
         del graphs
         gc.collect()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA path and vLLM 0.26's JIT monitor run on a GPU")
+def test_first_long_prompt_compiles_nothing(cq_model, monkeypatch, tmp_path, capfd):
+    """The start-up warm-up (`integration/warmup.py`) compiled the prefill-step kernels: a first prompt
+    longer than the write's prefill-step threshold, with a recent window, makes vLLM's JIT monitor warn
+    of no Triton compile. A fresh Triton cache, so kernels compiled by earlier tests cannot hide one."""
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    cfg = {**ENGINE, "dtype": "bfloat16", "enforce_eager": False, "additional_config": {"cq_recent_window": 16}}
+    engine = LLM(cq_model, kv_cache_dtype="cq4", **cfg)
+    try:
+        capfd.readouterr()
+        prompt = {"prompt_token_ids": [1 + i % 97 for i in range(600)]}
+        engine.generate([prompt, {"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4, temperature=0))
+        cap = capfd.readouterr()
+        jit = [ln[-200:] for ln in (cap.out + cap.err).splitlines() if "JIT compilation during inference" in ln]
+        assert not jit, jit
+    finally:
+        del engine
+        gc.collect()

@@ -34,6 +34,7 @@ from vllm_cq.formats import KVFormat, format_names, get_format
 from vllm_cq.integration import compat
 from vllm_cq.integration.config import model_identity, window_block_sizes, window_tokens
 from vllm_cq.integration.families import family_for
+from vllm_cq.integration.warmup import warm_up
 from vllm_cq.kernels.window import WindowCache, write_window
 
 
@@ -197,7 +198,8 @@ class CQAttentionImpl(AttentionImpl[CQAttentionMetadata]):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported with cq KV caches")
         st = self.layer_state(layer, query.device, query.dtype)
-        if attn_metadata is None:  # profiling / warm-up run
+        if attn_metadata is None:  # profiling / warm-up run: compile the prefill-step kernels now (CUDA)
+            warm_up(self, layer, st, query.dtype, query.device)
             return output
         md = attn_metadata
         if not getattr(layer, "_vllm_cq_pages_checked", False):
