@@ -880,7 +880,7 @@ def build_cases(args) -> list[Case]:
 
 WRITE_SETTINGS = (
     "LARGE_STEP", "LARGE_BLOCK_T", "LARGE_NUM_WARPS", "DOT_PRECISION", "MATMUL_MIN_C",
-    "BLOCK_T", "SMALL_NUM_WARPS", "SMALL_PRECISION", "SMALL_MATMUL_MIN_C",
+    "LARGE_GROUP_LOOP", "BLOCK_T", "SMALL_NUM_WARPS", "SMALL_PRECISION", "SMALL_MATMUL_MIN_C",
 )  # fmt: skip
 _WRITE_DEFAULTS: dict[str, Any] = {}
 
@@ -940,7 +940,8 @@ def main(argv: list[str] | None = None) -> int:
         name, _, value = item.partition("=")
         if name not in WRITE_SETTINGS:
             raise SystemExit(f"--write-set: {name!r} is not one of {WRITE_SETTINGS}")
-        setattr(write, name, type(getattr(write, name))(value))
+        kind = type(getattr(write, name))
+        setattr(write, name, value.lower() in ("1", "true") if kind is bool else kind(value))
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     dname = device_name(dev)

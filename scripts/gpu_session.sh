@@ -594,11 +594,17 @@ case "${1:-tests}" in
   s11w)
     # decode-step writes (S11W_BATCH sequences, default 128: 40 us per layer in the tenth session's e2e
     # profile) with the prefill-step forms: tf32x3 products, matmuls for 2-channel groups, more tokens
-    # per program (LARGE_STEP=64 sends a 128-token step down the large-step path)
+    # per program (LARGE_STEP=64 sends a 128-token step down the large-step path); then 8K-token chunks
+    # with the group-loop form (1.2 ms per 16K-token chunk and layer in that profile)
     mkdir -p "$OUT/w"
     write_sweep "${S11W:-cq1: cq1:SMALL_PRECISION=tf32x3 cq1:SMALL_PRECISION=tf32x3,SMALL_NUM_WARPS=8 cq1:LARGE_STEP=64
       cq1:LARGE_STEP=64,LARGE_BLOCK_T=32 cq4: cq4:SMALL_PRECISION=tf32x3,SMALL_MATMUL_MIN_C=2 cq4:LARGE_STEP=64
       cq2: cq2:SMALL_PRECISION=tf32x3,SMALL_MATMUL_MIN_C=2 cq2:LARGE_STEP=64}" "${S11W_BATCH:-128}"
+    mv "$OUT/w/write-sweep.log" "$OUT/w/write-sweep-decode.log"
+    for f in "$OUT"/w/attention-write-*.json; do mv "$f" "${f%.json}-decode.json"; done
+    # prefill chunks (8K tokens): one program per K / V looping over the groups (write.LARGE_GROUP_LOOP)
+    write_sweep "${S11P:-cq1: cq1:LARGE_GROUP_LOOP=1 cq1:LARGE_GROUP_LOOP=1,LARGE_NUM_WARPS=8 cq4: cq4:LARGE_GROUP_LOOP=1
+      cq4:LARGE_GROUP_LOOP=1,LARGE_NUM_WARPS=8}"
     pack s11w
     ;;
   s9e)

@@ -39,6 +39,11 @@ DOT_PRECISION, MATMUL_MIN_C = "tf32x3", 2
 # step): 2048 programs of ~5 us at 2 per SM (208 registers). SMALL_* let `attention_bench --write-set`
 # time the prefill-step forms on decode steps before a default changes.
 SMALL_NUM_WARPS, SMALL_PRECISION, SMALL_MATMUL_MIN_C = 4, "ieee", 8
+# Prefill-sized steps with one program per (token block, head, K or V) looping over the groups instead of
+# one per group: each token's position search, un-rotation rows and norm once per block instead of once
+# per key group, the rows' cache lines reused from L1, 16x fewer programs. Written 2026-12-03 (tenth
+# session) after the e2e profile showed 1.2 ms per 16K-token chunk and layer; not yet timed, so off.
+LARGE_GROUP_LOOP = False
 # Integers that change from step to step. Triton specializes integer arguments on == 1 and divisibility
 # by 16 unless told not to, so each new combination of them compiled another copy of the kernel while
 # serving (vLLM 0.26's JIT monitor warned of it on the H200). Every per-step kernel leaves them generic.
@@ -172,9 +177,13 @@ def _write_kv_kernel(
     D_P2: tl.constexpr,
     PRECISION: tl.constexpr,
     MATMUL_C: tl.constexpr,
+    GROUP_LOOP: tl.constexpr,
 ):
     i_h = tl.program_id(1)
-    i_g = tl.program_id(2)  # key groups 0 .. GK-1, then value groups
+    # GROUP_LOOP: program 0 of axis 2 encodes every key group, program 1 every value group (positions
+    # and norms once per token block, the rows' lines reused from L1); else one group per program:
+    # key groups 0 .. GK-1, then value groups
+    i_g = tl.program_id(2) * (GK if GROUP_LOOP else 1)
     o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     slot = tl.load(slot_ptr + o_t, mask=o_t < num_tokens, other=-1).to(tl.int64)
     m_t = slot >= 0
@@ -206,27 +215,42 @@ def _write_kv_kernel(
         inv_norm = None  # keys coded as directions (KEY_NORM): 1/|x| of each token's key
         if KEY_NORM:
             inv_norm = _key_norm(x_rows, m_t, dst, norm_offset, i_g == 0, 2 * HALF, D_P2)
-        _encode_group(
-            x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION, MATMUL_C,
-            inv_norm,
-        )  # fmt: skip
+        if GROUP_LOOP:  # not software-pipelined: its buffers would cost the registers the loop needs
+            for g in tl.range(0, GK, num_stages=1):
+                _encode_group(
+                    x_rows, m_t, cb, g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION,
+                    MATMUL_C, inv_norm,
+                )  # fmt: skip
+        else:
+            _encode_group(
+                x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION,
+                MATMUL_C, inv_norm,
+            )  # fmt: skip
     else:
         x_rows = v_ptr + o_t64 * stride_vn + i_h * stride_vh
         cb = vcb_ptr + i_h * GV * 256 * CV
-        _encode_group(
-            x_rows, m_t, cb, i_g - GK, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T,
-            PRECISION, MATMUL_C,
-        )  # fmt: skip
+        if GROUP_LOOP:
+            for g in tl.range(0, GV, num_stages=1):
+                _encode_group(
+                    x_rows, m_t, cb, g, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T,
+                    PRECISION, MATMUL_C,
+                )  # fmt: skip
+        else:
+            _encode_group(
+                x_rows, m_t, cb, i_g - GK, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T,
+                PRECISION, MATMUL_C,
+            )  # fmt: skip
 
 
-def launch_settings(n: int, ck: int, cv: int) -> tuple[int, int, str, int]:
-    """(tokens per program, warps, x.c precision, least channels of a matmul group) for a step of n tokens
-    with ck / cv channels per key / value centroid: prefill-sized steps take the LARGE_* settings, with
-    LARGE_BLOCK_T only where every group is a matmul (per-channel distances spill above 16 tokens)."""
+def launch_settings(n: int, ck: int, cv: int) -> tuple[int, int, str, int, bool]:
+    """(tokens per program, warps, x.c precision, least channels of a matmul group, one program per K / V
+    looping over its groups) for a step of n tokens with ck / cv channels per key / value centroid:
+    prefill-sized steps take the LARGE_* settings, with LARGE_BLOCK_T only where every group is a matmul
+    (per-channel distances spill above 16 tokens)."""
     if n < LARGE_STEP:
-        return BLOCK_T, SMALL_NUM_WARPS, SMALL_PRECISION, SMALL_MATMUL_MIN_C
+        return BLOCK_T, SMALL_NUM_WARPS, SMALL_PRECISION, SMALL_MATMUL_MIN_C, False
     block_t = LARGE_BLOCK_T if min(ck, cv) >= MATMUL_MIN_C else BLOCK_T
-    return block_t, 4 if block_t <= 16 else LARGE_NUM_WARPS, DOT_PRECISION, MATMUL_MIN_C
+    return block_t, 4 if block_t <= 16 else LARGE_NUM_WARPS, DOT_PRECISION, MATMUL_MIN_C, LARGE_GROUP_LOOP
 
 
 def write_kv_cache(
@@ -260,9 +284,9 @@ def write_kv_cache(
         return
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
-    block_t, num_warps, precision, matmul_c = launch_settings(n, ck, cv)
+    block_t, num_warps, precision, matmul_c, group_loop = launch_settings(n, ck, cv)
     num_seqs = seq_lens.shape[0] if has_rope else 1
-    _write_kv_kernel[(triton.cdiv(n, block_t), h, d // ck + d // cv)](
+    _write_kv_kernel[(triton.cdiv(n, block_t), h, 2 if group_loop else d // ck + d // cv)](
         key,
         value,
         k_codebook.contiguous(),
@@ -298,5 +322,6 @@ def write_kv_cache(
         D_P2=triton.next_power_of_2(d),
         PRECISION=precision,
         MATMUL_C=matmul_c,
+        GROUP_LOOP=group_loop,
         num_warps=num_warps,
     )
