@@ -14,7 +14,6 @@ launch. A warm-up that fails only costs the first step its compiles: it logs a w
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,21 +25,12 @@ logger = logging.getLogger(__name__)
 _DONE: set[tuple] = set()
 
 
-@dataclass
-class SyntheticStep:
-    """The `families.Step` fields of one synthetic batch."""
+def synthetic_step(seqs: list[tuple[int, int]], block_size: int, device: torch.device) -> Any:
+    """The backend's metadata (`CQAttentionMetadata`) of a batch of (context + new tokens, new tokens) per
+    sequence, decodes first as vLLM orders them; each sequence owns consecutive blocks; the new tokens'
+    slots are their positions' slots."""
+    from vllm_cq.integration.backend import CQAttentionMetadata  # the backend imports this module
 
-    max_query_len: int
-    num_decodes: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    block_table: torch.Tensor
-    slot_mapping: torch.Tensor
-
-
-def synthetic_step(seqs: list[tuple[int, int]], block_size: int, device: torch.device) -> SyntheticStep:
-    """(context + new tokens, new tokens) per sequence, decodes first as vLLM orders them; each sequence
-    owns consecutive blocks; the new tokens' slots are their positions' slots."""
     blocks = [-(-length // block_size) for length, _ in seqs]
     table = torch.zeros(len(seqs), max(blocks), dtype=torch.int32)
     slots, start = [], 0
@@ -52,13 +42,15 @@ def synthetic_step(seqs: list[tuple[int, int]], block_size: int, device: torch.d
     q_lens = torch.tensor([q for _, q in seqs])
     qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)]).to(torch.int32)
     leading = next((i for i, q in enumerate(q_lens.tolist()) if q != 1), len(seqs))
-    return SyntheticStep(
+    return CQAttentionMetadata(
+        num_actual_tokens=int(qsl[-1]),
         max_query_len=int(q_lens.max()),
-        num_decodes=leading,
         query_start_loc=qsl.to(device),
         seq_lens=torch.tensor([length for length, _ in seqs], dtype=torch.int32, device=device),
         block_table=table.to(device),
         slot_mapping=torch.cat(slots).to(device),
+        block_size=block_size,
+        num_decodes=leading,
     )
 
 
