@@ -215,7 +215,10 @@ def _write_kv_kernel(
         inv_norm = None  # keys coded as directions (KEY_NORM): 1/|x| of each token's key
         if KEY_NORM:
             inv_norm = _key_norm(x_rows, m_t, dst, norm_offset, i_g == 0, 2 * HALF, D_P2)
-        if GROUP_LOOP:  # not software-pipelined: its buffers would cost the registers the loop needs
+        # Two calls rather than one loop of 1 or GK iterations: as a loop, even of one iteration, the measured
+        # default form compiled to 230 registers instead of 172 (cq1, sm_90). The group loop is not
+        # software-pipelined: its buffers would cost the registers the loop needs.
+        if GROUP_LOOP:
             for g in tl.range(0, GK, num_stages=1):
                 _encode_group(
                     x_rows, m_t, cb, g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION,
