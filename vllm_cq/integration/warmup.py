@@ -74,7 +74,7 @@ def run_steps(
     for seqs in ([(18, 1), (prompt, prompt)], [(prompt + 1, 1), (40, 1)]):
         md = synthetic_step(seqs, block_size, device)
         num_blocks = int(md.block_table.max()) + 1
-        n = int(md.query_start_loc[-1])
+        n = md.num_actual_tokens
         cache = torch.zeros(num_blocks, num_kv_heads, block_size, slot_bytes, dtype=torch.uint8, device=device)
         gen = torch.Generator(device="cpu").manual_seed(0)
         heads = (num_heads, num_kv_heads, num_kv_heads)
