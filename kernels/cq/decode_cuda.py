@@ -33,22 +33,24 @@ NUM_WARPS = 8
 # 0: keys without RoPE; 1: cos/sin rows read per step; 2: rows advanced by a 16-position rotation;
 # 3: each key's cos/sin words read ready-packed in the model dtype a step ahead (`packed_rope`).
 # H200, cq1 64 x 32K (2026-12-02): mode 2 1.45 ms, mode 1 1.54; with UNROLL 3 1.37 and 1.49. Mode 3
-# (2026-12-03, tenth session) drops mode 2's 64 FMAs, 8 shared loads and 16 conversions per 16-key step
-# for 4 L2-resident 16-byte loads, against an issue-bound kernel (Nsight: ~29 warp instructions per key
-# and KV head); compiled and CPU-checked only, opt-in (`rope_mode=3`, attention_bench cq-cuda-r3w8u3).
+# drops mode 2's 64 FMAs, 8 shared loads and 16 conversions per 16-key step for 4 L2-resident 16-byte
+# loads (416 vs 499 SASS instructions per step). H200, 2026-12-03 (eleventh session), mode 2 -> 3:
+# cq1 64 x 32K 1.299 -> 1.216 ms, 128 x 4K 0.383 -> 0.362; cq4 64 x 32K 1.781 -> 1.708; e2e cq1
+# 128 x (4096+512) 2,729 -> 2,828 out tok/s. The default where head_dim % 32 == 0 (each thread's
+# words whole 16-byte vectors), else mode 2.
 ROPE_TABLE, ROPE_RECURRENCE, ROPE_PACKED = 1, 2, 3
-DEFAULT_ROPE_MODE = ROPE_RECURRENCE
+DEFAULT_ROPE_MODE = ROPE_PACKED
 ROPE_ENV = "VLLM_CQ_DECODE_ROPE_MODE"  # 1 / 2 / 3 overrides the default for keys with RoPE (an e2e A/B)
 
 
 def default_rope_mode(head_dim: int) -> int:
-    """The RoPE mode of keys with RoPE: DEFAULT_ROPE_MODE, or VLLM_CQ_DECODE_ROPE_MODE (mode 3 only where
-    each thread's words are whole 16-byte vectors, head_dim % 32 == 0; else the default)."""
+    """The RoPE mode of keys with RoPE: DEFAULT_ROPE_MODE, or VLLM_CQ_DECODE_ROPE_MODE; mode 3 only where
+    each thread's words are whole 16-byte vectors (head_dim % 32 == 0), else mode 2."""
     choice = os.environ.get(ROPE_ENV, "")
     if choice not in ("", "1", "2", "3"):
         raise ValueError(f"{ROPE_ENV}={choice!r}: expected 1, 2 or 3")
     mode = int(choice) if choice else DEFAULT_ROPE_MODE
-    return DEFAULT_ROPE_MODE if mode == ROPE_PACKED and head_dim % 32 else mode
+    return ROPE_RECURRENCE if mode == ROPE_PACKED and head_dim % 32 else mode
 
 
 # Main-loop unroll: 3 drops the code pipeline's register copies; an instance that would spill with it

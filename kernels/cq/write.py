@@ -32,17 +32,25 @@ import triton.language as tl
 #         154), as tf32x3 matmuls (channels zero-padded to 16) at 16 / 4: 3.68, 64 / 4: 1.97
 #   cq2 0.95-0.96, cq_k4v1 1.13-1.14 at 64 / 4 as matmuls (their per-channel rows were not re-measured)
 # 64 tokens with 4 warps is the setting measured for every format.
-BLOCK_T, LARGE_STEP, LARGE_BLOCK_T, LARGE_NUM_WARPS = 16, 256, 64, 4
+# LARGE_STEP: decode steps of many sequences are faster in the large-step form too. H200, 2026-12-03
+# (eleventh session, benchmarks/results/write-h200-2026-12-03-s11.json), us per layer, small -> large form:
+#   cq1:     8 seqs 6.4 -> 7.2, 32: 11.8 -> 7.3, 64: 21.0 -> 7.7, 128: 38.8 -> 12.3
+#   cq4:     8 seqs 11.3 -> 20.2, 32: 19.0 -> 20.5, 64: 34.3 -> 21.1, 128: 64.9 -> 38.0
+#   cq_k4v1: 8 seqs 10.6 -> 14.0, 32: 16.3 -> 14.7, 64: 31.5 -> 15.1; cq2 at 128: 55.6 -> 20.6
+# (e2e cq1 128 x (4096+512): 2,828 -> 2,884 out tok/s). Steps of 32+ tokens take it (256 before).
+BLOCK_T, LARGE_STEP, LARGE_BLOCK_T, LARGE_NUM_WARPS = 16, 32, 64, 4
 DOT_PRECISION, MATMUL_MIN_C = "tf32x3", 2
-# Decode-sized steps: float32 FMA products, 8-channel groups as matmuls, the rest per channel. In an e2e
-# profile (cq1, 128 x (4096+512), H200, 2026-12-03) a 128-token step took 40 us per layer (7% of a decode
-# step): 2048 programs of ~5 us at 2 per SM (208 registers). SMALL_* let `attention_bench --write-set`
-# time the prefill-step forms on decode steps before a default changes.
+# Decode-sized steps (under LARGE_STEP tokens): float32 FMA products, 8-channel groups as matmuls, the
+# rest per channel. In an e2e profile (cq1, 128 x (4096+512), H200, 2026-12-03) a 128-token step took
+# 40 us per layer in this form (7% of a decode step), which is why such steps now take the large form.
+# SMALL_* let `attention_bench --write-set` time other settings. Per step of 128 tokens, cq1: tf32x3
+# 18.4 us, tf32x3 with 8 warps 21.9; cq4 with tf32x3 2-channel matmuls 68.6; cq2 31.7.
 SMALL_NUM_WARPS, SMALL_PRECISION, SMALL_MATMUL_MIN_C = 4, "ieee", 8
 # Prefill-sized steps with one program per (token block, head, K or V) looping over the groups instead of
 # one per group: each token's position search, un-rotation rows and norm once per block instead of once
-# per key group, the rows' cache lines reused from L1, 16x fewer programs. Written 2026-12-03 (tenth
-# session) after the e2e profile showed 1.2 ms per 16K-token chunk and layer; not yet timed, so off.
+# per key group, the rows' cache lines reused from L1, 16x fewer programs. H200, 8K-token chunk, ms
+# (2026-12-03, eleventh session): cq1 0.495 -> 0.469, cq4 2.040 -> 1.923; with 8 warps 0.961 / 3.908.
+# A 5% gain measured once, with no vLLM test through it yet: off.
 LARGE_GROUP_LOOP = False
 # Integers that change from step to step. Triton specializes integer arguments on == 1 and divisibility
 # by 16 unless told not to, so each new combination of them compiled another copy of the kernel while

@@ -87,14 +87,17 @@ def test_packed_rope_holds_the_words_mode_1_packs(dtype):
 
 
 def test_rope_mode_from_the_environment(monkeypatch):
-    """VLLM_CQ_DECODE_ROPE_MODE picks the decode kernel's RoPE mode for an A/B; mode 3 needs head_dim % 32
-    == 0 (else the default); anything else is refused."""
+    """VLLM_CQ_DECODE_ROPE_MODE picks the decode kernel's RoPE mode for an A/B; mode 3 (the default) needs
+    head_dim % 32 == 0, else mode 2; anything else is refused."""
     monkeypatch.delenv(decode_cuda.ROPE_ENV, raising=False)
     assert decode_cuda.default_rope_mode(128) == decode_cuda.DEFAULT_ROPE_MODE
     for mode in ("1", "2", "3"):
         monkeypatch.setenv(decode_cuda.ROPE_ENV, mode)
         assert decode_cuda.default_rope_mode(128) == int(mode)
-    assert decode_cuda.default_rope_mode(80) == decode_cuda.DEFAULT_ROPE_MODE  # 5 k-steps: mode 3's vectors split
+    assert decode_cuda.default_rope_mode(80) == decode_cuda.ROPE_RECURRENCE  # 5 k-steps: mode 3's vectors split
+    monkeypatch.delenv(decode_cuda.ROPE_ENV)
+    assert decode_cuda.default_rope_mode(128) == decode_cuda.ROPE_PACKED
+    assert decode_cuda.default_rope_mode(80) == decode_cuda.ROPE_RECURRENCE
     monkeypatch.setenv(decode_cuda.ROPE_ENV, "packed")
     with pytest.raises(ValueError, match="VLLM_CQ_DECODE_ROPE_MODE='packed'"):
         decode_cuda.default_rope_mode(128)
