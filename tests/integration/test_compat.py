@@ -49,3 +49,34 @@ def test_pages_the_kernels_cannot_address_stop_the_first_step():
     ):
         with pytest.raises(CQConfigError, match="the kernels address"):
             impl.check_pages(bad, md)
+
+
+def test_rope_table_is_the_models_own_when_the_process_built_another(monkeypatch):
+    """vLLM's get_rope cache is per process: after one model (rope_theta 1e4), a second with the same
+    head size but rope_theta 5e5, or a longer table, must get its own cos/sin rows, not the first model's
+    (which would rotate its keys wrongly with no error)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers import rotary_embedding as vllm_rope
+
+    from vllm_cq.integration.families import rope_table
+
+    monkeypatch.setattr(vllm_rope, "_ROPE_DICT", {})
+    with set_current_vllm_config(VllmConfig()):
+        ropes = {
+            (theta, pos): vllm_rope.get_rope(32, pos, True, {"rope_theta": theta}, torch.float32)
+            for theta, pos in [(1e4, 64), (5e5, 64), (1e4, 128)]
+        }
+    assert len(vllm_rope._ROPE_DICT) == 3
+    cpu = torch.device("cpu")
+    rope_table.cache_clear()
+    try:
+        for (theta, pos), r in ropes.items():
+            table, is_neox = rope_table(32, 32, cpu, theta, pos)
+            assert is_neox and torch.equal(table, r._compute_cos_sin_cache().float()), (theta, pos)
+        assert not torch.equal(rope_table(32, 32, cpu, 1e4, 64)[0], rope_table(32, 32, cpu, 5e5, 64)[0])
+        with pytest.raises(CQConfigError, match="exactly one rotary embedding of head size 32, found 2"):
+            compat.rotary_embedding(32, 32, cpu, 1e4)  # two lengths of one theta: ambiguous, refused
+        with pytest.raises(CQConfigError, match="found 0"):
+            compat.rotary_embedding(32, 32, cpu, 1e6, 64)
+    finally:
+        rope_table.cache_clear()

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import sys
 from typing import Any, Literal, get_args
 
@@ -389,17 +390,29 @@ def layer_index(layer_name: str) -> int:
     return extract_layer_index(layer_name)
 
 
-def rotary_embedding(head_size: int, rotary_dim: int | None, device: torch.device) -> tuple[torch.Tensor, bool]:
+def rotary_embedding(
+    head_size: int,
+    rotary_dim: int | None,
+    device: torch.device,
+    rope_theta: float | None = None,
+    max_position: int | None = None,
+) -> tuple[torch.Tensor, bool]:
     """The model's RoPE table (float32, [max_pos, rotary_dim]) and style, from vLLM's get_rope cache.
 
-    Refuses anything but one plain rotation (scaled variants that fold a magnitude into cos/sin, or
-    several different RoPEs in one model, are not verified).
+    That cache is per process, so a process that built another model before holds its rotary
+    embeddings too: the model's own is picked by its rope_theta and max_position_embeddings. Refuses
+    anything but one plain rotation (scaled variants that fold a magnitude into cos/sin, or several
+    different RoPEs in one model, are not verified).
     """
     from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT
 
     found = [r for r in _ROPE_DICT.values() if getattr(r, "head_size", None) == head_size]
     if rotary_dim is not None:
         found = [r for r in found if r.rotary_dim == rotary_dim]
+    if rope_theta is not None:
+        found = [r for r in found if math.isclose(float(getattr(r, "base", math.nan)), rope_theta, rel_tol=1e-6)]
+    if max_position is not None:
+        found = [r for r in found if getattr(r, "max_position_embeddings", None) == max_position]
     tables = {}
     for r in found:
         cache = r._compute_cos_sin_cache().float()

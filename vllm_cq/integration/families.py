@@ -39,9 +39,13 @@ def rank_codebooks(path: str, fmt_name: str, identity: Any, start: int, end: int
 
 
 @functools.lru_cache(maxsize=4)
-def rope_table(head_size: int, rotary_dim: int | None, device: torch.device) -> tuple[torch.Tensor, bool]:
-    """One RoPE table per device shared by all layers (Llama-3.1's is 64 MiB in float32)."""
-    return compat.rotary_embedding(head_size, rotary_dim, device)
+def rope_table(
+    head_size: int, rotary_dim: int | None, device: torch.device, rope_theta: float | None, max_position: int | None
+) -> tuple[torch.Tensor, bool]:
+    """One RoPE table per model and device shared by all layers (Llama-3.1's is 64 MiB in float32).
+    Keyed by the model's RoPE too: a second model built in the same process with the same head size
+    but another rope_theta must not get the first one's table (wrong tokens, no error)."""
+    return compat.rotary_embedding(head_size, rotary_dim, device, rope_theta, max_position)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class CQFamily:
         self.fmt, self.head_size, self.scale = fmt, head_size, scale
         vllm_config = compat.current_vllm_config()
         self.identity = model_identity(vllm_config)
+        self.max_position = getattr(vllm_config.model_config.hf_text_config, "max_position_embeddings", None)
         self.codebook_path = resolve_codebook_path(
             fmt.name, vllm_config.additional_config, str(vllm_config.model_config.model)
         )
@@ -78,7 +83,9 @@ class CQFamily:
         idx = compat.layer_index(layer_name)
         if not 0 <= idx < sub.num_layers:
             raise CQConfigError(f"{layer_name}: no codebook for layer {idx} in {self.codebook_path}")
-        cos_sin, is_neox = rope_table(self.head_size, self.identity.rotary_dim, device)
+        cos_sin, is_neox = rope_table(
+            self.head_size, self.identity.rotary_dim, device, self.identity.rope_theta, self.max_position
+        )
         k, v = (t.to(device=device, dtype=torch.float32) for t in (sub.keys[idx], sub.values[idx]))
         return CQLayerState(k, v, k.to(dtype), v.to(dtype), cos_sin if sub.pre_rope else None, is_neox)
 
