@@ -18,6 +18,7 @@ import ctypes
 import dataclasses
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -276,7 +277,7 @@ def prepare(
             packed_rope(cos_sin_cache, query.dtype)
 
 
-_PACKED_ROPE: dict[tuple, torch.Tensor] = {}
+_PACKED_ROPE: dict[tuple, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def packed_rope(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -284,19 +285,24 @@ def packed_rope(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     (cos, cos) pairs of its RoPE pairs [t * D / 8, (t + 1) * D / 8), then KSTEPS of (sin, sin), each
     word two `dtype` values, the lower index in the low half: the words `pack_rope` makes from the
     float32 rows (round to nearest), stored once: half the float32 cache's bytes (32 MB for Llama-3.1's
-    131K rows, only where mode 3 is chosen). Built on first use per cache and dtype (vLLM's
-    cos_sin_cache is a persistent buffer), never while a stream captures a CUDA graph (`prepare` builds
-    it on prefill steps)."""
+    131K rows). Built on first use per cache and dtype, never while a stream captures a CUDA graph
+    (`prepare` builds it on prefill steps). An entry holds only a weak reference to its cache and the
+    cache's version: a freed cache whose address another model's table reuses, or one changed in place
+    (outside inference mode, whose tensors keep no version), is rebuilt, not served stale."""
     key = (cos_sin_cache.data_ptr(), tuple(cos_sin_cache.shape), cos_sin_cache.stride(0), dtype, cos_sin_cache.device)
-    table = _PACKED_ROPE.get(key)
-    if table is None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_cuda.packed_rope: build the table before CUDA graph capture (prepare)")
-        rows, d = cos_sin_cache.shape
-        half = d // 2
-        pairs = [cos_sin_cache[:, i * half : (i + 1) * half].to(dtype).reshape(rows, 4, half // 8, 2) for i in (0, 1)]
-        table = torch.stack(pairs, dim=2).contiguous().view(torch.int32).reshape(rows, half)
-        _PACKED_ROPE[key] = table
+    entry = _PACKED_ROPE.get(key)
+    version = -1 if cos_sin_cache.is_inference() else cos_sin_cache._version  # inference tensors have none
+    if entry is not None and entry[0]() is not None and entry[1] == version:
+        return entry[2]
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("decode_cuda.packed_rope: build the table before CUDA graph capture (prepare)")
+    for k in [k for k, e in _PACKED_ROPE.items() if e[0]() is None]:  # caches freed since
+        del _PACKED_ROPE[k]
+    rows, d = cos_sin_cache.shape
+    half = d // 2
+    pairs = [cos_sin_cache[:, i * half : (i + 1) * half].to(dtype).reshape(rows, 4, half // 8, 2) for i in (0, 1)]
+    table = torch.stack(pairs, dim=2).contiguous().view(torch.int32).reshape(rows, half)
+    _PACKED_ROPE[key] = (weakref.ref(cos_sin_cache), version, table)
     return table
 
 

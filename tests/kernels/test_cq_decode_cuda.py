@@ -86,6 +86,29 @@ def test_packed_rope_holds_the_words_mode_1_packs(dtype):
     assert decode_cuda.packed_rope(cs, dtype) is table
 
 
+def test_packed_rope_is_never_served_stale():
+    """The table cache is keyed by the cos/sin cache's address: a cache changed in place, or a new one at
+    a freed one's address (another model's RoPE), must get its own words, not the old table's."""
+    cs = torch.randn(16, 32)
+    first = decode_cuda.packed_rope(cs, torch.bfloat16)
+    cs.mul_(-1)  # in place: same address, new values
+    flipped = decode_cuda.packed_rope(cs, torch.bfloat16)
+    assert flipped is not first and not torch.equal(flipped, first)
+    key = next(k for k in decode_cuda._PACKED_ROPE if k[0] == cs.data_ptr())
+    ptr, rows_cols = cs.data_ptr(), tuple(cs.shape)
+    del cs  # freed: its entry must not answer for a cache at the same address
+    assert decode_cuda._PACKED_ROPE[key][0]() is None
+    other = torch.randn(16, 32)
+    other_table = decode_cuda.packed_rope(other, torch.bfloat16)
+    want = other.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    assert torch.equal(other_table[:, 0], want[:, 0] | (want[:, 1] << 16))
+    if other.data_ptr() == ptr and tuple(other.shape) == rows_cols:  # the allocator reused the address
+        assert other_table is not flipped
+    with torch.inference_mode():  # vLLM's forward: tensors without a version counter
+        inf = torch.randn(16, 32)
+        assert decode_cuda.packed_rope(inf, torch.bfloat16) is decode_cuda.packed_rope(inf, torch.bfloat16)
+
+
 def test_rope_mode_from_the_environment(monkeypatch):
     """VLLM_CQ_DECODE_ROPE_MODE picks the decode kernel's RoPE mode for an A/B; mode 3 (the default) needs
     head_dim % 32 == 0, else mode 2; anything else is refused."""
