@@ -13,9 +13,9 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
           the dispatch's choice (the CUDA decode / prefill kernel where it covers the shape, else Triton)
   cq-triton / cq-cuda  the same call with decode_kernel and prefill_kernel "triton" / "cuda" (the CUDA
           prefill kernel: its ws form on sm_90 where it applies, else wgmma there, else mma.sync)
-  cq-wgmma / cq-mma / cq-ws / cq-wso  prefill rows with prefill_kernel "wgmma" / "mma" / "ws" / "wso" (a
-          form of the CUDA prefill kernel; wgmma and the warp-specialized ws / wso (ws with the next tile's
-          scores during P V) on sm_90 only; opt-in: "prefill-variants")
+  cq-wgmma / cq-mma / cq-ws / cq-wso / cq-wsp  prefill rows with that prefill_kernel (a form of the CUDA
+          prefill kernel; wgmma and the warp-specialized ws / wso (ws with the next tile's scores during
+          P V) / wsp (ws with pre-packed RoPE) on sm_90 only; opt-in: "prefill-variants")
   cq-cuda-rec, cq-cuda-r{1,2,3}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
           directly (RoPE rows read per step (1), advanced by rotation (2) or read pre-packed a step
           ahead (3), warps, unroll)
@@ -72,7 +72,7 @@ FLUSH_BYTES = 256 << 20  # > H100 L2 (50 MiB); what triton's do_bench flushes to
 
 # name -> (backend, kv_dtype); --backends picks entries by name, backend or kv dtype
 # the forms of the CUDA prefill kernel (`prefill_cuda.VARIANTS`), each a prefill-only backend cq-<form>
-PREFILL_FORMS = ("wgmma", "mma", "ws", "wso")
+PREFILL_FORMS = ("wgmma", "mma", "ws", "wso", "wsp")
 BACKENDS: dict[str, tuple[str, str]] = {
     "fa3:bf16": ("fa3", "bf16"),
     "fa3:fp8": ("fa3", "fp8"),

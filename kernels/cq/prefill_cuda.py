@@ -23,6 +23,12 @@ GPU runs.
 tile's scores issued before the current P V, `WS_OVERLAP`): it passes the same tests on the H200 but is
 slower than ws (8K causal cq1 2.28 vs 1.90 ms, cq4 2.74 vs 2.41; 2026-12-03, tenth session), so it stays
 opt-in for experiments.
+`VLLM_CQ_PREFILL_KERNEL=wsp` runs the ws form with pre-packed RoPE (`ROPE_PACKED`): the producers read each
+key's cos/sin words in the model dtype from `decode_cuda.packed_rope`'s table and rotate on packed pairs
+as the decode kernel does (its default RoPE mode 3), instead of fp32 rotations from the tile start's row
+and a per-thread rotation table. The producers' staging bounds this kernel (ncu, eighth session), and the
+same change cut the decode kernel's loop by 17%. Written 2026-12-03 (eleventh session) after that
+window: it compiles for sm_90a and is CPU-checked, not yet run on a GPU, so it stays opt-in.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ VERIFIED_ON_GPU = True
 # choice) where it applies, else wgmma; "wgmma" / "mma" ask for those kernels there.
 WGMMA_VERIFIED_ON_GPU, WS_DEFAULT = True, True
 ENV = "VLLM_CQ_PREFILL_KERNEL"
-VARIANTS = ("wgmma", "mma", "ws", "wso")
+VARIANTS = ("wgmma", "mma", "ws", "wso", "wsp")
 # form -> (source, kernel, arch suffix, threads per CTA, extra -D macros). "wso": the ws form with the
 # next tile's scores issued before the current P V (WS_OVERLAP); verified, slower than ws (module note)
 FORMS = {
@@ -52,8 +58,10 @@ FORMS = {
     "wgmma": ("prefill_wgmma.cu", "cq_prefill_wgmma_kernel", "a", NUM_WARPS * 32, ()),
     "ws": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", 2 * NUM_WARPS * 32, ()),  # + two producer warpgroups
     "wso": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", 2 * NUM_WARPS * 32, ("-DWS_OVERLAP=1",)),
+    "wsp": ("prefill_ws.cu", "cq_prefill_ws_kernel", "a", 2 * NUM_WARPS * 32, ("-DROPE_PACKED=1",)),
 }
-WS_FORMS = ("ws", "wso")  # warp-specialized: key centroids of at most 8 channels
+WS_FORMS = ("ws", "wso", "wsp")  # warp-specialized: key centroids of at most 8 channels
+PACKED_ROPE_FORMS = ("wsp",)  # `cos_sin` is decode_cuda.packed_rope's table
 
 
 @dataclass(frozen=True)
@@ -112,14 +120,14 @@ def shape_ok(group: int, head_dim: int, ck: int, cv: int) -> bool:
 
 
 def enabled(choice: str | None = None) -> bool:
-    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda", a form ("wgmma", "mma", "ws", "wso") or "triton"; none: this
+    """`choice` (else VLLM_CQ_PREFILL_KERNEL) "cuda", a form (`VARIANTS`) or "triton"; none: this
     kernel once verified."""
     return cuda_build.kernel_chosen(ENV, choice, VERIFIED_ON_GPU, VARIANTS)
 
 
 def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
     """Which form of the kernel runs. On sm_90: "ws" by default and for "cuda" (with WS_DEFAULT, else
-    "wgmma"), "ws" / "wso" when asked, each where key centroids have at most 8 channels (their staging's
+    "wgmma"), "ws" / "wso" / "wsp" when asked, each where key centroids have at most 8 channels (their staging's
     limit, else wgmma); "wgmma" and "mma" when asked. Every other GPU: "mma"."""
     choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
     if torch.cuda.get_device_capability(device_index) != (9, 0) or choice == "mma":
@@ -186,7 +194,7 @@ def paged_attention(
     """Causal attention of a varlen batch (sequence s owns queries query_start_loc[s]:[s+1], its last
     tokens) over its codes, into `out` [T, Hq, D] (new in query's dtype when None); with a recent
     `window`, the codes cover keys j <= i - W and `window_triton` merges the exact window in. `choice`
-    "wgmma", "mma", "ws" or "wso" picks a form (`form_chosen`)."""
+    "wgmma", "mma", "ws", "wso" or "wsp" picks a form (`form_chosen`)."""
     t, hq, d = query.shape
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -211,6 +219,8 @@ def paged_attention(
     form = form_chosen(choice, dev_index, inst.ck)
     _, func = load(inst, dev_index, form)
     cs = cos_sin_cache if cos_sin_cache is not None else query
+    if cos_sin_cache is not None and form in PACKED_ROPE_FORMS:
+        cs = decode_cuda.packed_rope(cos_sin_cache, query.dtype)
     args = [
         *cuda_build.pointers(
             query, target, ml, kv_cache, k_codebook, v_codebook, block_table, seq_lens, query_start_loc, cs
@@ -224,7 +234,7 @@ def paged_attention(
         ctypes.c_int64(kv_cache.stride(1)),
         ctypes.c_int64(kv_cache.stride(2)),
         ctypes.c_int64(block_table.stride(0)),
-        ctypes.c_int64(cos_sin_cache.stride(0) if cos_sin_cache is not None else 0),
+        ctypes.c_int64(cs.stride(0) if cos_sin_cache is not None else 0),
         ctypes.c_float(float(scale) * LOG2E),
         ctypes.c_int32(kv_cache.shape[2]),
         ctypes.c_int32(key_bytes),

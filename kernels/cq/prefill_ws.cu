@@ -41,6 +41,15 @@
 #ifndef WS_OVERLAP
 #define WS_OVERLAP 0  // 1: the "wso" form (prefill_cuda.FORMS), scores of the next tile during P V
 #endif
+// 1: the "wsp" form: `cos_sin` is decode_cuda.packed_rope's table (int32 words [rows, HEAD_DIM / 2],
+// stride_cs in words), each key's cos/sin words read ready-packed in the model dtype (two 16-byte loads
+// per chunk) and the key rotated on packed pairs exactly as the decode kernel's ROPE_MODE 3 does, in
+// place of the fp32 rotation from the tile start's row and the per-thread rotation table (about 30
+// instructions per word, 12 shared and global loads per chunk). No rotation table in shared memory.
+#ifndef ROPE_PACKED
+#define ROPE_PACKED 0
+#endif
+#define PACKED_ROTATION (HAS_ROPE && ROPE_PACKED)
 
 __device__ __forceinline__ void mbar_init(u64* bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
@@ -68,7 +77,8 @@ __device__ __forceinline__ void sts_chunk(u8* tile, int j, int c, const u32* w) 
 
 // Key sj of a tile (part sq; this thread's rotation table slot, as in `stage_key`): the same values as
 // `stage_key`, chunk by chunk.
-// `bc`: the tile start's cos/sin row at this thread's slice (global memory; HAS_ROPE).
+// `bc`: the tile start's cos/sin row at this thread's slice (global memory; HAS_ROPE), or with
+// PACKED_ROTATION the key's own row of packed words at this thread's slice (PPT / 2 cos, then PPT / 2 sin).
 __device__ __forceinline__ void stage_key_chunked(u8* ks, u8* vs, const u16* kcb, const u16* vcb,
                                                   const TileCodes& tc, const float* bc, const float4* rot, int sj,
                                                   int sq) {
@@ -93,7 +103,18 @@ __device__ __forceinline__ void stage_key_chunked(u8* ks, u8* vs, const u16* kcb
             lds_words<CK>(kcb + (g1 * 256 + code_of(tc.c1, g)) * CK, w1 + j * (CK / 2));
             lds_words<CK>(kcb + ((GK / 2 + g1) * 256 + code_of(tc.c2, g)) * CK, w2 + j * (CK / 2));
         }
-#if HAS_ROPE
+#if PACKED_ROTATION
+        const uint4 cv4 = __ldg(reinterpret_cast<const uint4*>(bc) + c);                // cos words 4c .. 4c + 3
+        const uint4 sv4 = __ldg(reinterpret_cast<const uint4*>(bc) + PPT / 8 + c);      // sin words
+        const u32 cw[4] = {cv4.x, cv4.y, cv4.z, cv4.w}, sw[4] = {sv4.x, sv4.y, sv4.z, sv4.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // y1 = x1 c - x2 s, y2 = x2 c + x1 s on packed pairs (decode's qk_tile)
+            const u32 y1 = fma2(w1[k], cw[k], fma2(w2[k], sw[k] ^ 0x80008000u, 0u));
+            const u32 y2 = fma2(w2[k], cw[k], fma2(w1[k], sw[k], 0u));
+            w1[k] = y1;
+            w2[k] = y2;
+        }
+#elif HAS_ROPE
 #pragma unroll
         for (int k = 0; k < 4; ++k) {  // word k: pairs 8c + 2k, + 1 (the tile row's cos and sin of both)
             const float2 cb = __ldg(reinterpret_cast<const float2*>(bc + 8 * c + 2 * k));
@@ -140,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
     u16* kcb = reinterpret_cast<u16*>(smem);
     u16* vcb = kcb + GK * 256 * CK;
     u8* tiles = smem + 2 * CB_BYTES;  // [2 buffers][keys, values][TILE_BYTES], 1024-byte aligned
-#if HAS_ROPE
+#if HAS_ROPE && !ROPE_PACKED
     float4* rot = reinterpret_cast<float4*>(tiles + 4 * TILE_BYTES);  // [PPT / 2][NT]: slot sj * 4 + sq
 #else
     const float4* rot = nullptr;
@@ -161,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
     }
     if (threadIdx.x < NT) {  // the 256-slot layouts of prefill_common.cuh
         stage_codebooks(smem, kcb_g, vcb_g, h);
-#if HAS_ROPE
+#if HAS_ROPE && !ROPE_PACKED
         stage_rotations(rot, cos_sin, stride_cs, threadIdx.x >> 2, threadIdx.x & 3);
 #endif
     }
@@ -178,7 +199,11 @@ extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_P
             const int st = i & 1;
             if (i >= 2) mbar_wait(&empty[st], ((i >> 1) + 1) & 1);  // tile i - 2 read from this buffer
             u8* kt = tiles + st * (2 * TILE_BYTES);
+#if PACKED_ROTATION  // key t0 + sj's words (read only for visible keys, which are within the table)
+            const float* bc = cos_sin + (i64)(t0 + sj) * stride_cs + sq * PPT;
+#else
             const float* bc = HAS_ROPE ? cos_sin + (i64)t0 * stride_cs + sq * PPT : nullptr;
+#endif
             stage_key_chunked(kt, kt + TILE_BYTES, kcb, vcb, tc, bc, rot, sj, sq);
             tc.fetch(t0 + BN, b.kv_hi, sj, sq, stride_cb, stride_co, block_size, v_offset);
             fence_proxy_async();  // the staged stores, visible to the consumers' wgmma reads

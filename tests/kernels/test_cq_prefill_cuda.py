@@ -42,10 +42,10 @@ SM90 = GPU and torch.cuda.get_device_capability(0) == (9, 0)
 # the mma.sync kernel everywhere; its wgmma form (sm_90a) and the warp-specialized forms (ws, what "cuda"
 # runs there, and the opt-in wso) on H100/H200 only
 SM90_ONLY = pytest.mark.skipif(not SM90, reason="needs an sm_90 GPU")
-KERNELS = ["mma", *(pytest.param(f, marks=SM90_ONLY) for f in ("wgmma", "ws", "wso"))]
+KERNELS = ["mma", *(pytest.param(f, marks=SM90_ONLY) for f in ("wgmma", "ws", "wso", "wsp"))]
 
 
-@pytest.mark.parametrize("form", ["mma", "wgmma", "ws", "wso"])
+@pytest.mark.parametrize("form", ["mma", "wgmma", "ws", "wso", "wsp"])
 @pytest.mark.parametrize("inst", instances(), ids=str)
 def test_compiles_for_sm90_without_spills(inst, form):
     if form in prefill_cuda.WS_FORMS and inst.ck > 8:
@@ -128,11 +128,13 @@ def test_kernel_choice(monkeypatch):
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: cap)
             ws, wgmma = ("ws", "wgmma") if cap == (9, 0) else ("mma", "mma")
             default = ws if ws_default else wgmma
-            wso = "wso" if cap == (9, 0) else "mma"
-            forms = {c: prefill_cuda.form_chosen(c, 0, 8) for c in (None, "cuda", "wgmma", "mma", "ws", "wso")}
-            assert forms == {None: default, "cuda": default, "wgmma": wgmma, "mma": "mma", "ws": ws, "wso": wso}
-            wide = {c: prefill_cuda.form_chosen(c, 0, 16) for c in (None, "cuda", "wgmma", "ws", "wso")}
-            assert wide == dict.fromkeys((None, "cuda", "wgmma", "ws", "wso"), wgmma)
+            wso, wsp = ("wso", "wsp") if cap == (9, 0) else ("mma", "mma")
+            choices = (None, "cuda", "wgmma", "mma", "ws", "wso", "wsp")
+            forms = {c: prefill_cuda.form_chosen(c, 0, 8) for c in choices}
+            want = {None: default, "cuda": default, "wgmma": wgmma, "mma": "mma", "ws": ws, "wso": wso, "wsp": wsp}
+            assert forms == want
+            wide = {c: prefill_cuda.form_chosen(c, 0, 16) for c in (None, "cuda", "wgmma", "ws", "wso", "wsp")}
+            assert wide == dict.fromkeys((None, "cuda", "wgmma", "ws", "wso", "wsp"), wgmma)
     monkeypatch.setattr(prefill_cuda, "WS_DEFAULT", False)
     monkeypatch.setenv(prefill_cuda.ENV, "mma")
     assert prefill_cuda.enabled() and prefill_cuda.form_chosen(None, 0, 8) == "mma"
