@@ -46,11 +46,13 @@
 #                                          # mkdir -p .gpu-stage/ab_old && for f in $(git ls-files kernels/cq | grep -E 'cuh?$');
 #                                          # do git show REV:$f > .gpu-stage/ab_old/${f##*/}; done
 # Tenth session (2026-12-03 e) ran s10a (wso verified, slower), q1, q2 + s10p (profile), s7a (full-graph test:
-# failed on its float32 model, fixed to bf16 since), s9e (cq1 ws 2,711 / wgmma 2,671 / auto 2,320). Next
-# window (eleventh), in one warm window:
-#   s11a (no vLLM) -> s11w (decode-step write forms) -> q1 -> q2 + install + s7a (the full-graph test in bf16,
-#   S7A_TIMEOUT=560, ~7 min) -> S9E="cq1 cq1:r3 auto" s9e (the default ws prefill, the decode-first lookup; RoPE mode 3 if s11a
-#   shows it faster) -> s10p if time (the profile after these changes).
+# failed on its float32 model, fixed to bf16 since), s9e (cq1 ws 2,711 / wgmma 2,671 / auto 2,320).
+# Eleventh session (2026-12-03 f) ran s11a (RoPE mode 3: 6% faster decode, the default since), q1, q2 + s7a
+# (3 passed), s9e x2 (cq1 r3 2,828 / auto 2,330 / fp8 2,982; 96x8192: 853 / 826 / 950), s11w at 8-128
+# sequences (write.LARGE_STEP 32 since), then e2e cq1 with it (2,884; 96x8192 856). Next window (twelfth):
+#   s12a (no vLLM: the wsp prefill form's first run, ws vs wsp rows) -> q1 -> q2 + install +
+#   S9E="cq1:wsp cq1 auto" s9e (E2E_WORKLOADS="128x4096+512,96x8192+256", S9E_TIMEOUT=175; flip WS default to
+#   wsp if it wins) -> s10p if time (the profile with this session's defaults).
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
@@ -591,6 +593,18 @@ case "${1:-tests}" in
     echo "attention_bench rc=$?"; grep -E "^\| (kind|decode|write)|budget|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
     pack s11a
     ;;
+  s12a)
+    # twelfth session, FIRST (no vLLM): the wsp prefill form's first run (ws with pre-packed RoPE) in the
+    # prefill tests beside mma and ws, the 22 KVTQ kernel tests the eleventh window's call limit cut, then
+    # prefill rows ws vs wsp back to back (~7 min)
+    mkdir -p "$OUT/w"
+    timeout 300 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py -k "not wso and not wgmma" 2>&1 \
+      | tee "$OUT/w/prefill-tests.log" | tail -8 | cut -c1-300
+    timeout 150 python3 -m pytest -q --tb=short tests/kernels/test_kvtq.py 2>&1 | tee "$OUT/w/kvtq-tests.log" | tail -4 \
+      | cut -c1-300
+    prefill_rows "$OUT/w/attention-s12.json" "${S12_PREFILL:-cq-ws:cq1,cq-wsp:cq1,cq-ws:cq4,cq-wsp:cq4,cq-ws:cq2,cq-wsp:cq2}" 90
+    pack s12a
+    ;;
   s11w)
     # decode-step writes (S11W_BATCH sequences, default 128: 40 us per layer in the tenth session's e2e
     # profile) with the prefill-step forms: tf32x3 products, matmuls for 2-channel groups, more tokens
@@ -610,7 +624,7 @@ case "${1:-tests}" in
   s9e)
     # end to end, one engine per entry, back to back, rows keyed by tag in one file: FORMAT or FORMAT:TAG
     # (S9E, default "auto fp8 cq1"), the H100's KV budget, E2E_WORKLOADS (default 128x4096+512). A TAG
-    # that names a prefill form (ws, wso, wgmma, mma) runs with VLLM_CQ_PREFILL_KERNEL set to it, r1/r2/r3
+    # that names a prefill form (ws, wso, wsp, wgmma, mma) runs with VLLM_CQ_PREFILL_KERNEL set to it, r1/r2/r3
     # with VLLM_CQ_DECODE_ROPE_MODE (the decode kernel's RoPE mode); a repeated
     # entry gets its own tag (-2, -3), so an A/B can alternate (cq1:wgmma cq1:ws cq1:wgmma cq1:ws)
     mkdir -p "$OUT/w"
@@ -620,7 +634,7 @@ case "${1:-tests}" in
       fmt=${entry%%:*}; form=${entry#"$fmt"}; form=${form#:}; tag=kv-h100${form:+-$form}
       seen[$entry]=$(( ${seen[$entry]:-0} + 1 )); [ "${seen[$entry]}" -gt 1 ] && tag=$tag-${seen[$entry]}
       unset VLLM_CQ_PREFILL_KERNEL VLLM_CQ_DECODE_ROPE_MODE
-      case "$form" in ws|wso|wgmma|mma) export VLLM_CQ_PREFILL_KERNEL=$form ;; r[123]) export VLLM_CQ_DECODE_ROPE_MODE=${form#r} ;; esac
+      case "$form" in ws|wso|wsp|wgmma|mma) export VLLM_CQ_PREFILL_KERNEL=$form ;; r[123]) export VLLM_CQ_DECODE_ROPE_MODE=${form#r} ;; esac
       VLLM_CQ_STACK_DUMP_S=150 timeout "${S9E_TIMEOUT:-200}" python3 benchmarks/e2e_throughput.py $M8B --formats "$fmt" \
         --workloads "${E2E_WORKLOADS:-128x4096+512}" --engine "{\"kv_cache_memory_bytes\": $KV_H100}" --tag "$tag" \
         --out "$OUT/w/e2e-h200-s9.json" --timeout $(( ${S9E_TIMEOUT:-200} - 10 )) --budget-s $(( ${S9E_TIMEOUT:-200} - 5 )) \
