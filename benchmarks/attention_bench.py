@@ -882,7 +882,24 @@ WRITE_SETTINGS = (
     "LARGE_STEP", "LARGE_BLOCK_T", "LARGE_NUM_WARPS", "DOT_PRECISION", "MATMUL_MIN_C",
     "LARGE_GROUP_LOOP", "BLOCK_T", "SMALL_NUM_WARPS", "SMALL_PRECISION", "SMALL_MATMUL_MIN_C",
 )  # fmt: skip
-_WRITE_DEFAULTS: dict[str, Any] = {}
+WINDOW_SETTINGS = (
+    "DECODE_BLOCK_N", "DECODE_NUM_WARPS", "PREFILL_BLOCK_Q", "PREFILL_BLOCK_N", "PREFILL_NUM_WARPS",
+)  # fmt: skip
+_DEFAULTS: dict[tuple[str, str], Any] = {}  # (module, setting) -> its value at the first run in this process
+
+
+def apply_settings(module: Any, allowed: tuple[str, ...], spec: str, flag: str) -> None:
+    """Module-level kernel settings for one run: back to the module's defaults first (so that runs in one
+    process, a sweep calling main, do not inherit the previous run's), then `spec` ("NAME=VALUE,...")."""
+    for name in allowed:
+        _DEFAULTS.setdefault((module.__name__, name), getattr(module, name))
+        setattr(module, name, _DEFAULTS[(module.__name__, name)])
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        if name not in allowed:
+            raise SystemExit(f"{flag}: {name!r} is not one of {allowed}")
+        kind = type(getattr(module, name))
+        setattr(module, name, value.lower() in ("1", "true") if kind is bool else kind(value))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -912,6 +929,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="cq write kernel's settings (write.py), e.g. LARGE_BLOCK_T=64,LARGE_NUM_WARPS=4 or SMALL_PRECISION=tf32x3",
     )
+    p.add_argument(
+        "--window-set",
+        default="",
+        help=f"the recent window merge's tiles (window_triton.py): {', '.join(WINDOW_SETTINGS)}",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.contexts, args.batches, args.prefill_contexts, args.prefill_chunk = "1k,32k", "1,64", "2k", ""
@@ -929,19 +951,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from vllm_cq.kernels import window_triton
     from vllm_cq.kernels.cq import write
 
-    # `write.py`'s module settings, one set per run; back to the module's defaults first, so that runs in
-    # one process (a sweep calling main) do not inherit the previous run's settings
-    _WRITE_DEFAULTS.update({k: v for k, v in vars(write).items() if k in WRITE_SETTINGS and k not in _WRITE_DEFAULTS})
-    for name, value in _WRITE_DEFAULTS.items():
-        setattr(write, name, value)
-    for item in filter(None, args.write_set.split(",")):
-        name, _, value = item.partition("=")
-        if name not in WRITE_SETTINGS:
-            raise SystemExit(f"--write-set: {name!r} is not one of {WRITE_SETTINGS}")
-        kind = type(getattr(write, name))
-        setattr(write, name, value.lower() in ("1", "true") if kind is bool else kind(value))
+    apply_settings(write, WRITE_SETTINGS, args.write_set, "--write-set")
+    apply_settings(window_triton, WINDOW_SETTINGS, args.window_set, "--window-set")
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     dname = device_name(dev)
@@ -993,6 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             if case.kind == "write" and backend.startswith("cq"):  # the write kernel's settings of large steps
                 row["write_settings"] = {k: getattr(write, k) for k in WRITE_SETTINGS}  # "write_large_step" before
+            if backend == "cq-w128":  # the window merge's tiles
+                row["window_settings"] = {k: getattr(window_triton, k) for k in WINDOW_SETTINGS}
             try:
                 fn = make_fn(backend, kv, inp)
                 row.update(measure(fn, dev, timers, args.max_call_s))

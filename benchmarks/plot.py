@@ -32,7 +32,19 @@ COLORS = {
 }
 STYLES = {"fa3": "-", "fa3-cg": ":", "triton": "--", "cq": "-", "cq-triton": "--", "cq-cuda": "-"}
 MARKERS = {"fa3": "o", "fa3-cg": "x", "triton": "s", "cq": "^", "cq-triton": "v", "cq-cuda": "^"}
-BACKEND_ORDER = ["fa3", "fa3-cg", "triton", "cq", "cq-triton", "cq-cuda", "cq-mma", "cq-wgmma", "cq-ws", "cq-wso", "cq-wsp"]
+BACKEND_ORDER = [
+    "fa3",
+    "fa3-cg",
+    "triton",
+    "cq",
+    "cq-triton",
+    "cq-cuda",
+    "cq-mma",
+    "cq-wgmma",
+    "cq-ws",
+    "cq-wso",
+    "cq-wsp",
+]
 KV_ORDER = ["bf16", "auto", "fp8", "cq4", "cq_k4v2", "cq2", "cq_k4v1", "cq1"]
 
 

@@ -23,6 +23,15 @@ from vllm_cq.kernels.varlen import LaunchPlan, block_rows, query_block, softmax_
 from vllm_cq.kernels.window import WindowCache
 
 LOG2E = 1.4426950408889634
+# Tiles of the merge where the caller does not pick them. Decode steps (one token per program): BLOCK_N
+# window keys per iteration with NUM_WARPS; in an e2e profile (cq1, 128 x (4096+512), H200, 2026-12-03)
+# this merge took 32 us per decode layer, 6% of a decode step, for about 67 MB of window K/V at 128
+# sequences (14 us at the HBM's rate). Prefill steps: PREFILL_BLOCK_Q tokens per program (0: the code
+# plan's query block, 16 tokens at GQA 4, so each window key is loaded by about (W + 16) / 16 programs;
+# 0.45 ms per 16K-token chunk and layer in that profile). `attention_bench --window-set` times other
+# values before a default changes.
+DECODE_BLOCK_N, DECODE_NUM_WARPS = 32, 4
+PREFILL_BLOCK_Q, PREFILL_BLOCK_N, PREFILL_NUM_WARPS = 0, 32, 4
 
 
 @triton.jit(do_not_specialize=["num_seqs"])
@@ -181,12 +190,13 @@ def attend_window_and_merge(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
-    block_n: int = 32,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """out [T, Hq, D] = the window's exact part of attention merged with the code part's partials in
     `plan` (partials: `plan_launch(..., min_segments=2)`, or the CUDA decode kernel's); the attention
-    kernels of every family call this instead of `plan.finish` when a recent window is configured."""
+    kernels of every family call this instead of `plan.finish` when a recent window is configured. The
+    partials are rows of tokens, so the merge tiles queries its own way (`PREFILL_BLOCK_Q`)."""
     t, hq, d = query.shape
     wc = window.kv_cache
     hkv = wc.shape[1]
@@ -195,7 +205,15 @@ def attend_window_and_merge(
     if t == 0:
         return out
     num_seqs = seq_lens.shape[0]
-    grid = (plan.num_query_blocks(t, num_seqs), hkv)
+    g = hq // hkv
+    block_q, block_m = plan.block_q, plan.block_m
+    if block_q > 1 and PREFILL_BLOCK_Q:  # a prefill-step tiling (decode steps keep one token per program)
+        block_q = PREFILL_BLOCK_Q
+        block_m = max(16, triton.next_power_of_2(block_q * g))
+    decode = block_q == 1
+    block_n = block_n or (DECODE_BLOCK_N if decode else PREFILL_BLOCK_N)
+    num_warps = num_warps or (DECODE_NUM_WARPS if decode else PREFILL_NUM_WARPS)
+    grid = (t // block_q + num_seqs, hkv)
     _window_merge_kernel[grid](
         query,
         out,
@@ -217,9 +235,9 @@ def attend_window_and_merge(
         window.W,
         float(scale) * LOG2E,
         wc.shape[2],
-        G=hq // hkv,
-        BLOCK_Q=plan.block_q,
-        BLOCK_M=plan.block_m,
+        G=g,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
         D=d,
         BLOCK_N=block_n,
         NUM_SEGMENTS=plan.num_segments,

@@ -308,7 +308,7 @@ def paged_attention(
     if t == 0:
         return out
     decode = max_query_len <= 1
-    window_block_n = block_n or 32  # the window merge's own tile (what it was verified with on the H200)
+    window_block_n = block_n  # the window merge's own tile: the caller's, else window_triton's defaults
     if rope_split is None:
         rope_split = not decode
     block_n = block_n or (32 if decode else 64)  # decode at 64: twice the registers (kernel_resources.py)

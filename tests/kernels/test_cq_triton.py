@@ -302,20 +302,37 @@ WINDOW_CASES = [
 ]
 
 
+# the window merge's own tiles (`window_triton`'s module settings): larger prefill query blocks, other
+# decode tiles
+WINDOW_SETTINGS = [
+    ("cq1", (64, 16), 35, "chunked", (2, 3), {"PREFILL_BLOCK_Q": 32, "PREFILL_BLOCK_N": 64}),
+    ("cq_k4v1", (32, 16), 20, "chunked", (1, 4), {"PREFILL_BLOCK_Q": 8, "PREFILL_NUM_WARPS": 8}),
+    ("cq1", (64, 16), 40, "decode", (2, 3), {"DECODE_BLOCK_N": 64, "DECODE_NUM_WARPS": 8}),
+]
+
+
 @runs_kernels
 @pytest.mark.parametrize(
-    "fmt_name, blocks, W, mode, gqa, block_n",
-    [(*c, 16) for c in WINDOW_CASES] + [("cq1", (64, 16), 35, "chunked", (2, 3), None)],  # + the default tiles
-    ids=[str(c) for c in WINDOW_CASES] + ["default-tiles"],
+    "fmt_name, blocks, W, mode, gqa, block_n, settings",
+    [(*c, 16, {}) for c in WINDOW_CASES]
+    + [("cq1", (64, 16), 35, "chunked", (2, 3), None, {})]  # + the default tiles
+    + [(*c[:5], None, c[5]) for c in WINDOW_SETTINGS],
+    ids=[str(c) for c in WINDOW_CASES] + ["default-tiles"] + [str(c[5]) for c in WINDOW_SETTINGS],
 )
-def test_window_kernel_matches_reference(fmt_name, blocks, W, mode, gqa, block_n):
+def test_window_kernel_matches_reference(fmt_name, blocks, W, mode, gqa, block_n, settings, monkeypatch):
     """Recent window on the Triton path (codes bounded by j <= i - W, the exact window from its own pages,
     one softmax over both) against the reference, on batches whose window cache holds NaN wherever
     vLLM would not keep entries: page boundaries of both block sizes, odd lengths, decode and chunked
-    prefill, GQA, W from 1 to past every sequence."""
+    prefill, GQA, W from 1 to past every sequence; and with the merge's own tile settings."""
     from tests.kernels.test_window import Batch, random_seqs
+    from vllm_cq.kernels import window_triton
+
+    for name, value in settings.items():
+        monkeypatch.setattr(window_triton, name, value)
 
     seqs = random_seqs(random.Random(W + len(mode)), mode, *blocks)
+    if settings and mode == "chunked":  # chunks past a query block of every tiling: 70 and 33 new tokens
+        seqs = [(100, 70), (50, 1), (90, 33), (17, 17)]
     b = Batch(fmt_name, seqs, gqa[0], gqa[1], blocks[0], blocks[1], W)
     want = b.attend(b.window)
     max_q, g = max(q for _, q in seqs), b.on(DEVICE)
