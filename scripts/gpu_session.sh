@@ -50,7 +50,7 @@
 # Eleventh session (2026-12-03 f) ran s11a (RoPE mode 3: 6% faster decode, the default since), q1, q2 + s7a
 # (3 passed), s9e x2 (cq1 r3 2,828 / auto 2,330 / fp8 2,982; 96x8192: 853 / 826 / 950), s11w at 8-128
 # sequences (write.LARGE_STEP 32 since), then e2e cq1 with it (2,884; 96x8192 856). Next window (twelfth):
-#   s12a (no vLLM: the wsp prefill form's first run, ws vs wsp rows) -> q1 -> q2 + install +
+#   s12a (no vLLM: the wsp prefill form's first run, ws vs wsp rows) -> s12w (window merge tiles) -> q1 -> q2 + install +
 #   S9E="cq1:wsp cq1 auto" s9e (E2E_WORKLOADS="128x4096+512,96x8192+256", S9E_TIMEOUT=175; flip WS default to
 #   wsp if it wins) -> s10p if time (the profile with this session's defaults).
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
@@ -133,6 +133,21 @@ for i, entry in enumerate(sys.argv[3:]):
              *sizes, "--write-set", settings, "--budget-s", "30"])
 PY
   echo "write sweep rc=$?"; grep -E "^==|^\| write|Error|error" "$OUT/w/write-sweep.log" | cut -c1-200
+}
+window_sweep() {  # window_sweep "KIND:K=V,K=V ...": one cq-w128 cq1 row per entry, one process: KIND decode
+  # (128 sequences x 4K, the e2e profile's decode steps) or prefill (8K causal and its last 2K chunk)
+  timeout 240 python3 - "$OUT/w" $1 > "$OUT/w/window-sweep.log" 2>&1 <<'PY'
+import sys
+sys.path.insert(0, "benchmarks")
+import attention_bench as ab
+for i, entry in enumerate(sys.argv[2:]):
+    kind, _, settings = entry.partition(":")
+    print(f"== {kind} {settings or 'defaults'}", flush=True)
+    sizes = ["--contexts", "4k", "--batches", "128"] if kind == "decode" else ["--prefill-contexts", "8k"]
+    ab.main(["--out", f"{sys.argv[1]}/attention-window-{i:02d}.json", "--backends", "cq-w128:cq1", "--kinds", kind,
+             *sizes, "--window-set", settings, "--budget-s", "40"])
+PY
+  echo "window sweep rc=$?"; grep -E "^==|^\| (decode|prefill)|Error|error" "$OUT/w/window-sweep.log" | cut -c1-200
 }
 pack() {  # one tarball of every log and result (the tool returns at most 8 files: results beside it if <= 6)
   [ "$(ls "$OUT"/w/*.json 2>/dev/null | wc -l)" -le 6 ] && cp -r "$OUT"/w/*.json "$OUT"/ 2>/dev/null
@@ -604,6 +619,15 @@ case "${1:-tests}" in
       | cut -c1-300
     prefill_rows "$OUT/w/attention-s12.json" "${S12_PREFILL:-cq-ws:cq1,cq-wsp:cq1,cq-ws:cq4,cq-wsp:cq4,cq-ws:cq2,cq-wsp:cq2}" 90
     pack s12a
+    ;;
+  s12w)
+    # the recent window merge's tiles (window_triton's module settings): decode steps at 128 x 4K (32 us per
+    # layer in the tenth session's profile), prefill at 8K (its query block is the code plan's 16 tokens)
+    mkdir -p "$OUT/w"
+    window_sweep "${S12W:-decode: decode:DECODE_BLOCK_N=64 decode:DECODE_BLOCK_N=128 decode:DECODE_NUM_WARPS=8
+      decode:DECODE_BLOCK_N=64,DECODE_NUM_WARPS=8 prefill: prefill:PREFILL_BLOCK_Q=32 prefill:PREFILL_BLOCK_Q=64
+      prefill:PREFILL_BLOCK_Q=32,PREFILL_NUM_WARPS=8 prefill:PREFILL_BLOCK_Q=32,PREFILL_BLOCK_N=64}"
+    pack s12w
     ;;
   s11w)
     # decode-step writes (S11W_BATCH sequences, default 128: 40 us per layer in the tenth session's e2e
