@@ -53,6 +53,11 @@
 #   s12a (no vLLM: the wsp prefill form's first run, ws vs wsp rows) -> s12w (window merge tiles) -> q1 -> q2 + install +
 #   S9E="cq1:wsp cq1 auto" s9e (E2E_WORKLOADS="128x4096+512,96x8192+256", S9E_TIMEOUT=175; flip WS default to
 #   wsp if it wins) -> s10p if time (the profile with this session's defaults).
+# Twelfth session (2026-12-04) ran s12a (wsp: every kernel test passed; 8K cq1 1.905 -> 1.667 ms, the default since),
+# s12w (window tiles: defaults fastest), q1, q2 + s9e (cq1 wsp 2,875 / ws 2,856 / auto 2,291); s10p was cut when
+# the machine was taken back. Next window (thirteenth): s13a (no vLLM: the fresh-process load test, every prefill
+# and decode kernel test with wsp the default) -> q1 -> q2 + install + s7a (the tiny-model full-graph tests
+# through wsp) -> s10p (the profile with the twelfth session's defaults) -> S9E="cq1 fp8 auto" s9e.
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
@@ -619,6 +624,16 @@ case "${1:-tests}" in
       | cut -c1-300
     prefill_rows "$OUT/w/attention-s12.json" "${S12_PREFILL:-cq-ws:cq1,cq-wsp:cq1,cq-ws:cq4,cq-wsp:cq4,cq-ws:cq2,cq-wsp:cq2}" 90
     pack s12a
+    ;;
+  s13a)
+    # thirteenth session, FIRST (no vLLM): a kernel load as a fresh process's first CUDA call (failed on
+    # 2026-12-04), then every prefill and decode kernel test with wsp the default prefill form (~5 min)
+    mkdir -p "$OUT/w"
+    timeout 120 python3 -m pytest -q --tb=short tests/kernels/test_cuda_build.py 2>&1 | tee "$OUT/w/build-tests.log" \
+      | tail -3 | cut -c1-300
+    timeout 330 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py tests/kernels/test_cq_decode_cuda.py \
+      -k "not wso and not wgmma" 2>&1 | tee "$OUT/w/kernel-tests.log" | tail -8 | cut -c1-300
+    pack s13a
     ;;
   s12w)
     # the recent window merge's tiles (window_triton's module settings): decode steps at 128 x 4K (32 us per

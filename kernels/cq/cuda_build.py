@@ -182,6 +182,20 @@ def ptxas_report(log: str) -> dict[str, int]:
     return {"registers": int(regs.group(1)) if regs else -1, "spill_bytes": sum(int(s) for s in spill)}
 
 
+def _make_primary_context_current(device_index: int) -> None:
+    """Make the device's primary context (the one torch uses) current on this thread where none is.
+    torch creates it lazily, at the first CUDA tensor or stream use, not at `torch.cuda.init()`: a module
+    loaded before that failed with CUDA_ERROR_INVALID_CONTEXT (H200, 2026-12-04, a fresh pytest
+    process whose first CUDA call was a kernel load)."""
+    from cuda.bindings import driver
+
+    if int(check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) != 0:
+        return
+    device = check(driver.cuDeviceGet(device_index), "cuDeviceGet")
+    context = check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")  # torch's, kept for life
+    check(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+
+
 @functools.cache
 def load(source: str, defines: tuple[str, ...], kernel: str, smem_bytes: int, device_index: int, arch_suffix: str = ""):
     """Compile for the device's architecture (`arch_suffix` "a": its architecture-specific features, e.g.
@@ -190,8 +204,8 @@ def load(source: str, defines: tuple[str, ...], kernel: str, smem_bytes: int, de
 
     major, minor = torch.cuda.get_device_capability(device_index)
     arch = f"sm_{major}{minor}{arch_suffix}"
-    torch.cuda.init()  # torch makes the device's primary context current; the module loads into it
     check(driver.cuInit(0), "cuInit")
+    _make_primary_context_current(device_index)
     status, module = driver.cuModuleLoadData(cached_cubin(source, defines, arch))
     if int(status) != 0:  # a damaged cache entry: build it again
         module = check(driver.cuModuleLoadData(cached_cubin(source, defines, arch, rebuild=True)), "cuModuleLoadData")

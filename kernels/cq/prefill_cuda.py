@@ -46,9 +46,13 @@ SOURCE = "prefill_cuda.cu"
 LOG2E = 1.4426950408889634
 NUM_WARPS, ROWS, BLOCK_N = 8, 128, 64  # prefill_common.cuh's NW, NW * 16, BN
 VERIFIED_ON_GPU = True
-# The Hopper forms, verified on an H200 (2026-12-03): ws (WS_DEFAULT) is the default on sm_90 ("cuda" or no
-# choice) where it applies, else wgmma; "wgmma" / "mma" ask for those kernels there.
-WGMMA_VERIFIED_ON_GPU, WS_DEFAULT = True, True
+# The Hopper forms, verified on an H200 (2026-12-03): the warp-specialized form WS_DEFAULT is the default on
+# sm_90 ("cuda" or no choice) where it applies, else wgmma; "wgmma" / "mma" / "ws" ask for those kernels.
+# wsp since 2026-12-04 (H200, twelfth session, ms at 8K x 8K causal, ws -> wsp: cq1 1.905 -> 1.667, cq2
+# 1.983 -> 1.713, cq4 2.403 -> 1.876; e2e cq1 128 x (4096+512) 2,856 -> 2,875 out tok/s, 96 x (8192+256)
+# 850 -> 862); None: wgmma.
+WGMMA_VERIFIED_ON_GPU = True
+WS_DEFAULT: str | None = "wsp"
 ENV = "VLLM_CQ_PREFILL_KERNEL"
 VARIANTS = ("wgmma", "mma", "ws", "wso", "wsp")
 # form -> (source, kernel, arch suffix, threads per CTA, extra -D macros). "wso": the ws form with the
@@ -126,7 +130,7 @@ def enabled(choice: str | None = None) -> bool:
 
 
 def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
-    """Which form of the kernel runs. On sm_90: "ws" by default and for "cuda" (with WS_DEFAULT, else
+    """Which form of the kernel runs. On sm_90: WS_DEFAULT ("wsp") by default and for "cuda" (none:
     "wgmma"), "ws" / "wso" / "wsp" when asked, each where key centroids have at most 8 channels (their staging's
     limit, else wgmma); "wgmma" and "mma" when asked. Every other GPU: "mma"."""
     choice = cuda_build.kernel_choice(ENV, choice, VARIANTS)
@@ -135,7 +139,7 @@ def form_chosen(choice: str | None, device_index: int, ck: int) -> str:
     if choice in WS_FORMS and ck <= 8:
         return choice
     if choice != "wgmma" and ck <= 8 and WS_DEFAULT:
-        return "ws"
+        return WS_DEFAULT
     return "wgmma" if choice in ("wgmma", *WS_FORMS) or WGMMA_VERIFIED_ON_GPU else "mma"
 
 
@@ -163,17 +167,23 @@ def supports(
     return cuda_build.device_fits(cuda_build.device_index(query), smem)
 
 
+def defines(inst: Instance, form: str) -> tuple[str, ...]:
+    """`inst`'s -D macros in one form. A packed-RoPE form of keys without RoPE is the ws build itself:
+    its macro changes nothing there (the cubins are byte-identical), so one compile and one module."""
+    extra = FORMS[form][4] if inst.has_rope or form not in PACKED_ROPE_FORMS else ()
+    return (*inst.defines(), *extra)
+
+
 def compile_cubin(inst: Instance, arch: str, verbose: bool = False, form: str = "mma") -> tuple[bytes, str]:
     """NVRTC: one form's source (`FORMS`; the Hopper forms for sm_90a) for `inst` -> (cubin for `arch`, the
     log). No GPU needed."""
-    source, _, _, _, extra = FORMS[form]
-    return cuda_build.compile_cubin(source, [*inst.defines(), *extra], arch, verbose)
+    return cuda_build.compile_cubin(FORMS[form][0], list(defines(inst, form)), arch, verbose)
 
 
 def load(inst: Instance, device_index: int, form: str = "mma"):
     """The compiled, loaded kernel (module, CUfunction) of one form for `inst` on a device."""
-    source, kernel, suffix, _, extra = FORMS[form]
-    return cuda_build.load(source, (*inst.defines(), *extra), kernel, inst.smem_bytes(), device_index, suffix)
+    source, kernel, suffix, _, _ = FORMS[form]
+    return cuda_build.load(source, defines(inst, form), kernel, inst.smem_bytes(), device_index, suffix)
 
 
 def paged_attention(

@@ -118,16 +118,17 @@ def test_window_merge_matches_reference(monkeypatch, W, kernel):
 
 
 def test_kernel_choice(monkeypatch):
-    """Which form runs: on sm_90 ws by default and for "cuda" with WS_DEFAULT (else wgmma) and when asked
+    """Which form runs: on sm_90 WS_DEFAULT by default and for "cuda" (None: wgmma), each form when asked
     (key centroids of at most 8 channels, else wgmma), mma.sync for "mma" and on every other GPU;
     "triton" none of them; an unknown name is refused."""
     monkeypatch.delenv(prefill_cuda.ENV, raising=False)
-    for ws_default in (False, True):
+    assert prefill_cuda.WS_DEFAULT in prefill_cuda.WS_FORMS
+    for ws_default in (None, "ws", "wsp"):
         monkeypatch.setattr(prefill_cuda, "WS_DEFAULT", ws_default)
         for cap in ((9, 0), (8, 0), (10, 0)):
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, cap=cap: cap)
             ws, wgmma = ("ws", "wgmma") if cap == (9, 0) else ("mma", "mma")
-            default = ws if ws_default else wgmma
+            default = (ws_default or "wgmma") if cap == (9, 0) else "mma"
             wso, wsp = ("wso", "wsp") if cap == (9, 0) else ("mma", "mma")
             choices = (None, "cuda", "wgmma", "mma", "ws", "wso", "wsp")
             forms = {c: prefill_cuda.form_chosen(c, 0, 8) for c in choices}
@@ -135,7 +136,7 @@ def test_kernel_choice(monkeypatch):
             assert forms == want
             wide = {c: prefill_cuda.form_chosen(c, 0, 16) for c in (None, "cuda", "wgmma", "ws", "wso", "wsp")}
             assert wide == dict.fromkeys((None, "cuda", "wgmma", "ws", "wso", "wsp"), wgmma)
-    monkeypatch.setattr(prefill_cuda, "WS_DEFAULT", False)
+    monkeypatch.setattr(prefill_cuda, "WS_DEFAULT", None)
     monkeypatch.setenv(prefill_cuda.ENV, "mma")
     assert prefill_cuda.enabled() and prefill_cuda.form_chosen(None, 0, 8) == "mma"
     assert not prefill_cuda.enabled("triton") and prefill_cuda.enabled("wgmma") and prefill_cuda.enabled("ws")

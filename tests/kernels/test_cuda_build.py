@@ -4,7 +4,11 @@ be written only costs the compile. NVRTC runs on a CPU machine, so all of it is 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from vllm_cq.kernels.cq import cuda_build, decode_cuda
 
@@ -67,3 +71,17 @@ def test_an_unwritable_or_disabled_cache_only_costs_the_compile(tmp_path, monkey
     assert cuda_build.cache_dir() is None
     assert cuda_build.cached_cubin(SOURCE, INST.defines(), ARCH)[:4] == b"\x7fELF"
     assert len(calls) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loads a module: needs a GPU")
+def test_a_kernel_loads_before_any_cuda_tensor():
+    """A fresh process whose first CUDA call is a kernel load (torch creates its context lazily): the load
+    makes the primary context current itself. It failed with CUDA_ERROR_INVALID_CONTEXT before (H200,
+    2026-12-04)."""
+    code = (
+        "from vllm_cq.kernels.cq import cuda_build, decode_cuda\n"
+        f"inst = decode_cuda.{INST!r}\n"
+        "print(cuda_build.resource_usage(decode_cuda._load(inst, 0)[1])['registers'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and int(done.stdout.split()[-1]) > 0, done.stderr[-2000:]
