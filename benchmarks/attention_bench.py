@@ -19,6 +19,8 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
   cq-cuda-rec, cq-cuda-r{1,2,3}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
           directly (RoPE rows read per step (1), advanced by rotation (2) or read pre-packed a step
           ahead (3), warps, unroll)
+  cq-cuda-const  cq-cuda with the page layout compiled into the kernels as constants and the decode
+          kernel's pipeline loads unguarded (cuda_build.SPECIALIZE_LAYOUT; opt-in: "layout")
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
   tq-lw   the same KVTQ attention with levelwise="kv" (digits straight into the dots, scales once per
           level and group; `kernels/kvtq/triton_ops.py`), tq-lw-k / tq-lw-v one side only; opt-in:
@@ -112,6 +114,12 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cq-cuda-r3w8u3:cq4": ("cq-cuda-r3w8u3", "cq4"),
     "cq-cuda-r2w8u3:cq4": ("cq-cuda-r2w8u3", "cq4"),
     "cq-cuda-r3w8u3:cq_k4v1": ("cq-cuda-r3w8u3", "cq_k4v1"),
+    # more warps per SM at fewer registers: 12 warps in 168 registers (cq1 at unroll 1: 8 bytes of spills)
+    "cq-cuda-r3w12u1:cq1": ("cq-cuda-r3w12u1", "cq1"),
+    "cq-cuda-r3w10u1:cq1": ("cq-cuda-r3w10u1", "cq1"),
+    # the CUDA kernels with the page layout compiled in as constants (cuda_build.SPECIALIZE_LAYOUT on)
+    "cq-cuda-const:cq1": ("cq-cuda-const", "cq1"),
+    "cq-cuda-const:cq4": ("cq-cuda-const", "cq4"),
     # the default recent window (128 exact tokens beside the codes): window pages, the merge, the window write
     "cq-w128:cq4": ("cq-w128", "cq4"),
     "cq-w128:cq1": ("cq-w128", "cq1"),
@@ -135,6 +143,7 @@ OPT_IN = {
     "tq-lw-v": "levelwise",
     "cq-w128": "window",
     "cq-cuda-rec": "rope-recurrence",
+    "cq-cuda-const": "layout",
     **{f"cq-{v}": "prefill-variants" for v in PREFILL_FORMS},
     **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2, 3) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
@@ -561,6 +570,8 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         if kind != "prefill":
             raise Unsupported(f"{backend}: a form of the prefill kernel")
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
+    if backend == "cq-cuda-const":
+        return _with_layout_constants(_cq_fn(inp, kv, kind, decode_kernel="cuda"))
     if backend == "cq-cuda-rec":
         return _cq_fn(inp, kv, kind, decode_kernel="cuda", rope_mode=2)
     if m := re.fullmatch(r"cq-cuda-r(\d)w(\d+)u(\d)", backend):
@@ -569,6 +580,21 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
     if backend in TQ_LEVELWISE:
         return _tq_fn(inp, kv, kind, TQ_LEVELWISE[backend])
     raise ValueError(backend)
+
+
+def _with_layout_constants(fn: Callable) -> Callable:
+    """`fn` with the CUDA kernels' page layout compiled in as constants: the instance is picked at each
+    launch (and at a CUDA graph's capture), so the switch is set around every call."""
+    from vllm_cq.kernels.cq import cuda_build
+
+    def call():
+        before, cuda_build.SPECIALIZE_LAYOUT = cuda_build.SPECIALIZE_LAYOUT, True
+        try:
+            return fn()
+        finally:
+            cuda_build.SPECIALIZE_LAYOUT = before
+
+    return call
 
 
 class Unsupported(Exception):

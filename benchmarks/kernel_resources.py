@@ -263,20 +263,23 @@ def write_kernels(fmt_name: str, args: argparse.Namespace) -> list[dict[str, Any
 def cuda_kernels_of(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The CUDA kernels (decode_cuda.cu, prefill_cuda.cu) as the dispatch would build them for this shape,
     compiled by NVRTC (needs cuda-bindings and nvidia-cuda-nvrtc, the [test] extra)."""
-    from vllm_cq.kernels.cq import decode_cuda, prefill_cuda
+    from vllm_cq.kernels.cq import cuda_build, decode_cuda, prefill_cuda
 
     fmt, d, g = get_format(name), args.head_dim, args.q_heads // args.kv_heads
     ck, cv = fmt.key.codebook_shape(1, d)[2], fmt.value.codebook_shape(1, d)[2]
     rows = []
+    layout = (fmt.slot_bytes(d), 16) if cuda_build.SPECIALIZE_LAYOUT else (0, 0)  # vLLM's pages of 16
     if decode_cuda.shape_ok(g, d, ck, cv):
-        inst = decode_cuda.Instance(g, d, ck, cv, True, decode_cuda.DEFAULT_ROPE_MODE)
+        inst = decode_cuda.Instance(
+            g, d, ck, cv, True, decode_cuda.DEFAULT_ROPE_MODE, slot_bytes=layout[0], page_size=layout[1]
+        )
         res = cubin_resources(decode_cuda.compile_cubin(inst, f"sm_{args.arch}")[0], inst.smem_bytes())
         if res["stack"] and inst.fallback() is not None:  # what the dispatch launches instead
             inst = inst.fallback()
             res = cubin_resources(decode_cuda.compile_cubin(inst, f"sm_{args.arch}")[0], inst.smem_bytes())
         rows.append(dict(kernel="cuda attention", kind="decode", block_n=16, num_warps=inst.num_warps, **res))
     if prefill_cuda.shape_ok(g, d, ck, cv):
-        inst = prefill_cuda.Instance(g, d, ck, cv, True, True, False)
+        inst = prefill_cuda.Instance(g, d, ck, cv, True, True, False, *layout)
         res = cubin_resources(prefill_cuda.compile_cubin(inst, f"sm_{args.arch}")[0], inst.smem_bytes())
         rows.append(dict(kernel="cuda attention", kind="prefill", block_n=prefill_cuda.BLOCK_N, num_warps=8, **res))
     return rows

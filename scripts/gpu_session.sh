@@ -55,9 +55,12 @@
 #   wsp if it wins) -> s10p if time (the profile with this session's defaults).
 # Twelfth session (2026-12-04) ran s12a (wsp: every kernel test passed; 8K cq1 1.905 -> 1.667 ms, the default since),
 # s12w (window tiles: defaults fastest), q1, q2 + s9e (cq1 wsp 2,875 / ws 2,856 / auto 2,291); s10p was cut when
-# the machine was taken back. Next window (thirteenth): s13a (no vLLM: the fresh-process load test, every prefill
-# and decode kernel test with wsp the default) -> q1 -> q2 + install + s7a (the tiny-model full-graph tests
-# through wsp) -> s10p (the profile with the twelfth session's defaults) -> S9E="cq1 fp8 auto" s9e.
+# the machine was taken back. Next window (thirteenth), issue 5's final measurements with these defaults:
+#   s13a (no vLLM: the fresh-process load test, every prefill and decode kernel test, 8 vs 12 warps) -> q1 ->
+#   q2 + install + s13k (the whole kernel grid vs FA3 bf16/fp8 and vLLM's Triton backend, plots) ->
+#   E2E_WORKLOADS="128x4096+512,96x8192+256" S9E="auto fp8 cq1" S9E_TIMEOUT=190 s9e -> the same with
+#   S9E="cq4 cq2" (copy the first call's e2e-h200-s9.json aside: each call writes its own) -> s7a (the tiny-model
+#   full-graph tests through wsp) and s10p (the profile) if time is left.
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
@@ -627,13 +630,35 @@ case "${1:-tests}" in
     ;;
   s13a)
     # thirteenth session, FIRST (no vLLM): a kernel load as a fresh process's first CUDA call (failed on
-    # 2026-12-04), then every prefill and decode kernel test with wsp the default prefill form (~5 min)
+    # 2026-12-04); every prefill and decode kernel test with the page layout compiled in as constants
+    # (VLLM_CQ_LAYOUT_CONSTANTS=1: wsp the default prefill form, page sizes 16-64 and padded slots both ways,
+    # the 12-warp decode instance); then decode and prefill rows: cq-cuda (the layout read from arguments,
+    # the default) vs cq-cuda-const, 8 vs 12 warps (~8 min). If the tests pass and const wins: flip
+    # cuda_build.SPECIALIZE_LAYOUT's default.
     mkdir -p "$OUT/w"
-    timeout 120 python3 -m pytest -q --tb=short tests/kernels/test_cuda_build.py 2>&1 | tee "$OUT/w/build-tests.log" \
+    timeout 100 python3 -m pytest -q --tb=short tests/kernels/test_cuda_build.py 2>&1 | tee "$OUT/w/build-tests.log" \
       | tail -3 | cut -c1-300
-    timeout 330 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py tests/kernels/test_cq_decode_cuda.py \
-      -k "not wso and not wgmma" 2>&1 | tee "$OUT/w/kernel-tests.log" | tail -8 | cut -c1-300
+    VLLM_CQ_LAYOUT_CONSTANTS=1 timeout 330 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py \
+      tests/kernels/test_cq_decode_cuda.py -k "not wso and not wgmma" 2>&1 | tee "$OUT/w/kernel-tests.log" | tail -8 \
+      | cut -c1-300
+    timeout 130 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-s13a.json" --kinds decode,prefill \
+      --backends "${S13_ROWS:-cq-cuda:cq1,cq-cuda-const:cq1,cq-cuda-r3w12u1:cq1,cq-cuda:cq4,cq-cuda-const:cq4}" \
+      --contexts 4k,32k --batches 64,128 --prefill-contexts 2k,8k --timers graph_cold --prefill-timers bench \
+      --budget-s 110 > "$OUT/w/kernels.log" 2>&1
+    echo "attention_bench rc=$?"; grep -E "^\| (kind|decode|prefill)|budget|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
     pack s13a
+    ;;
+  s13k)
+    # after the two staging calls: issue 5's kernel grid with this session's defaults, in one call: decode
+    # at 1K/4K/16K/32K x batch 1/16/64/128 and prefill at 2K/8K, FA3 bf16 / fp8, vLLM's Triton backend, the
+    # CUDA kernels for cq1/cq2/cq4/cq_k4v1 and cq1 with the default window; then the plots (~4 min)
+    timeout 420 python3 benchmarks/attention_bench.py --out "$OUT/attention-h200-grid.json" --contexts 1k,4k,16k,32k \
+      --batches 1,16,64,128 --prefill-contexts 2k,8k --kinds decode,prefill,write --timers graph_cold --budget-s 380 \
+      --backends "${S13K:-fa3:bf16,fa3:fp8,triton:bf16,cq-cuda:cq1,cq-cuda:cq2,cq-cuda:cq4,cq-cuda:cq_k4v1,cq-w128:cq1}" \
+      > "$OUT/kernels.log" 2>&1
+    echo "attention_bench rc=$?"; grep -E "^\| (kind|decode .* (64|128) \| (4096|32768)|prefill)|budget|broken|->" \
+      "$OUT/kernels.log" | cut -c1-200 | tail -40
+    python3 benchmarks/plot.py "$OUT"/attention-h200-grid.json --out-dir "$OUT" > "$OUT/plot.log" 2>&1 || tail -3 "$OUT/plot.log"
     ;;
   s12w)
     # the recent window merge's tiles (window_triton's module settings): decode steps at 128 x 4K (32 us per

@@ -96,3 +96,16 @@ __device__ __forceinline__ typename CodeWord<N>::T ldg_bytes(const u8* p) {
         return (u32)__ldg(p);
     }
 }
+
+// The page layout as compile-time constants where an instance gives them (-DSLOT_BYTES, -DPAGE_SIZE,
+// -DPAGE_SHIFT: cuda_build.layout_defines, from the launch's own cache tensor), assigned over the kernel's
+// token-stride and page-size arguments on entry: the code loads' offsets become immediates and the page
+// arithmetic shifts.
+__device__ __forceinline__ void layout_constants(i64& stride_co, int& block_size) {
+#ifdef SLOT_BYTES
+    stride_co = SLOT_BYTES;
+#endif
+#ifdef PAGE_SIZE
+    block_size = PAGE_SIZE;
+#endif
+}

@@ -79,6 +79,33 @@ def device_fits(device_index: int, smem_bytes: int) -> bool:
     return smem_bytes <= max_smem_optin(device_index)
 
 
+# The page layout (the cache's token stride and page size) compiled into each kernel instance as constants,
+# taken from the cache tensor of the launch: code loads' offsets become immediates and page arithmetic
+# shifts, and the decode kernel's pipeline loads run unguarded (decode_cuda.cu's STEADY_LOADS). sm_90 SASS
+# (2026-12-04, CPU-measured): cq1's decode loop 416 -> 338 instructions per 16-key step, the wsp prefill
+# producers' loop 237 -> 202 per 64-key tile. Written without a GPU: off (one build per shape, the layout
+# read from the kernel arguments, the verified kernels) until its GPU tests pass and a timing shows it
+# faster (`gpu_session.sh s13a`); VLLM_CQ_LAYOUT_CONSTANTS=1 turns it on.
+LAYOUT_ENV = "VLLM_CQ_LAYOUT_CONSTANTS"
+SPECIALIZE_LAYOUT = os.environ.get(LAYOUT_ENV, "0") == "1"
+
+
+def layout_of(kv_cache: torch.Tensor, specialize: bool | None = None) -> tuple[int, int]:
+    """(token stride in bytes, tokens per page) of a [blocks, heads, page, slot] cache to compile in, or
+    (0, 0) to read them from the arguments (`specialize`, else SPECIALIZE_LAYOUT)."""
+    on = SPECIALIZE_LAYOUT if specialize is None else specialize
+    return (kv_cache.stride(2), kv_cache.shape[2]) if on else (0, 0)
+
+
+def layout_defines(slot_bytes: int, page_size: int) -> list[str]:
+    """-D macros of a compiled-in page layout (cq_common.cuh's `layout_constants`); none for zeros."""
+    out = [f"-DSLOT_BYTES={slot_bytes}"] if slot_bytes else []
+    if page_size:
+        assert page_size & (page_size - 1) == 0, "pages of a power-of-two size"
+        out += [f"-DPAGE_SIZE={page_size}", f"-DPAGE_SHIFT={page_size.bit_length() - 1}"]
+    return out
+
+
 def check_index_dtypes(*tensors: torch.Tensor) -> None:
     """Block table, seq_lens and query_start_loc are int32 (what vLLM passes; the kernels read int)."""
     assert all(x.dtype == torch.int32 for x in tensors), "int32 block table, seq_lens and query_start_loc"

@@ -71,6 +71,8 @@ class Instance:
     rope_mode: int
     num_warps: int = NUM_WARPS
     unroll: int = DEFAULT_UNROLL
+    slot_bytes: int = 0  # > 0: the cache's bytes per token slot (its stride over tokens), a constant
+    page_size: int = 0  # > 0: tokens per page (a power of two), a constant
 
     def fallback(self) -> Instance | None:
         """What to use instead when this instance spills registers: no unrolling."""
@@ -86,6 +88,7 @@ class Instance:
             f"-DROPE_MODE={self.rope_mode}",
             f"-DIS_BF16={int(self.bf16)}",
             f"-DUNROLL={self.unroll}",
+            *cuda_build.layout_defines(self.slot_bytes, self.page_size),
         ]
 
     def smem_bytes(self) -> int:
@@ -252,12 +255,16 @@ def _instance(
     rope_mode: int | None = None,
     num_warps: int = NUM_WARPS,
     unroll: int = DEFAULT_UNROLL,
+    specialize: bool | None = None,
 ) -> Instance:
     if rope_mode is None:
         rope_mode = default_rope_mode(query.shape[2]) if cos_sin_cache is not None else 0
     g = query.shape[1] // kv_cache.shape[1]
     bf16 = query.dtype == torch.bfloat16
-    return Instance(g, query.shape[2], k_codebook.shape[2], v_codebook.shape[2], bf16, rope_mode, num_warps, unroll)
+    layout = cuda_build.layout_of(kv_cache, specialize)
+    return Instance(
+        g, query.shape[2], k_codebook.shape[2], v_codebook.shape[2], bf16, rope_mode, num_warps, unroll, *layout
+    )
 
 
 def prepare(
@@ -330,6 +337,7 @@ def paged_attention_decode(
     rope_mode: int | None = None,
     num_warps: int = NUM_WARPS,
     unroll: int = DEFAULT_UNROLL,
+    specialize: bool | None = None,
 ) -> LaunchPlan:
     """Split-KV partials of a decode-only step (every sequence has <= 1 new token) into a `LaunchPlan`,
     partials even for one segment: the caller merges them (`merge_segments`, or with a recent window).
@@ -338,7 +346,7 @@ def paged_attention_decode(
     t = query.shape[0]
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
-    inst = _instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache, rope_mode, num_warps, unroll)
+    inst = _instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache, rope_mode, num_warps, unroll, specialize)
     dev = query.device
     if num_segments is None:
         num_segments = num_segments_for(num_seqs, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)

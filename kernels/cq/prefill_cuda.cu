@@ -46,6 +46,7 @@ __device__ __forceinline__ void ldsm_x4_t(u32 addr, u32* r) {
 }
 
 extern "C" __global__ void __launch_bounds__(NT, 1) cq_prefill_kernel(CQ_PREFILL_PARAMS) {
+    layout_constants(stride_co, block_size);
     extern __shared__ __align__(16) u8 smem[];
     u16* kcb = reinterpret_cast<u16*>(smem);
     u16* vcb = kcb + GK * 256 * CK;

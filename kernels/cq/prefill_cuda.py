@@ -79,6 +79,8 @@ class Instance:
     bf16: bool
     has_rope: bool
     window_partials: bool
+    slot_bytes: int = 0  # > 0: the cache's bytes per token slot (its stride over tokens), a constant
+    page_size: int = 0  # > 0: tokens per page (a power of two), a constant
 
     def defines(self) -> list[str]:
         return [
@@ -89,6 +91,7 @@ class Instance:
             f"-DHAS_ROPE={int(self.has_rope)}",
             f"-DIS_BF16={int(self.bf16)}",
             f"-DWINDOW_PARTIALS={int(self.window_partials)}",
+            *cuda_build.layout_defines(self.slot_bytes, self.page_size),
         ]
 
     @property
@@ -214,7 +217,7 @@ def paged_attention(
         return out
     inst = Instance(
         hq // hkv, d, k_codebook.shape[2], v_codebook.shape[2], query.dtype == torch.bfloat16,
-        cos_sin_cache is not None, window is not None,
+        cos_sin_cache is not None, window is not None, *cuda_build.layout_of(kv_cache),
     )  # fmt: skip
     cuda_build.check_index_dtypes(block_table, seq_lens, query_start_loc)
     assert cos_sin_cache is None or cos_sin_cache.shape[0] >= BLOCK_N, "the tile offsets' rotations: rows 0 .. 63"

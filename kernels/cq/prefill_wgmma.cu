@@ -21,6 +21,7 @@
 #include "wgmma.cuh"
 
 extern "C" __global__ void __launch_bounds__(NT, 1) cq_prefill_wgmma_kernel(CQ_PREFILL_PARAMS) {
+    layout_constants(stride_co, block_size);
     extern __shared__ __align__(1024) u8 smem[];
     u16* kcb = reinterpret_cast<u16*>(smem);
     u16* vcb = kcb + GK * 256 * CK;

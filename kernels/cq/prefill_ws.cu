@@ -156,6 +156,7 @@ __device__ __forceinline__ void stage_key_chunked(u8* ks, u8* vs, const u16* kcb
 }
 
 extern "C" __global__ void __launch_bounds__(NT_WS, 1) cq_prefill_ws_kernel(CQ_PREFILL_PARAMS) {
+    layout_constants(stride_co, block_size);
     extern __shared__ __align__(1024) u8 smem[];
     __shared__ u64 full[2], empty[2];  // per tile buffer: staged (producer -> consumers), read (back)
     u16* kcb = reinterpret_cast<u16*>(smem);

@@ -6,6 +6,7 @@ lengths, GQA ratios, several sequences, split-KV segments, a recent window, half
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -43,6 +44,9 @@ def instances() -> list[decode_cuda.Instance]:
             for mode in (0, 1, 2, 3) for u in (1, decode_cuda.DEFAULT_UNROLL)]  # fmt: skip
     out += [decode_cuda.Instance(g, 64, ck, cv, True, 3) for g in (1, 8)]
     out += [decode_cuda.Instance(4, 128, *centroid_dims(n), True, 3) for n in FORMATS]  # RoPE mode 3 per format
+    # the page layout as constants (what launches compile by default): Llama's pages of 16, wider ones
+    out += [decode_cuda.Instance(4, 128, *centroid_dims(n), True, 3, slot_bytes=get_format(n).slot_bytes(128),
+                                 page_size=ps) for n in FORMATS for ps in (16, 64)]  # fmt: skip
     return list(dict.fromkeys(out))
 
 
@@ -144,10 +148,11 @@ def random_decode_batch(seed: int, max_len: int) -> list[tuple[int, int]]:
     return [(L, 1) for L in lens[: rng.randint(3, len(lens))]]
 
 
-def make_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, bs=16) -> tuple[tuple, torch.Tensor]:
+def make_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, bs=16, slot_pad=0) -> tuple[tuple, torch.Tensor]:
     """A paged batch written by the reference: the CUDA kernels' positional arguments on the GPU (query,
     cache, codebooks in `dtype`, key bytes, table, seq_lens, query_start_loc, scale, cos/sin), and the
-    reference output (float32, CPU) over the same centroids."""
+    reference output (float32, CPU) over the same centroids. `slot_pad` > 0: the GPU cache is a view
+    whose token stride is that many bytes wider than a slot."""
     fmt = get_format(fmt_name)
     nblk, table, seq_lens, qsl = make_paged(seqs, bs)
     kcb, vcb = random_codebooks(fmt, hkv, d)
@@ -161,8 +166,11 @@ def make_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, bs=16) -> tuple[tuple,
     scale = d**-0.5
     want = naive.paged_attention(q.float(), cache, kcb, vcb, fmt, table, seq_lens, qsl, scale, cs, True)
     dev = "cuda"
+    gpu_cache = torch.zeros(*cache.shape[:3], cache.shape[3] + slot_pad, dtype=torch.uint8, device=dev)
+    gpu_cache[..., : cache.shape[3]] = cache.to(dev)
+    gpu_cache = gpu_cache[..., : cache.shape[3]]
     args = (
-        q.to(dev), cache.to(dev), kcb.to(dtype).to(dev), vcb.to(dtype).to(dev), fmt.key_bytes(d), table.to(dev),
+        q.to(dev), gpu_cache, kcb.to(dtype).to(dev), vcb.to(dtype).to(dev), fmt.key_bytes(d), table.to(dev),
         seq_lens.to(dev), qsl.to(dev), scale, None if cs is None else cs.to(dev),
     )  # fmt: skip
     return args, want
@@ -175,8 +183,10 @@ def checked_error(out: torch.Tensor, want: torch.Tensor) -> float:
     return rel_err(got, want)
 
 
-def run_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, num_segments=None, rope_mode=None, bs=16, **launch):
-    args, want = make_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, bs)
+def run_case(
+    fmt_name, seqs, hkv, ratio, d, dtype, rope, num_segments=None, rope_mode=None, bs=16, slot_pad=0, **launch
+):
+    args, want = make_case(fmt_name, seqs, hkv, ratio, d, dtype, rope, bs, slot_pad)
     out = decode_cuda.paged_attention(*args, num_segments=num_segments, rope_mode=rope_mode, **launch)
     return checked_error(out, want)
 
@@ -205,15 +215,47 @@ def test_decode_dtypes_and_keys_without_rope(dtype, rope):
 
 
 @gpu_only
+@pytest.mark.parametrize("specialize", [True, False])
+@pytest.mark.parametrize(
+    "fmt_name, bs, slot_pad", [("cq1", 16, 0), ("cq1", 32, 8), ("cq4", 64, 0), ("cq_k4v1", 16, 16)]
+)
+def test_page_layouts(fmt_name, bs, slot_pad, specialize):
+    """Pages of 16-64 tokens and token strides wider than a slot, with the layout compiled in as constants
+    (`Instance.slot_bytes`, `page_size`: the default) or read from the arguments."""
+    seqs = random_decode_batch(4, 300)
+    err = run_case(fmt_name, seqs, 2, 4, 128, torch.bfloat16, True, bs=bs, slot_pad=slot_pad, specialize=specialize)
+    assert err < 2e-2, (err, seqs)
+
+
+def test_layout_constants_follow_the_cache(monkeypatch):
+    """With SPECIALIZE_LAYOUT on, the instance a launch compiles takes the cache's own token stride and page
+    size (so a padded view gets its real stride); none with it off."""
+    monkeypatch.setattr(cuda_build, "SPECIALIZE_LAYOUT", True)
+    fmt, d = get_format("cq1"), 128
+    q = torch.zeros(2, 8, d, dtype=torch.bfloat16)
+    kcb, vcb = (torch.zeros(2 * d // 8, 256, 8, dtype=torch.bfloat16) for _ in range(2))
+    wide = torch.zeros(5, 2, 32, fmt.slot_bytes(d) + 8, dtype=torch.uint8)[..., : fmt.slot_bytes(d)]
+    inst = decode_cuda._instance(q, wide, kcb, vcb, None)
+    assert (inst.slot_bytes, inst.page_size) == (fmt.slot_bytes(d) + 8, 32)
+    assert "-DSLOT_BYTES=40" in inst.defines() and "-DPAGE_SHIFT=5" in inst.defines()
+    assert (decode_cuda._instance(q, wide, kcb, vcb, None, specialize=False).slot_bytes, fmt.slot_bytes(d)) == (0, 32)
+    monkeypatch.setattr(cuda_build, "SPECIALIZE_LAYOUT", False)
+    assert (
+        decode_cuda._instance(q, wide, kcb, vcb, None).defines()
+        == dataclasses.replace(inst, slot_bytes=0, page_size=0).defines()
+    )
+
+
+@gpu_only
 @pytest.mark.parametrize("fmt_name", ["cq1", "cq2", "cq_k4v1", "cq_k4v05"])
 def test_full_size_long_context(fmt_name):
     """Llama-3.1-8B's head shape at contexts in the thousands, where the warps each walk many steps (and
     the recurrence re-reads its rows)."""
     rng = random.Random(11)
     seqs = [(rng.randint(1000, 5000), 1) for _ in range(4)]
-    for mode, unroll in [(1, 3), (2, 3), (2, 1), (3, 3)]:
-        err = run_case(fmt_name, seqs, 8, 4, 128, torch.bfloat16, True, rope_mode=mode, unroll=unroll)
-        assert err < 2e-2, (mode, unroll, err)
+    for mode, unroll, warps in [(1, 3, 8), (2, 3, 8), (2, 1, 8), (3, 3, 8), (3, 1, 12)]:
+        err = run_case(fmt_name, seqs, 8, 4, 128, torch.bfloat16, True, rope_mode=mode, unroll=unroll, num_warps=warps)
+        assert err < 2e-2, (mode, unroll, warps, err)
 
 
 def window_case(monkeypatch, W: int, mode: str) -> tuple[tuple, dict, torch.Tensor]:

@@ -35,6 +35,9 @@ def instances() -> list[prefill_cuda.Instance]:
     ck, cv = centroid_dims("cq1")
     out += [prefill_cuda.Instance(3, 128, ck, cv, bf16, rope, win) for bf16 in (True, False) for rope in (True, False)
             for win in (True, False)]  # fmt: skip
+    # the page layout as constants (what launches compile by default): Llama's pages of 16, wider ones
+    out += [prefill_cuda.Instance(4, 128, *centroid_dims(n), True, True, False, get_format(n).slot_bytes(128), ps)
+            for n in ("cq1", "cq4", "cq_k4v1") for ps in (16, 64)]  # fmt: skip
     return list(dict.fromkeys(out))
 
 
@@ -81,6 +84,19 @@ def random_prefill_batch(seed: int, max_len: int = 300) -> list[tuple[int, int]]
     seqs = [(L, q or rng.randint(1, L)) for L, q in seqs]
     rng.shuffle(seqs)
     return seqs[: rng.randint(2, len(seqs))]
+
+
+@gpu_only
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("specialize", [True, False])
+@pytest.mark.parametrize("fmt_name, bs, slot_pad", [("cq1", 32, 8), ("cq4", 64, 0), ("cq_k4v1", 16, 16)])
+def test_page_layouts(fmt_name, bs, slot_pad, specialize, kernel, monkeypatch):
+    """Pages of 16-64 tokens and token strides wider than a slot, with the layout compiled in as constants
+    (cuda_build.SPECIALIZE_LAYOUT, the default) or read from the arguments."""
+    monkeypatch.setattr(cuda_build, "SPECIALIZE_LAYOUT", specialize)
+    seqs = random_prefill_batch(5)
+    args, want = make_case(fmt_name, seqs, 2, 4, 128, torch.bfloat16, True, bs, slot_pad)
+    assert checked_error(prefill_cuda.paged_attention(*args, choice=kernel), want) < 2e-2, seqs
 
 
 @gpu_only
