@@ -21,6 +21,9 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
           ahead (3), warps, unroll)
   cq-cuda-const  cq-cuda with the page layout compiled into the kernels as constants and the decode
           kernel's pipeline loads unguarded (cuda_build.SPECIALIZE_LAYOUT; opt-in: "layout")
+  cq-cuda-persist, cq-cuda-const-persist  decode rows of the CUDA decode kernel as persistent CTAs (one per
+          SM and KV head over its items, decode_cuda.PERSISTENT), without / with layout constants (opt-in:
+          "persistent")
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
   tq-lw   the same KVTQ attention with levelwise="kv" (digits straight into the dots, scales once per
           level and group; `kernels/kvtq/triton_ops.py`), tq-lw-k / tq-lw-v one side only; opt-in:
@@ -120,6 +123,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
     # the CUDA kernels with the page layout compiled in as constants (cuda_build.SPECIALIZE_LAYOUT on)
     "cq-cuda-const:cq1": ("cq-cuda-const", "cq1"),
     "cq-cuda-const:cq4": ("cq-cuda-const", "cq4"),
+    # the CUDA decode kernel as persistent CTAs (decode_cuda.PERSISTENT), with and without layout constants
+    "cq-cuda-persist:cq1": ("cq-cuda-persist", "cq1"),
+    "cq-cuda-persist:cq4": ("cq-cuda-persist", "cq4"),
+    "cq-cuda-const-persist:cq1": ("cq-cuda-const-persist", "cq1"),
     # the default recent window (128 exact tokens beside the codes): window pages, the merge, the window write
     "cq-w128:cq4": ("cq-w128", "cq4"),
     "cq-w128:cq1": ("cq-w128", "cq1"),
@@ -144,6 +151,8 @@ OPT_IN = {
     "cq-w128": "window",
     "cq-cuda-rec": "rope-recurrence",
     "cq-cuda-const": "layout",
+    "cq-cuda-persist": "persistent",
+    "cq-cuda-const-persist": "persistent",
     **{f"cq-{v}": "prefill-variants" for v in PREFILL_FORMS},
     **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2, 3) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
@@ -570,8 +579,16 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         if kind != "prefill":
             raise Unsupported(f"{backend}: a form of the prefill kernel")
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
-    if backend == "cq-cuda-const":
-        return _with_layout_constants(_cq_fn(inp, kv, kind, decode_kernel="cuda"))
+    if backend in ("cq-cuda-const", "cq-cuda-persist", "cq-cuda-const-persist"):
+        from vllm_cq.kernels.cq import cuda_build, decode_cuda
+
+        if "persist" in backend and kind != "decode":
+            raise Unsupported(f"{backend}: a form of the decode kernel")
+        settings = [
+            (cuda_build, "SPECIALIZE_LAYOUT", "const" in backend),
+            (decode_cuda, "PERSISTENT", "persist" in backend),
+        ]
+        return _with_settings(_cq_fn(inp, kv, kind, decode_kernel="cuda"), settings)
     if backend == "cq-cuda-rec":
         return _cq_fn(inp, kv, kind, decode_kernel="cuda", rope_mode=2)
     if m := re.fullmatch(r"cq-cuda-r(\d)w(\d+)u(\d)", backend):
@@ -582,17 +599,19 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
     raise ValueError(backend)
 
 
-def _with_layout_constants(fn: Callable) -> Callable:
-    """`fn` with the CUDA kernels' page layout compiled in as constants: the instance is picked at each
-    launch (and at a CUDA graph's capture), so the switch is set around every call."""
-    from vllm_cq.kernels.cq import cuda_build
+def _with_settings(fn: Callable, settings: list[tuple[Any, str, Any]]) -> Callable:
+    """`fn` with module settings (module, name, value) of the CUDA kernels: the instance is picked at each
+    launch (and at a CUDA graph's capture), so the settings are set around every call."""
 
     def call():
-        before, cuda_build.SPECIALIZE_LAYOUT = cuda_build.SPECIALIZE_LAYOUT, True
+        before = [getattr(m, name) for m, name, _ in settings]
+        for m, name, value in settings:
+            setattr(m, name, value)
         try:
             return fn()
         finally:
-            cuda_build.SPECIALIZE_LAYOUT = before
+            for (m, name, _), value in zip(settings, before, strict=True):
+                setattr(m, name, value)
 
     return call
 

@@ -632,18 +632,18 @@ case "${1:-tests}" in
     # thirteenth session, FIRST (no vLLM): a kernel load as a fresh process's first CUDA call (failed on
     # 2026-12-04); every prefill and decode kernel test with the page layout compiled in as constants
     # (VLLM_CQ_LAYOUT_CONSTANTS=1: wsp the default prefill form, page sizes 16-64 and padded slots both ways,
-    # the 12-warp decode instance); then decode and prefill rows: cq-cuda (the layout read from arguments,
-    # the default) vs cq-cuda-const, 8 vs 12 warps (~8 min). If the tests pass and const wins: flip
-    # cuda_build.SPECIALIZE_LAYOUT's default.
+    # the 12-warp decode instance, persistent decode CTAs); then decode and prefill rows: cq-cuda (the
+    # layout read from arguments, the default) vs cq-cuda-const, persistent CTAs, 8 vs 12 warps (~8 min).
+    # Flip cuda_build.SPECIALIZE_LAYOUT / decode_cuda.PERSISTENT where the tests pass and the rows win.
     mkdir -p "$OUT/w"
-    timeout 100 python3 -m pytest -q --tb=short tests/kernels/test_cuda_build.py 2>&1 | tee "$OUT/w/build-tests.log" \
+    timeout 60 python3 -m pytest -q --tb=short tests/kernels/test_cuda_build.py 2>&1 | tee "$OUT/w/build-tests.log" \
       | tail -3 | cut -c1-300
-    VLLM_CQ_LAYOUT_CONSTANTS=1 timeout 330 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py \
+    VLLM_CQ_LAYOUT_CONSTANTS=1 timeout 390 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py \
       tests/kernels/test_cq_decode_cuda.py -k "not wso and not wgmma" 2>&1 | tee "$OUT/w/kernel-tests.log" | tail -8 \
       | cut -c1-300
     timeout 130 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-s13a.json" --kinds decode,prefill \
-      --backends "${S13_ROWS:-cq-cuda:cq1,cq-cuda-const:cq1,cq-cuda-r3w12u1:cq1,cq-cuda:cq4,cq-cuda-const:cq4}" \
-      --contexts 4k,32k --batches 64,128 --prefill-contexts 2k,8k --timers graph_cold --prefill-timers bench \
+      --backends "${S13_ROWS:-cq-cuda:cq1,cq-cuda-const:cq1,cq-cuda-persist:cq1,cq-cuda-const-persist:cq1,cq-cuda-r3w12u1:cq1,cq-cuda:cq4,cq-cuda-const:cq4,cq-cuda-persist:cq4}" \
+      --contexts 1k,4k,32k --batches 16,64,128 --prefill-contexts 2k,8k --timers graph_cold --prefill-timers bench \
       --budget-s 110 > "$OUT/w/kernels.log" 2>&1
     echo "attention_bench rc=$?"; grep -E "^\| (kind|decode|prefill)|budget|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
     pack s13a

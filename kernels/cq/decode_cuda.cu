@@ -15,6 +15,9 @@
 //   UNROLL     steps per unrolled main-loop body (lets the compiler drop the code pipeline's copies)
 //   SLOT_BYTES, PAGE_SIZE, PAGE_SHIFT (optional): the page layout as constants (cq_common.cuh's
 //              `layout_constants`), in place of the stride_co / block_size arguments
+//   PERSISTENT 1: one CTA per SM and KV head loops over its head's (sequence, segment) items with the
+//              codebooks staged once (grid (CTAs per head, 1, Hkv), two more arguments), instead of one
+//              CTA per item; the warps' merge then has its own shared memory beside the codebooks
 //
 // Why this shape: Triton cannot index shared memory, so the Triton kernel gathers every centroid row
 // from L1/L2, one dependent uncoalesced request per code group per key (the bound it hits). Here the
@@ -53,6 +56,9 @@
 #define STEADY_LOADS 1
 #else
 #define STEADY_LOADS 0
+#endif
+#ifndef PERSISTENT
+#define PERSISTENT 0
 #endif
 
 #if (PPT % CK) != 0 || (HALF % 8) != 0 || G > 8 || (VDT % VLEN) != 0
@@ -188,7 +194,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
     i64 stride_qt, i64 stride_qh, i64 stride_cb, i64 stride_ch, i64 stride_co, i64 stride_bt,
     i64 stride_cs, int rope_rows, float qk_scale, int block_size, int log2_block_size, int v_offset, int win,
     const u32* __restrict__ rope_packed,  // ROPE_MODE 3: [rope_rows, HALF] words (else unused)
-    i64 stride_rp) {
+    i64 stride_rp
+#if PERSISTENT
+    , int num_seqs, int num_segments  // the items: num_seqs * num_segments per KV head
+#endif
+    ) {
     extern __shared__ __align__(16) u8 smem[];
     u16* kcb = reinterpret_cast<u16*>(smem);
     u16* vcb = kcb + GK * 256 * CK;
@@ -199,16 +209,20 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
 #ifdef PAGE_SHIFT
     log2_block_size = PAGE_SHIFT;
 #endif
+#if !PERSISTENT
     const int seg = blockIdx.x, num_segments = gridDim.x;
     const int i_s = blockIdx.y;
+#endif
     const int h = blockIdx.z, hq = gridDim.z * G;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
 
+#if !PERSISTENT
     const int q_start = qsl[i_s];
     if (qsl[i_s + 1] - q_start < 1) return;  // no token (padded batch entry)
     const int seq_len = seq_lens[i_s];
     const int kv_len = max(seq_len - win, 0);  // decode: one query at position seq_len - 1
+#endif
 
     // stage this head's codebooks (model dtype), 16 bytes per thread and load
     {
@@ -237,6 +251,16 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
 #endif
     __syncthreads();  // codebooks and rotations staged
 
+#if PERSISTENT
+    // this CTA's items of head h, in turn (the body below, not indented, is one item's attention)
+    float* red_o = reinterpret_cast<float*>(smem + 2 * HEAD_DIM * 256 * 2);  // [NW][8][D] after the codebooks
+    for (int item = blockIdx.x; item < num_seqs * num_segments; item += gridDim.x) {
+    const int seg = item % num_segments, i_s = item / num_segments;
+    const int q_start = qsl[i_s];
+    if (qsl[i_s + 1] - q_start < 1) continue;  // no token (padded batch entry); uniform over the CTA
+    const int seq_len = seq_lens[i_s];
+    const int kv_len = max(seq_len - win, 0);
+#endif
     // Query fragments in qk_tile's k order. The second 8-key tile of a step sits 8 positions after the
     // first: q . R(n + 8) k = (R(-8) q) . (R(n) k), so rows gid + 8 of the MMA's A tile hold the query
     // rotated by -8 positions: one A tile for both key tiles (the first tile's scores come from rows gid,
@@ -392,8 +416,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
     // merge the warps: row sums over the quad, then (max, sum, acc) per warp through shared memory
     l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
     l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-    __syncthreads();  // everyone is done with the codebooks: reuse their space for the accumulators
+    __syncthreads();  // everyone is done with the codebooks: reuse their space for the accumulators (PERSISTENT:
+                      // the merge's own space, the codebooks stay)
+#if !PERSISTENT
     float* red_o = reinterpret_cast<float*>(smem);  // [NW][8][D]
+#endif
     if (tig == 0) {
         red_m[warp][gid] = m_run;
         red_l[warp][gid] = l_run;
@@ -428,4 +455,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, 1) cq_decode_kernel(
             ml[pi * 2 + 1] = l;
         }
     }
+#if PERSISTENT
+    __syncthreads();  // red_o, red_m and red_l read before the next item's merge writes them
+    }
+#endif
 }

@@ -54,6 +54,14 @@ def default_rope_mode(head_dim: int) -> int:
     return ROPE_RECURRENCE if mode == ROPE_PACKED and head_dim % 32 else mode
 
 
+# One CTA per SM and KV head looping over its head's (sequence, segment) items, the codebooks staged once,
+# instead of one CTA per item (decode_cuda.cu's PERSISTENT). Why: by the H200 rows of 2026-12-02/03, a
+# wave of CTAs costs about 7 us beside its keys (staging 128 KB of codebooks, prologue, merge), 17% of a
+# 128 x 4K step, and a 1K-context batch is mostly that. Written without a GPU (2026-12-04): off until its
+# GPU tests pass and a timing shows it faster (`gpu_session.sh s13a`); VLLM_CQ_DECODE_PERSISTENT=1 turns it on.
+PERSISTENT_ENV = "VLLM_CQ_DECODE_PERSISTENT"
+PERSISTENT = os.environ.get(PERSISTENT_ENV, "0") == "1"
+
 # Main-loop unroll: 3 drops the code pipeline's register copies; an instance that would spill with it
 # (cq4 at head_dim 128 and one query head per KV head, 12 bytes) takes 1 (`Instance.fallback`).
 DEFAULT_UNROLL = 3
@@ -73,6 +81,7 @@ class Instance:
     unroll: int = DEFAULT_UNROLL
     slot_bytes: int = 0  # > 0: the cache's bytes per token slot (its stride over tokens), a constant
     page_size: int = 0  # > 0: tokens per page (a power of two), a constant
+    persistent: bool = False  # one CTA per SM and KV head over its items (PERSISTENT)
 
     def fallback(self) -> Instance | None:
         """What to use instead when this instance spills registers: no unrolling."""
@@ -89,10 +98,12 @@ class Instance:
             f"-DIS_BF16={int(self.bf16)}",
             f"-DUNROLL={self.unroll}",
             *cuda_build.layout_defines(self.slot_bytes, self.page_size),
+            *(["-DPERSISTENT=1"] if self.persistent else []),
         ]
 
     def smem_bytes(self) -> int:
-        return smem_bytes_for(self.head_dim)
+        """The codebooks; persistent CTAs keep them, so the warps' merge gets its own [NW][8][D] floats."""
+        return smem_bytes_for(self.head_dim) + (self.num_warps * 8 * self.head_dim * 4 if self.persistent else 0)
 
 
 def smem_bytes_for(head_dim: int) -> int:
@@ -256,15 +267,21 @@ def _instance(
     num_warps: int = NUM_WARPS,
     unroll: int = DEFAULT_UNROLL,
     specialize: bool | None = None,
+    persistent: bool | None = None,
 ) -> Instance:
     if rope_mode is None:
         rope_mode = default_rope_mode(query.shape[2]) if cos_sin_cache is not None else 0
     g = query.shape[1] // kv_cache.shape[1]
     bf16 = query.dtype == torch.bfloat16
     layout = cuda_build.layout_of(kv_cache, specialize)
-    return Instance(
+    inst = Instance(
         g, query.shape[2], k_codebook.shape[2], v_codebook.shape[2], bf16, rope_mode, num_warps, unroll, *layout
     )
+    if PERSISTENT if persistent is None else persistent:  # where its merge space fits beside the codebooks
+        wide = dataclasses.replace(inst, persistent=True)
+        if cuda_build.device_fits(cuda_build.device_index(query), wide.smem_bytes()):
+            return wide
+    return inst
 
 
 def prepare(
@@ -338,6 +355,7 @@ def paged_attention_decode(
     num_warps: int = NUM_WARPS,
     unroll: int = DEFAULT_UNROLL,
     specialize: bool | None = None,
+    persistent: bool | None = None,
 ) -> LaunchPlan:
     """Split-KV partials of a decode-only step (every sequence has <= 1 new token) into a `LaunchPlan`,
     partials even for one segment: the caller merges them (`merge_segments`, or with a recent window).
@@ -346,7 +364,9 @@ def paged_attention_decode(
     t = query.shape[0]
     hkv = kv_cache.shape[1]
     num_seqs = seq_lens.shape[0]
-    inst = _instance(query, kv_cache, k_codebook, v_codebook, cos_sin_cache, rope_mode, num_warps, unroll, specialize)
+    inst = _instance(
+        query, kv_cache, k_codebook, v_codebook, cos_sin_cache, rope_mode, num_warps, unroll, specialize, persistent
+    )
     dev = query.device
     if num_segments is None:
         num_segments = num_segments_for(num_seqs, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)
@@ -379,7 +399,12 @@ def paged_attention_decode(
         *cuda_build.pointers(rp),
         ctypes.c_int64(rp.stride(0) if inst.rope_mode == ROPE_PACKED else 0),
     ]
-    cuda_build.launch(func, (num_segments, num_seqs, hkv), num_warps * 32, inst.smem_bytes(), dev, args)
+    grid = (num_segments, num_seqs, hkv)
+    if inst.persistent:  # (CTAs per head, 1, Hkv), each looping over its head's items
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        grid = (max(1, min(sms // hkv, num_seqs * num_segments)), 1, hkv)
+        args += [ctypes.c_int32(num_seqs), ctypes.c_int32(num_segments)]
+    cuda_build.launch(func, grid, num_warps * 32, inst.smem_bytes(), dev, args)
     return plan
 
 

@@ -44,7 +44,8 @@ def instances() -> list[decode_cuda.Instance]:
             for mode in (0, 1, 2, 3) for u in (1, decode_cuda.DEFAULT_UNROLL)]  # fmt: skip
     out += [decode_cuda.Instance(g, 64, ck, cv, True, 3) for g in (1, 8)]
     out += [decode_cuda.Instance(4, 128, *centroid_dims(n), True, 3) for n in FORMATS]  # RoPE mode 3 per format
-    # the page layout as constants (what launches compile by default): Llama's pages of 16, wider ones
+    out += [decode_cuda.Instance(4, 128, *centroid_dims(n), True, 3, persistent=True) for n in ("cq1", "cq4")]
+    # the page layout as constants (the VLLM_CQ_LAYOUT_CONSTANTS build): Llama's pages of 16, wider ones
     out += [decode_cuda.Instance(4, 128, *centroid_dims(n), True, 3, slot_bytes=get_format(n).slot_bytes(128),
                                  page_size=ps) for n in FORMATS for ps in (16, 64)]  # fmt: skip
     return list(dict.fromkeys(out))
@@ -318,9 +319,12 @@ def test_ops_dispatch_takes_the_cuda_kernel_for_decode(monkeypatch):
 
 
 @gpu_only
-def test_decode_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("persistent", [False, True])
+def test_decode_replays_in_a_cuda_graph(persistent, monkeypatch):
     """Captured once (after one eager step, as vLLM warms up), replayed with new queries and longer
-    sequences: the launch reads everything from device tensors, so each replay matches the reference."""
+    sequences: the launch reads everything from device tensors, so each replay matches the reference.
+    Also with persistent CTAs (their grid is the batch shape's too)."""
+    monkeypatch.setattr(decode_cuda, "PERSISTENT", persistent)
     fmt, d, bs, hkv, ratio = get_format("cq1"), 128, 16, 2, 4
     seqs = [(300, 1), (17, 1), (129, 1)]
     nblk, table, seq_lens, qsl = make_paged(seqs, bs)
@@ -343,6 +347,38 @@ def test_decode_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
         want = naive.paged_attention(q.float().cpu(), cache, kcb, vcb, fmt, table, seq_lens - step, qsl, d**-0.5, cs)
         assert rel_err(out.float().cpu(), want) < 2e-2, step
+
+
+@gpu_only
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize(
+    "fmt_name, hkv, ratio, d", [("cq1", 2, 4, 128), ("cq4", 1, 8, 128), ("cq_k4v1", 3, 1, 64), ("cq2", 8, 4, 128)]
+)
+def test_persistent_ctas_match_reference(seed, fmt_name, hkv, ratio, d):
+    """One CTA per SM and KV head looping over its head's items (PERSISTENT): more items than CTAs, a
+    padded entry (no new token), 1/4/16 segments, both page-layout builds."""
+    seqs = random_decode_batch(seed, 300) * 8 + [(40, 0)]
+    kw = dict(num_segments=[1, 4, 16][seed], persistent=True, specialize=seed % 2 == 0)
+    err = run_case(fmt_name, seqs, hkv, ratio, d, torch.bfloat16, True, **kw)
+    assert err < 2e-2, (err, seqs)
+
+
+@gpu_only
+@pytest.mark.parametrize("W", [16, 35])
+def test_persistent_ctas_with_a_window(monkeypatch, W):
+    args, kw, want = window_case(monkeypatch, W, "decode")
+    assert checked_error(decode_cuda.paged_attention(*args, **kw, persistent=True), want) < 2e-2
+
+
+def test_persistent_instance_has_room_for_its_merge():
+    """A persistent instance keeps the codebooks staged, so its warps' merge takes [NW][8][D] floats more
+    shared memory (160 KB at head_dim 128), and it compiles without spills."""
+    inst = decode_cuda.Instance(4, 128, 8, 8, True, 3, persistent=True)
+    assert inst.smem_bytes() == decode_cuda.smem_bytes_for(128) + 8 * 8 * 128 * 4 == 160 * 1024
+    assert (
+        "-DPERSISTENT=1" in inst.defines()
+        and "-DPERSISTENT=1" not in decode_cuda.Instance(4, 128, 8, 8, True, 3).defines()
+    )
 
 
 @gpu_only

@@ -35,7 +35,7 @@ def instances() -> list[prefill_cuda.Instance]:
     ck, cv = centroid_dims("cq1")
     out += [prefill_cuda.Instance(3, 128, ck, cv, bf16, rope, win) for bf16 in (True, False) for rope in (True, False)
             for win in (True, False)]  # fmt: skip
-    # the page layout as constants (what launches compile by default): Llama's pages of 16, wider ones
+    # the page layout as constants (the VLLM_CQ_LAYOUT_CONSTANTS build): Llama's pages of 16, wider ones
     out += [prefill_cuda.Instance(4, 128, *centroid_dims(n), True, True, False, get_format(n).slot_bytes(128), ps)
             for n in ("cq1", "cq4", "cq_k4v1") for ps in (16, 64)]  # fmt: skip
     return list(dict.fromkeys(out))
