@@ -330,12 +330,21 @@ def packed_rope(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return table
 
 
-def num_segments_for(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+def num_segments_for(num_seqs: int, num_kv_heads: int, num_sms: int, persistent: bool = False) -> int:
     """Split-KV segments: at least two waves of one CTA per SM (the codebooks take most of an SM's shared
-    memory), at most 16; every CTA stages 128 KB of codebooks, so no more CTAs than that. A function of the
-    batch shape only, so a CUDA graph captured for a batch size keeps its split."""
-    want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
+    memory), at most 16; every CTA stages 128 KB of codebooks, so no more CTAs than that. Persistent CTAs
+    (one wave, `persistent_ctas` per KV head) need only an item each. A function of the batch shape only,
+    so a CUDA graph captured for a batch size keeps its split."""
+    if persistent:
+        want = -(-persistent_ctas(num_kv_heads, num_sms) // max(1, num_seqs))
+    else:
+        want = -(-2 * num_sms // max(1, num_seqs * num_kv_heads))
     return min(16, 1 << max(0, (want - 1).bit_length()))
+
+
+def persistent_ctas(num_kv_heads: int, num_sms: int) -> int:
+    """Persistent CTAs per KV head: one wave of one CTA per SM."""
+    return max(1, num_sms // num_kv_heads)
 
 
 def paged_attention_decode(
@@ -368,8 +377,9 @@ def paged_attention_decode(
         query, kv_cache, k_codebook, v_codebook, cos_sin_cache, rope_mode, num_warps, unroll, specialize, persistent
     )
     dev = query.device
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
     if num_segments is None:
-        num_segments = num_segments_for(num_seqs, hkv, torch.cuda.get_device_properties(dev).multi_processor_count)
+        num_segments = num_segments_for(num_seqs, hkv, sms, inst.persistent)
     plan = plan_launch(query, None, hkv, num_seqs, 1, num_segments, partials=True)
     part, ml = plan.target, plan.ml
     if t == 0 or num_seqs == 0:
@@ -401,8 +411,7 @@ def paged_attention_decode(
     ]
     grid = (num_segments, num_seqs, hkv)
     if inst.persistent:  # (CTAs per head, 1, Hkv), each looping over its head's items
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        grid = (max(1, min(sms // hkv, num_seqs * num_segments)), 1, hkv)
+        grid = (min(persistent_ctas(hkv, sms), num_seqs * num_segments), 1, hkv)
         args += [ctypes.c_int32(num_seqs), ctypes.c_int32(num_segments)]
     cuda_build.launch(func, grid, num_warps * 32, inst.smem_bytes(), dev, args)
     return plan

@@ -370,6 +370,15 @@ def test_persistent_ctas_with_a_window(monkeypatch, W):
     assert checked_error(decode_cuda.paged_attention(*args, **kw, persistent=True), want) < 2e-2
 
 
+def test_persistent_split_gives_every_cta_an_item():
+    """Persistent CTAs run one wave (132 SMs, 8 KV heads: 16 CTAs per head), so segments only fill them:
+    one sequence 16, 16 sequences none; one CTA per item keeps its two waves."""
+    split = decode_cuda.num_segments_for
+    assert decode_cuda.persistent_ctas(8, 132) == 16 and decode_cuda.persistent_ctas(64, 32) == 1
+    assert [split(n, 8, 132, persistent=True) for n in (1, 3, 16, 64, 128)] == [16, 8, 1, 1, 1]
+    assert [split(n, 8, 132) for n in (1, 3, 16, 64, 128)] == [16, 16, 4, 1, 1]
+
+
 def test_persistent_instance_has_room_for_its_merge():
     """A persistent instance keeps the codebooks staged, so its warps' merge takes [NW][8][D] floats more
     shared memory (160 KB at head_dim 128), and it compiles without spills."""
