@@ -279,7 +279,7 @@ def _instance(
     )
     if PERSISTENT if persistent is None else persistent:  # where its merge space fits beside the codebooks
         wide = dataclasses.replace(inst, persistent=True)
-        if cuda_build.device_fits(cuda_build.device_index(query), wide.smem_bytes()):
+        if cuda_build.device_fits(cuda_build.device_index(query), wide.smem_bytes() + 4096):  # + static arrays
             return wide
     return inst
 
