@@ -60,7 +60,8 @@
 #   q2 + install + s13k (the whole kernel grid vs FA3 bf16/fp8 and vLLM's Triton backend, plots) ->
 #   E2E_WORKLOADS="128x4096+512,96x8192+256" S9E="auto fp8 cq1" S9E_TIMEOUT=190 s9e -> the same with
 #   S9E="cq4 cq2" (copy the first call's e2e-h200-s9.json aside: each call writes its own) -> s7a (the tiny-model
-#   full-graph tests through wsp) and s10p (the profile) if time is left.
+#   full-graph tests through wsp) and s10p (the profile) if time is left. Then, here: benchmarks/targets.py over
+#   the grid and both e2e files gives the closing note's target table.
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
