@@ -1017,6 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "shape": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": HEAD_DIM, "block_size": PAGE, "query": "bf16"},
         "argv": sys.argv[1:] if argv is None else argv,
+        "kernel_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CQ_")},
     }
     res = Results(path, meta)
     print(f"# {dname} | {meta['versions']} -> {path}", flush=True)

@@ -99,6 +99,11 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def kernel_env() -> dict[str, str]:
+    """The plugin's VLLM_CQ_* settings of this run (kernel forms, opt-in builds), kept with its rows."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CQ_")}
+
+
 def row_key(r: dict) -> tuple:
     return (r["kv_cache_dtype"], r["workload"], r.get("tag") or "")
 
@@ -189,7 +194,7 @@ def run_one(args: argparse.Namespace, fmt: str, workloads: list[tuple[int, int, 
     with open(os.path.join(args.model, "config.json")) as fh:
         vocab = int(json.load(fh).get("vocab_size", 32000))
     meta = run_meta(args)
-    base = {"kv_cache_dtype": fmt, "tag": args.tag, "engine": engine}
+    base = {"kv_cache_dtype": fmt, "tag": args.tag, "engine": engine, "kernel_env": kernel_env()}
     t0 = time.perf_counter()
     kw = label_engine_kwargs(fmt, engine)  # `cq1` serves the default window, `cq1+w0` codes only
     if args.profile_dir:  # vLLM's torch profiler in the worker: GPU kernels only, no stacks or shapes

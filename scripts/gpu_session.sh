@@ -56,7 +56,8 @@
 # Twelfth session (2026-12-04) ran s12a (wsp: every kernel test passed; 8K cq1 1.905 -> 1.667 ms, the default since),
 # s12w (window tiles: defaults fastest), q1, q2 + s9e (cq1 wsp 2,875 / ws 2,856 / auto 2,291); s10p was cut when
 # the machine was taken back. Next window (thirteenth), issue 5's final measurements with these defaults:
-#   s13a (no vLLM: the fresh-process load test, every prefill and decode kernel test, 8 vs 12 warps) -> q1 ->
+#   s13a (no vLLM: the fresh-process load test, every prefill and decode kernel test, 8 vs 12 warps; it picks the
+#   opt-in build by benchmarks/pick_build.py's rule into /tmp/vllm-cq/build.env, which every later call sources) -> q1 ->
 #   q2 + install + s13k (the whole kernel grid vs FA3 bf16/fp8 and vLLM's Triton backend, plots) ->
 #   E2E_WORKLOADS="128x4096+512,96x8192+256" S9E="auto fp8 cq1" S9E_TIMEOUT=190 s9e -> the same with
 #   S9E="cq4 cq2" (copy the first call's e2e-h200-s9.json aside: each call writes its own) -> s7a (the tiny-model
@@ -111,6 +112,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python3 -m pip install --no-deps --no-build-isolation -e .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 STATE=/tmp/vllm-cq; mkdir -p "$STATE"
+# the opt-in kernel builds s13a picked for this warm window (benchmarks/pick_build.py), for every later call
+if [ -s "$STATE/build.env" ] && [ "${1:-}" != s13a ]; then
+  . "$STATE/build.env"; echo "build: $(tr '\n' ' ' < "$STATE/build.env")"
+fi
 M8B=benchmarks/configs/llama-3.1-8b
 # The H100 (80 GB) baseline's KV memory: 444,928 bf16 tokens x 128 KiB. On the H200 the e2e runs use
 # the same KV budget (kv_cache_memory_bytes), so capacity-bound batching compares with the H100 table.
@@ -642,11 +647,15 @@ case "${1:-tests}" in
     VLLM_CQ_LAYOUT_CONSTANTS=1 timeout 390 python3 -m pytest -q --tb=short tests/kernels/test_cq_prefill_cuda.py \
       tests/kernels/test_cq_decode_cuda.py -k "not wso and not wgmma" 2>&1 | tee "$OUT/w/kernel-tests.log" | tail -8 \
       | cut -c1-300
+    tests_rc=${PIPESTATUS[0]}; echo "kernel tests rc=$tests_rc"
     timeout 130 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-s13a.json" --kinds decode,prefill \
       --backends "${S13_ROWS:-cq-cuda:cq1,cq-cuda-const:cq1,cq-cuda-persist:cq1,cq-cuda-const-persist:cq1,cq-cuda-r3w12u1:cq1,cq-cuda:cq4,cq-cuda-const:cq4,cq-cuda-persist:cq4}" \
       --contexts 1k,4k,32k --batches 16,64,128 --prefill-contexts 2k,8k --timers graph_cold --prefill-timers bench \
       --budget-s 110 > "$OUT/w/kernels.log" 2>&1
     echo "attention_bench rc=$?"; grep -E "^\| (kind|decode|prefill)|budget|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
+    # the build the rest of the window measures (the rule in benchmarks/pick_build.py; empty: the defaults)
+    python3 benchmarks/pick_build.py "$OUT/w/attention-s13a.json" "$tests_rc" --env-out "$STATE/build.env" \
+      | tee "$OUT/w/pick-build.log"
     pack s13a
     ;;
   s13k)
