@@ -63,6 +63,12 @@
 #   S9E="cq4 cq2" (copy the first call's e2e-h200-s9.json aside: each call writes its own) -> s7a (the tiny-model
 #   full-graph tests through wsp) and s10p (the profile) if time is left. Then, here: benchmarks/targets.py over
 #   the grid and both e2e files gives the closing note's target table.
+# Thirteenth session (2026-12-04 b) ran s13a (474 kernel tests pass with layout constants; pick_build chose
+# const+persist), q1, q2 + s13k (the grid), s9e auto/fp8/cq1 on both workloads; s7a with both builds as defaults
+# was killed at 330 s with no test finished, so they stay opt-in. Next window (fourteenth):
+#   q1 -> q2 + install + VLLM_CQ_LAYOUT_CONSTANTS=1 VLLM_CQ_DECODE_PERSISTENT=1 S7A_TIMEOUT=450 s7a (then the same
+#   without them, and with VLLM_CQ_PREFILL_KERNEL=ws, to tell a hang from slowness) -> flip the defaults if it
+#   passes -> E2E_WORKLOADS="128x4096+512,96x8192+256" S9E="cq4 cq2" s9e -> close issue 5.
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
