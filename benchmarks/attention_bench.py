@@ -19,11 +19,13 @@ random KV contents, shuffled block tables. Backends, each called the way vLLM 0.
   cq-cuda-rec, cq-cuda-r{1,2,3}w{8,10,12}u{1,2,3}  opt-in variants of the CUDA decode kernel called
           directly (RoPE rows read per step (1), advanced by rotation (2) or read pre-packed a step
           ahead (3), warps, unroll)
-  cq-cuda-const  cq-cuda with the page layout compiled into the kernels as constants and the decode
-          kernel's pipeline loads unguarded (cuda_build.SPECIALIZE_LAYOUT; opt-in: "layout")
+  cq-cuda-const  the CUDA kernels with the page layout compiled into them as constants and the decode
+          kernel's pipeline loads unguarded (cuda_build.SPECIALIZE_LAYOUT), one CTA per decode item;
+          cq-cuda-plain with neither (the builds before 2026-12-04; opt-in: "layout")
   cq-cuda-persist, cq-cuda-const-persist  decode rows of the CUDA decode kernel as persistent CTAs (one per
           SM and KV head over its items, decode_cuda.PERSISTENT), without / with layout constants (opt-in:
-          "persistent")
+          "persistent"). Each of these four pins both switches; cq-cuda takes the defaults, which since
+          2026-12-04 are cq-cuda-const-persist's
   tq      vllm_cq.kernels.kvtq.ops.paged_attention / write_kv_cache (kvtq, kvtq1), as the vLLM backend
   tq-lw   the same KVTQ attention with levelwise="kv" (digits straight into the dots, scales once per
           level and group; `kernels/kvtq/triton_ops.py`), tq-lw-k / tq-lw-v one side only; opt-in:
@@ -68,6 +70,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from e2e_throughput import kernel_env  # benchmarks/ is on sys.path: this file runs as a script
 
 HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16  # Llama-3.1-8B attention, vLLM's default block size
 SCALE = HEAD_DIM**-0.5
@@ -120,7 +123,10 @@ BACKENDS: dict[str, tuple[str, str]] = {
     # more warps per SM at fewer registers: 12 warps in 168 registers (cq1 at unroll 1: 8 bytes of spills)
     "cq-cuda-r3w12u1:cq1": ("cq-cuda-r3w12u1", "cq1"),
     "cq-cuda-r3w10u1:cq1": ("cq-cuda-r3w10u1", "cq1"),
-    # the CUDA kernels with the page layout compiled in as constants (cuda_build.SPECIALIZE_LAYOUT on)
+    # the CUDA kernels with the page layout compiled in as constants (cuda_build.SPECIALIZE_LAYOUT on), and
+    # with neither that nor persistent decode CTAs (the defaults before 2026-12-04)
+    "cq-cuda-plain:cq1": ("cq-cuda-plain", "cq1"),
+    "cq-cuda-plain:cq4": ("cq-cuda-plain", "cq4"),
     "cq-cuda-const:cq1": ("cq-cuda-const", "cq1"),
     "cq-cuda-const:cq4": ("cq-cuda-const", "cq4"),
     # the CUDA decode kernel as persistent CTAs (decode_cuda.PERSISTENT), with and without layout constants
@@ -151,12 +157,16 @@ OPT_IN = {
     "cq-w128": "window",
     "cq-cuda-rec": "rope-recurrence",
     "cq-cuda-const": "layout",
+    "cq-cuda-plain": "layout",
     "cq-cuda-persist": "persistent",
     "cq-cuda-const-persist": "persistent",
     **{f"cq-{v}": "prefill-variants" for v in PREFILL_FORMS},
     **{f"cq-cuda-r{r}w{w}u{u}": "cuda-variants" for r in (1, 2, 3) for w in (8, 10, 12) for u in (1, 2, 3)},
 }
 DEFAULT_BACKENDS = "fa3,fa3-cg,triton,cq4,cq2,cq1,cq_k4v1,kvtq,kvtq1"
+# backends that pin the CUDA kernels' two build switches by their names ("const", "persist"), whatever the
+# defaults: an A/B of builds stays the same A/B after a default changes
+PINNED_BUILDS = ("cq-cuda-plain", "cq-cuda-const", "cq-cuda-persist", "cq-cuda-const-persist")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -579,7 +589,7 @@ def make_fn(backend: str, kv: str, inp: Inputs) -> Callable[[], Any]:
         if kind != "prefill":
             raise Unsupported(f"{backend}: a form of the prefill kernel")
         return _cq_fn(inp, kv, kind, decode_kernel=backend[3:])
-    if backend in ("cq-cuda-const", "cq-cuda-persist", "cq-cuda-const-persist"):
+    if backend in PINNED_BUILDS:
         from vllm_cq.kernels.cq import cuda_build, decode_cuda
 
         if "persist" in backend and kind != "decode":
@@ -1017,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "shape": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": HEAD_DIM, "block_size": PAGE, "query": "bf16"},
         "argv": sys.argv[1:] if argv is None else argv,
-        "kernel_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CQ_")},
+        "kernel_env": kernel_env(),  # the process's; cq-cuda* rows pin their own builds (BACKENDS)
     }
     res = Results(path, meta)
     print(f"# {dname} | {meta['versions']} -> {path}", flush=True)

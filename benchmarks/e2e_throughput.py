@@ -100,8 +100,15 @@ def versions() -> dict[str, str | None]:
 
 
 def kernel_env() -> dict[str, str]:
-    """The plugin's VLLM_CQ_* settings of this run (kernel forms, opt-in builds), kept with its rows."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CQ_")}
+    """The plugin's VLLM_CQ_* settings of this run (kernel forms, builds), kept with its rows; the CUDA
+    builds' switches with their effective value even where unset, since their defaults changed
+    (2026-12-04: layout constants and persistent decode CTAs on), so a row says which build ran."""
+    from vllm_cq.kernels.cq import cuda_build, decode_cuda
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CQ_")}
+    env.setdefault(cuda_build.LAYOUT_ENV, str(int(cuda_build.SPECIALIZE_LAYOUT)))
+    env.setdefault(decode_cuda.PERSISTENT_ENV, str(int(decode_cuda.PERSISTENT)))
+    return dict(sorted(env.items()))
 
 
 def row_key(r: dict) -> tuple:

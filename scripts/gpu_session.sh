@@ -69,6 +69,11 @@
 #   q1 -> q2 + install + VLLM_CQ_LAYOUT_CONSTANTS=1 VLLM_CQ_DECODE_PERSISTENT=1 S7A_TIMEOUT=450 s7a (then the same
 #   without them, and with VLLM_CQ_PREFILL_KERNEL=ws, to tell a hang from slowness) -> flip the defaults if it
 #   passes -> E2E_WORKLOADS="128x4096+512,96x8192+256" S9E="cq4 cq2" s9e -> close issue 5.
+# Fourteenth session (2026-12-04 c): vLLM no longer fits two calls (q1/q2: 131 MB of parts and wheels), so the
+# three p-calls (py-spy carried beside p2: carry [".gpu-stage/p2", ".gpu-stage/tools"], installed into
+# /tmp/pyspy there); s9e cq4 cq2, s7a with both builds (3 passed, 281 s), the defaults flipped, s7a S7A_K= (10
+# passed), the error/serve tests (9 passed), s9e cq_k4v1. Issue 5 closed. A next window that A/Bs the decode
+# or prefill builds: s13a (its plain baseline is cq-cuda-plain now; pick_build's env sets both switches).
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
@@ -644,9 +649,9 @@ case "${1:-tests}" in
     # thirteenth session, FIRST (no vLLM): a kernel load as a fresh process's first CUDA call (failed on
     # 2026-12-04); every prefill and decode kernel test with the page layout compiled in as constants
     # (VLLM_CQ_LAYOUT_CONSTANTS=1: wsp the default prefill form, page sizes 16-64 and padded slots both ways,
-    # the 12-warp decode instance, persistent decode CTAs); then decode and prefill rows: cq-cuda (the
-    # layout read from arguments, the default) vs cq-cuda-const, persistent CTAs, 8 vs 12 warps (~8 min).
-    # Flip cuda_build.SPECIALIZE_LAYOUT / decode_cuda.PERSISTENT where the tests pass and the rows win.
+    # the 12-warp decode instance, persistent decode CTAs); then decode and prefill rows: cq-cuda-plain (the
+    # layout read from arguments; the default then) vs cq-cuda-const, persistent CTAs, 8 vs 12 warps (~8 min).
+    # Both builds passed and won (2026-12-04 b), the defaults since 2026-12-04 c; pick_build's env sets both.
     mkdir -p "$OUT/w"
     timeout 60 python3 -m pytest -q --tb=short tests/kernels/test_cuda_build.py 2>&1 | tee "$OUT/w/build-tests.log" \
       | tail -3 | cut -c1-300
@@ -655,7 +660,7 @@ case "${1:-tests}" in
       | cut -c1-300
     tests_rc=${PIPESTATUS[0]}; echo "kernel tests rc=$tests_rc"
     timeout 130 python3 benchmarks/attention_bench.py --out "$OUT/w/attention-s13a.json" --kinds decode,prefill \
-      --backends "${S13_ROWS:-cq-cuda:cq1,cq-cuda-const:cq1,cq-cuda-persist:cq1,cq-cuda-const-persist:cq1,cq-cuda-r3w12u1:cq1,cq-cuda:cq4,cq-cuda-const:cq4,cq-cuda-persist:cq4}" \
+      --backends "${S13_ROWS:-cq-cuda-plain:cq1,cq-cuda-const:cq1,cq-cuda-persist:cq1,cq-cuda-const-persist:cq1,cq-cuda-r3w12u1:cq1,cq-cuda-plain:cq4,cq-cuda-const:cq4,cq-cuda-persist:cq4}" \
       --contexts 1k,4k,32k --batches 16,64,128 --prefill-contexts 2k,8k --timers graph_cold --prefill-timers bench \
       --budget-s 110 > "$OUT/w/kernels.log" 2>&1
     echo "attention_bench rc=$?"; grep -E "^\| (kind|decode|prefill)|budget|->" "$OUT/w/kernels.log" | cut -c1-200 | tail -30
@@ -725,13 +730,24 @@ case "${1:-tests}" in
     ;;
   s7a)
     # tiny-model vLLM tests (S7A_K selects, default the full-graph ones and the warm-up one; S7A_K= runs the whole file), no
-    # per-test timeout: the full-graph test takes ~100 s setup + ~120 s on the H200
-    mkdir -p "$OUT/w"
-    timeout "${S7A_TIMEOUT:-400}" python3 -m pytest -q --tb=short -rA tests/integration/test_vllm_generate.py \
-      -k "${S7A_K-full_cuda_graph or compiles_nothing}" --durations=8 > "$OUT/w/vllm-full-graphs.log" 2>&1
-    echo "pytest rc=$?"
-    grep -E "passed|failed|PASSED|FAILED|^E |s call|s setup" "$OUT/w/vllm-full-graphs.log" | tail -16 | cut -c1-300
-    pack s7a
+    # per-test timeout: the full-graph test takes ~100 s setup + ~120 s on the H200. On 2026-12-04 (b) it was killed at
+    # 330 s with an empty log, so now: -v (each test's name as it starts), SIGINT at the limit (pytest's summary says
+    # where the main process was), and py-spy stacks of every process (stack_watch.py) at S7A_WATCH seconds, with
+    # GPU utilization beside them: a hang from slowness. S7A_TAG names the files, so calls of one window keep theirs.
+    mkdir -p "$OUT/w"; tag=${S7A_TAG:+-$S7A_TAG}; limit=${S7A_TIMEOUT:-400}
+    ls .gpu-stage/tools/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index --target /tmp/pyspy .gpu-stage/tools/*.whl
+    export PATH=/tmp/pyspy/bin:$PATH; command -v py-spy > /dev/null || echo "no py-spy: SIGUSR1 stack dumps only"
+    env | grep -E "^VLLM_CQ_" | sort | tr '\n' ' '; echo
+    timeout -s INT -k 30 "$limit" python3 -m pytest -v --tb=short -rA tests/integration/test_vllm_generate.py \
+      -k "${S7A_K-full_cuda_graph or compiles_nothing}" --durations=8 > "$OUT/w/vllm-full-graphs$tag.log" 2>&1 &
+    pid=$!
+    python3 benchmarks/stack_watch.py $pid --at "${S7A_WATCH:-$((limit / 2)),$((limit - 25))}" > "$OUT/w/stacks-s7a$tag.log" 2>&1 &
+    watch=$!
+    wait $pid; rc=$?; kill $watch 2>/dev/null; pkill -9 -f EngineCore 2>/dev/null
+    echo "pytest rc=$rc"
+    grep -E "passed|failed|PASSED|FAILED|^E |s call|s setup|KeyboardInterrupt|^tests/" "$OUT/w/vllm-full-graphs$tag.log" | tail -20 | cut -c1-300
+    grep -E "^gpu:|^--- pid" "$OUT/w/stacks-s7a$tag.log" | cut -c1-160
+    pack s7a$tag
     ;;
   s7b)
     # the same engine three ways, back to back, rows keyed by tag in one file

@@ -24,8 +24,8 @@ def rows(backend: str, factor: float, kind: str = "decode", slow_row: float | No
     return out
 
 
-def base() -> list[dict]:
-    return rows("cq-cuda", 1.0) + rows("cq-cuda", 1.0, "prefill")
+def base(name: str = "cq-cuda-plain") -> list[dict]:
+    return rows(name, 1.0) + rows(name, 1.0, "prefill")
 
 
 def test_fastest_qualifying_build_wins():
@@ -34,6 +34,16 @@ def test_fastest_qualifying_build_wins():
     choice, lines = pick_build.decide(data, tests_passed=True)
     assert choice == "cq-cuda-const-persist", lines
     assert pick_build.CANDIDATES[choice] == {"VLLM_CQ_LAYOUT_CONSTANTS": "1", "VLLM_CQ_DECODE_PERSISTENT": "1"}
+
+
+def test_files_from_before_the_plain_backend_compare_against_cq_cuda():
+    """Until 2026-12-04 c `cq-cuda` was the plain build (s13a's file); where a file has `cq-cuda-plain` rows,
+    `cq-cuda` (now the defaults) is not the baseline."""
+    old = base("cq-cuda") + rows("cq-cuda-persist", 0.90)
+    assert pick_build.decide(old, tests_passed=True)[0] == "cq-cuda-persist"
+    new = base() + rows("cq-cuda", 0.80) + rows("cq-cuda-persist", 0.90)
+    choice, lines = pick_build.decide(new, tests_passed=True)
+    assert choice == "cq-cuda-persist" and "0.900" in lines[1], lines
 
 
 @pytest.mark.parametrize(
@@ -51,11 +61,12 @@ def test_a_build_that_does_not_qualify_is_left_off(extra, why):
     assert choice is None and any(why in line for line in lines), lines
 
 
-def test_failed_tests_keep_the_defaults(tmp_path, capsys):
+def test_failed_tests_keep_the_plain_build(tmp_path, capsys):
     path = tmp_path / "a.json"
     path.write_text(json.dumps({"rows": base() + rows("cq-cuda-persist", 0.8)}))
     env = tmp_path / "env"
     assert pick_build.main([str(path), "1", "--env-out", str(env)]) == 0
-    assert env.read_text() == "" and "kernel tests did not all pass" in capsys.readouterr().out
+    plain = "export VLLM_CQ_LAYOUT_CONSTANTS=0\nexport VLLM_CQ_DECODE_PERSISTENT=0\n"
+    assert env.read_text() == plain and "kernel tests did not all pass" in capsys.readouterr().out
     assert pick_build.main([str(path), "0", "--env-out", str(env)]) == 0
-    assert env.read_text() == "export VLLM_CQ_DECODE_PERSISTENT=1\n"
+    assert env.read_text() == "export VLLM_CQ_LAYOUT_CONSTANTS=0\nexport VLLM_CQ_DECODE_PERSISTENT=1\n"

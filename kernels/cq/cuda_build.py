@@ -83,11 +83,13 @@ def device_fits(device_index: int, smem_bytes: int) -> bool:
 # taken from the cache tensor of the launch: code loads' offsets become immediates and page arithmetic
 # shifts, and the decode kernel's pipeline loads run unguarded (decode_cuda.cu's STEADY_LOADS). sm_90 SASS
 # (2026-12-04, CPU-measured): cq1's decode loop 416 -> 338 instructions per 16-key step, the wsp prefill
-# producers' loop 237 -> 202 per 64-key tile. Written without a GPU: off (one build per shape, the layout
-# read from the kernel arguments, the verified kernels) until its GPU tests pass and a timing shows it
-# faster (`gpu_session.sh s13a`); VLLM_CQ_LAYOUT_CONSTANTS=1 turns it on.
+# producers' loop 237 -> 202 per 64-key tile. On by default since 2026-12-04 (H200): every prefill and decode
+# kernel test passed with it (474), and with persistent decode CTAs it made decode 16x1K 0.041 -> 0.021 ms and
+# prefill 8K cq1 1.657 -> 1.582 ms (benchmarks/results/attention-h200-2026-12-04-s13a.json); the tiny-model
+# full-graph vLLM tests passed with both (2026-12-04 c). VLLM_CQ_LAYOUT_CONSTANTS=0: one build per shape,
+# the layout read from the kernel arguments.
 LAYOUT_ENV = "VLLM_CQ_LAYOUT_CONSTANTS"
-SPECIALIZE_LAYOUT = os.environ.get(LAYOUT_ENV, "0") == "1"
+SPECIALIZE_LAYOUT = os.environ.get(LAYOUT_ENV, "1") == "1"
 
 
 def layout_of(kv_cache: torch.Tensor, specialize: bool | None = None) -> tuple[int, int]:

@@ -57,10 +57,11 @@ def default_rope_mode(head_dim: int) -> int:
 # One CTA per SM and KV head looping over its head's (sequence, segment) items, the codebooks staged once,
 # instead of one CTA per item (decode_cuda.cu's PERSISTENT). Why: by the H200 rows of 2026-12-02/03, a
 # wave of CTAs costs about 7 us beside its keys (staging 128 KB of codebooks, prologue, merge), 17% of a
-# 128 x 4K step, and a 1K-context batch is mostly that. Written without a GPU (2026-12-04): off until its
-# GPU tests pass and a timing shows it faster (`gpu_session.sh s13a`); VLLM_CQ_DECODE_PERSISTENT=1 turns it on.
+# 128 x 4K step, and a 1K-context batch is mostly that. On by default since 2026-12-04 (H200): its kernel tests
+# passed, with layout constants decode 128x4K cq1 0.358 -> 0.337 ms (s13a's rows; alone it was 2.5% slower at
+# cq4 64x32K), and the tiny-model full-graph vLLM tests passed. VLLM_CQ_DECODE_PERSISTENT=0: one CTA per item.
 PERSISTENT_ENV = "VLLM_CQ_DECODE_PERSISTENT"
-PERSISTENT = os.environ.get(PERSISTENT_ENV, "0") == "1"
+PERSISTENT = os.environ.get(PERSISTENT_ENV, "1") == "1"
 
 # Main-loop unroll: 3 drops the code pipeline's register copies; an instance that would spill with it
 # (cq4 at head_dim 128 and one query head per KV head, 12 bytes) takes 1 (`Instance.fallback`).

@@ -230,8 +230,10 @@ def test_page_layouts(fmt_name, bs, slot_pad, specialize):
 
 def test_layout_constants_follow_the_cache(monkeypatch):
     """With SPECIALIZE_LAYOUT on, the instance a launch compiles takes the cache's own token stride and page
-    size (so a padded view gets its real stride); none with it off."""
+    size (so a padded view gets its real stride); none with it off. One CTA per item: the persistent
+    choice asks the device for room, which the GPU tests cover."""
     monkeypatch.setattr(cuda_build, "SPECIALIZE_LAYOUT", True)
+    monkeypatch.setattr(decode_cuda, "PERSISTENT", False)
     fmt, d = get_format("cq1"), 128
     q = torch.zeros(2, 8, d, dtype=torch.bfloat16)
     kcb, vcb = (torch.zeros(2 * d // 8, 256, 8, dtype=torch.bfloat16) for _ in range(2))
