@@ -1027,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "shape": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": HEAD_DIM, "block_size": PAGE, "query": "bf16"},
         "argv": sys.argv[1:] if argv is None else argv,
-        "kernel_env": kernel_env(),  # the process's; cq-cuda* rows pin their own builds (BACKENDS)
+        "kernel_env": kernel_env(),  # the process's; PINNED_BUILDS rows set their own builds
     }
     res = Results(path, meta)
     print(f"# {dname} | {meta['versions']} -> {path}", flush=True)

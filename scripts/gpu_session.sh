@@ -735,7 +735,8 @@ case "${1:-tests}" in
     # where the main process was), and py-spy stacks of every process (stack_watch.py) at S7A_WATCH seconds, with
     # GPU utilization beside them: a hang from slowness. S7A_TAG names the files, so calls of one window keep theirs.
     mkdir -p "$OUT/w"; tag=${S7A_TAG:+-$S7A_TAG}; limit=${S7A_TIMEOUT:-400}
-    ls .gpu-stage/tools/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index --target /tmp/pyspy .gpu-stage/tools/*.whl
+    [ -x /tmp/pyspy/bin/py-spy ] || ! ls .gpu-stage/tools/*.whl > /dev/null 2>&1 \
+      || python3 -m pip install -q --no-deps --no-index --target /tmp/pyspy .gpu-stage/tools/*.whl
     export PATH=/tmp/pyspy/bin:$PATH; command -v py-spy > /dev/null || echo "no py-spy: SIGUSR1 stack dumps only"
     env | grep -E "^VLLM_CQ_" | sort | tr '\n' ' '; echo
     timeout -s INT -k 30 "$limit" python3 -m pytest -v --tb=short -rA tests/integration/test_vllm_generate.py \
