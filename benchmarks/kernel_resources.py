@@ -236,7 +236,8 @@ def kernels_of(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def write_kernels(fmt_name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The write kernel as a decode step launches it and as a prefill-sized step does (`write.py`'s
-    LARGE_* settings where every group is a matmul), and the prefill step's group-loop form."""
+    LARGE_* settings where every group is a matmul), the prefill step's group-loop form, and both steps
+    with the packed argmin (`write.PACKED_ARGMIN`)."""
     fmt, d = get_format(fmt_name), args.head_dim
     ck, cv = fmt.key.channels, fmt.value.channels
     ptr = dict(
@@ -245,17 +246,22 @@ def write_kernels(fmt_name: str, args: argparse.Namespace) -> list[dict[str, Any
     )  # fmt: skip
     ints = launch_ints(fmt_name, True, args)
     rows = []
-    launches = [("decode", 1, None), ("prefill", write.LARGE_STEP, None), ("prefill", write.LARGE_STEP, True)]
-    for kind, n, loop in launches:
+    launches = [("decode", 1, None, False), ("prefill", write.LARGE_STEP, None, False)]
+    launches += [
+        ("prefill", write.LARGE_STEP, True, False),
+        ("decode", 1, None, True),
+        ("prefill", write.LARGE_STEP, None, True),
+    ]
+    for kind, n, loop, packed in launches:
         block_t, warps, prec, matmul_c, group_loop = write.launch_settings(n, ck, cv)
         group_loop = group_loop if loop is None else loop
         c = dict(
             GK=d // ck, CK=ck, GV=d // cv, CV=cv, HALF=d // 2, HAS_ROPE=True, IS_NEOX=True, BLOCK_T=block_t,
             KEY_NORM=fmt.key.norm_offset(d) >= 0, D_P2=triton.next_power_of_2(d), PRECISION=prec, MATMUL_C=matmul_c,
-            GROUP_LOOP=group_loop,
+            GROUP_LOOP=group_loop, PACKED=packed,
         )  # fmt: skip
         k = compile_aot(write._write_kv_kernel, ptr, c, set(), args.arch, ints=ints, num_warps=warps)
-        name = f"write {block_t} {prec}" + (" group loop" if group_loop else "")
+        name = f"write {block_t} {prec}" + (" group loop" if group_loop else "") + (" packed" if packed else "")
         rows.append(dict(kernel=name, kind=kind, block_n=None, num_warps=warps, **resources(k)))
     return rows
 

@@ -74,6 +74,9 @@
 # /tmp/pyspy there); s9e cq4 cq2, s7a with both builds (3 passed, 281 s), the defaults flipped, s7a S7A_K= (10
 # passed), the error/serve tests (9 passed), s9e cq_k4v1. Issue 5 closed. A next window that A/Bs the decode
 # or prefill builds: s13a (its plain baseline is cq-cuda-plain now; pick_build's env sets both switches).
+# Next window: s15w first (the Triton write's packed argmin, no vLLM): if it passes and wins, flip
+# write.PACKED_ARGMIN, then the three p-calls + S9E="cq4 cq1" s9e on both workloads (cq4 lost 6.2 s of
+# 34.3 to its write at 96 x (8192+256)).
 # Ninth session (2026-12-03 d) ran s9a (two-producer ws: tests + A/B; write sweep), s9w, vLLM tests (cut by a
 # per-test timeout), s9e (e2e cq1 ws vs wgmma, auto). Next window (tenth), in one warm window:
 #   s10a (no vLLM) -> s9w -> q1 -> q2 + install + the tiny-model vLLM tests through ws (
@@ -689,6 +692,20 @@ case "${1:-tests}" in
       decode:DECODE_BLOCK_N=64,DECODE_NUM_WARPS=8 prefill: prefill:PREFILL_BLOCK_Q=32 prefill:PREFILL_BLOCK_Q=64
       prefill:PREFILL_BLOCK_Q=32,PREFILL_NUM_WARPS=8 prefill:PREFILL_BLOCK_Q=32,PREFILL_BLOCK_N=64}"
     pack s12w
+    ;;
+  s15w)
+    # the packed argmin in the Triton write (write.PACKED_ARGMIN, written 2026-12-04 without a GPU; no vLLM
+    # needed, ~4 min): the write tests in both forms at full size, then 8K-token chunks and 128-sequence
+    # decode steps, tl.argmin vs packed, per format. Make it the default where every test passes and it wins.
+    mkdir -p "$OUT/w"
+    timeout 200 python3 -m pytest -q --tb=short tests/kernels/test_cq_triton.py -k "write" 2>&1 \
+      | tee "$OUT/w/write-tests.log" | tail -4 | cut -c1-300
+    write_sweep "${S15P:-cq1: cq1:PACKED_ARGMIN=1 cq4: cq4:PACKED_ARGMIN=1 cq2: cq2:PACKED_ARGMIN=1 cq_k4v1:
+      cq_k4v1:PACKED_ARGMIN=1}"
+    mv "$OUT/w/write-sweep.log" "$OUT/w/write-sweep-prefill.log"
+    for f in "$OUT"/w/attention-write-*.json; do mv "$f" "${f%.json}-prefill.json"; done
+    write_sweep "${S15D:-cq1: cq1:PACKED_ARGMIN=1 cq4: cq4:PACKED_ARGMIN=1}" 128
+    pack s15w
     ;;
   s11w)
     # decode-step writes (S11W_BATCH sequences, default 128: 40 us per layer in the tenth session's e2e

@@ -52,6 +52,20 @@ SMALL_NUM_WARPS, SMALL_PRECISION, SMALL_MATMUL_MIN_C = 4, "ieee", 8
 # (2026-12-03, eleventh session): cq1 0.495 -> 0.469, cq4 2.040 -> 1.923; with 8 warps 0.961 / 3.908.
 # A 5% gain measured once, with no vLLM test through it yet: off.
 LARGE_GROUP_LOOP = False
+# The argmin over a group's 256 distances as one integer min: each squared distance's float32 bits (which
+# order like the floats for distances >= 0) with the low 8 bits replaced by the centroid's index, so `min`
+# alone finds the nearest and its index; distances within 2^-15 of each other go to the lower index (exact
+# ties do in torch.argmin too). Where the matmul has two padding channels (groups of <= 14 channels) it
+# yields the distance itself, [x, 1, |x|^2] . [-2c, |c|^2, 1], so no arithmetic per distance is left but
+# one LOP3 and the min. Why: cq4's 8K-token write takes 2.03 ms on the H200 (cq1 0.49; 64 groups per head
+# against 16), and programs x SASS instructions / issue rate accounts for about half of that: tl.argmin's
+# (value, index) pairs take most of each program's instructions. Static sm_90 SASS per program
+# (`benchmarks/kernel_resources.py` on the CPU, 2026-12-04), tl.argmin -> packed: prefill-step form cq1
+# 3,627 -> 2,721, cq4 3,717 -> 3,213, cq2 3,651 -> 2,749, cq_k4v1 3,487 -> 2,612, registers 172-210 ->
+# 167-171 (3 programs per SM instead of 2 for cq1, cq2, cq4); decode-step form cq4 2,688 -> 1,319,
+# cq1 2,825 -> 2,130. Written without a GPU: off until `attention_bench --kinds write --write-set
+# PACKED_ARGMIN=1` times it faster (the write tests run both forms).
+PACKED_ARGMIN = False
 # Integers that change from step to step. Triton specializes integer arguments on == 1 and divisibility
 # by 16 unless told not to, so each new combination of them compiled another copy of the kernel while
 # serving (vLLM 0.26's JIT monitor warned of it on the H200). Every per-step kernel leaves them generic.
@@ -92,6 +106,7 @@ def _encode_group(
     BLOCK_T: tl.constexpr,
     PRECISION: tl.constexpr,
     MATMUL_C: tl.constexpr,
+    PACKED: tl.constexpr,
     inv_norm=None,  # [BLOCK_T] float32: code x * inv_norm (the direction of a key with a stored norm)
 ):
     """Nearest of the group's 256 centroids for BLOCK_T tokens (the codebook is read once per BLOCK_T
@@ -114,8 +129,19 @@ def _encode_group(
             b_x = b_x * inv_norm[:, None]
         b_cb = tl.load(cb_ptr + (g * 256 + o_k[:, None]) * C + o_c[None, :], mask=m_c[None, :], other=0.0)
         b_norm = tl.sum(b_cb * b_cb, axis=1)  # [256]
-        b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision=PRECISION)  # [BLOCK_T, 256]
-        code = tl.argmin(b_norm[None, :] - 2.0 * b_xc, axis=1)
+        if PACKED and C + 2 <= C_DOT:  # the squared distance straight from the matmul: [x, 1, |x|^2] .
+            # [-2c, |c|^2, 1] in two of the padding channels, so no per-distance arithmetic is left
+            b_xx = tl.sum(b_x * b_x, axis=1)
+            b_x = tl.where(o_c[None, :] == C, 1.0, tl.where(o_c[None, :] == C + 1, b_xx[:, None], b_x))
+            b_cb = tl.where(o_c[None, :] == C, b_norm[:, None], tl.where(o_c[None, :] == C + 1, 1.0, -2.0 * b_cb))
+            code = _nearest_packed(tl.dot(b_x, tl.trans(b_cb), input_precision=PRECISION), o_k)
+        elif PACKED:
+            b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision=PRECISION)  # [BLOCK_T, 256]
+            b_d = tl.sum(b_x * b_x, axis=1)[:, None] + b_norm[None, :] - 2.0 * b_xc
+            code = _nearest_packed(b_d, o_k)
+        else:
+            b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision=PRECISION)  # [BLOCK_T, 256]
+            code = tl.argmin(b_norm[None, :] - 2.0 * b_xc, axis=1)
     else:
         b_d = tl.zeros([BLOCK_T, 256], tl.float32)
         for j in tl.static_range(C):
@@ -128,8 +154,17 @@ def _encode_group(
             b_c = tl.load(cb_ptr + (g * 256 + o_k) * C + j)  # [256]
             b_diff = b_x[:, None] - b_c[None, :]
             b_d += b_diff * b_diff
-        code = tl.argmin(b_d, axis=1)
+        code = _nearest_packed(b_d, o_k) if PACKED else tl.argmin(b_d, axis=1)
     tl.store(dst + g, code.to(tl.uint8), mask=m_t)
+
+
+@triton.jit
+def _nearest_packed(b_d, o_k):
+    """Index of each row's least distance in [BLOCK_T, 256] float32 distances (PACKED_ARGMIN): their bits
+    as int32 order like the floats for d >= 0, the low 8 bits make room for the index. A distance that
+    rounding left just below zero has its sign bit set, so it sorts first: it is the nearest anyway."""
+    key = (b_d.to(tl.int32, bitcast=True) & -256) | o_k[None, :]
+    return tl.min(key, axis=1) & 255
 
 
 @triton.jit
@@ -186,6 +221,7 @@ def _write_kv_kernel(
     PRECISION: tl.constexpr,
     MATMUL_C: tl.constexpr,
     GROUP_LOOP: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     i_h = tl.program_id(1)
     # GROUP_LOOP: program 0 of axis 2 encodes every key group, program 1 every value group (positions
@@ -230,12 +266,12 @@ def _write_kv_kernel(
             for g in tl.range(0, GK, num_stages=1):
                 _encode_group(
                     x_rows, m_t, cb, g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION,
-                    MATMUL_C, inv_norm,
+                    MATMUL_C, PACKED, inv_norm,
                 )  # fmt: skip
         else:
             _encode_group(
                 x_rows, m_t, cb, i_g, dst, cos_rows, CK, max(16, CK), HALF, HAS_ROPE, IS_NEOX, BLOCK_T, PRECISION,
-                MATMUL_C, inv_norm,
+                MATMUL_C, PACKED, inv_norm,
             )  # fmt: skip
     else:
         x_rows = v_ptr + o_t64 * stride_vn + i_h * stride_vh
@@ -244,12 +280,12 @@ def _write_kv_kernel(
             for g in tl.range(0, GV, num_stages=1):
                 _encode_group(
                     x_rows, m_t, cb, g, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T,
-                    PRECISION, MATMUL_C,
+                    PRECISION, MATMUL_C, PACKED,
                 )  # fmt: skip
         else:
             _encode_group(
                 x_rows, m_t, cb, i_g - GK, dst + v_offset, x_rows, CV, max(16, CV), HALF, False, IS_NEOX, BLOCK_T,
-                PRECISION, MATMUL_C,
+                PRECISION, MATMUL_C, PACKED,
             )  # fmt: skip
 
 
@@ -334,5 +370,6 @@ def write_kv_cache(
         PRECISION=precision,
         MATMUL_C=matmul_c,
         GROUP_LOOP=group_loop,
+        PACKED=PACKED_ARGMIN,
         num_warps=num_warps,
     )

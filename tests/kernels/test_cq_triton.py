@@ -202,10 +202,12 @@ DECODES_FIRST = [(9 + 3 * i, 1) for i in range(18)] + [(21, 5), (37, 37)]  # vLL
         ("cq2", 2, 32, True, False),
         ("cq2n", 2, 64, True, True),
         ("cq2n", 1, 32, False, False),
+        ("cq_k4v05", 1, 32, True, True),  # 16-channel value groups: a matmul with no padding channel
     ],
 )
 @pytest.mark.parametrize("seqs", [MIXED, DECODES_FIRST], ids=["mixed", "decodes-first"])
-def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope, seqs, monkeypatch):
+@pytest.mark.parametrize("packed", [False, True], ids=["argmin", "packed"])
+def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope, seqs, packed, monkeypatch):
     """One launch writes K and V codes; post-RoPE keys are un-rotated at positions the kernel derives
     from the varlen batch (decode tokens and prefill chunks of several sequences). Both group forms:
     8-channel groups as a matmul (cq1, cq_k4v1's values), smaller ones per channel. cq1, cq4 and cq2n
@@ -213,7 +215,10 @@ def test_write_kernel_matches_reference(fmt_name, heads, head_dim, is_neox, rope
     program, products on tensor cores (`write.DOT_PRECISION`), groups of 2+ channels as a matmul
     (`write.MATMUL_MIN_C`); with the decodes-first batch as one program per K / V looping over the groups
     (`write.LARGE_GROUP_LOOP`). Decode tokens first (vLLM's order) take the kernel's guessed sequence, the
-    rest its binary search: with 18 decodes first, the first 16-token block is all guesses."""
+    rest its binary search: with 18 decodes first, the first 16-token block is all guesses. Both argmins:
+    tl.argmin and the packed integer min (`write.PACKED_ARGMIN`: the distance from the matmul's two spare
+    channels where there are some, else one add)."""
+    monkeypatch.setattr(write_mod, "PACKED_ARGMIN", packed)
     if fmt_name in ("cq1", "cq4", "cq2n") and head_dim == 32:
         monkeypatch.setattr(write_mod, "LARGE_STEP", 1)
         monkeypatch.setattr(write_mod, "LARGE_BLOCK_T", 64)
