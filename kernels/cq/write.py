@@ -135,13 +135,12 @@ def _encode_group(
             b_x = tl.where(o_c[None, :] == C, 1.0, tl.where(o_c[None, :] == C + 1, b_xx[:, None], b_x))
             b_cb = tl.where(o_c[None, :] == C, b_norm[:, None], tl.where(o_c[None, :] == C + 1, 1.0, -2.0 * b_cb))
             code = _nearest_packed(tl.dot(b_x, tl.trans(b_cb), input_precision=PRECISION), o_k)
-        elif PACKED:
-            b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision=PRECISION)  # [BLOCK_T, 256]
-            b_d = tl.sum(b_x * b_x, axis=1)[:, None] + b_norm[None, :] - 2.0 * b_xc
-            code = _nearest_packed(b_d, o_k)
         else:
             b_xc = tl.dot(b_x, tl.trans(b_cb), input_precision=PRECISION)  # [BLOCK_T, 256]
-            code = tl.argmin(b_norm[None, :] - 2.0 * b_xc, axis=1)
+            if PACKED:  # no padding channel to spare (16-channel groups): |x|^2 added per distance
+                code = _nearest_packed(tl.sum(b_x * b_x, axis=1)[:, None] + b_norm[None, :] - 2.0 * b_xc, o_k)
+            else:
+                code = tl.argmin(b_norm[None, :] - 2.0 * b_xc, axis=1)
     else:
         b_d = tl.zeros([BLOCK_T, 256], tl.float32)
         for j in tl.static_range(C):
