@@ -246,8 +246,9 @@ def write_kernels(fmt_name: str, args: argparse.Namespace) -> list[dict[str, Any
     )  # fmt: skip
     ints = launch_ints(fmt_name, True, args)
     rows = []
-    launches = [("decode", 1, None, False), ("prefill", write.LARGE_STEP, None, False)]
-    launches += [
+    launches = [
+        ("decode", 1, None, False),
+        ("prefill", write.LARGE_STEP, None, False),
         ("prefill", write.LARGE_STEP, True, False),
         ("decode", 1, None, True),
         ("prefill", write.LARGE_STEP, None, True),
